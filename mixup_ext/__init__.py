@@ -1,0 +1,1 @@
+"""TokenMix augmentation: token-level masks, mixing and teacher-based targets."""

@@ -1,0 +1,1 @@
+"""Teacher wrapper and tiny models registered with timm."""

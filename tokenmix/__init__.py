@@ -1,0 +1,1 @@
+"""Training and validation wiring shared by train.py and validate.py."""
