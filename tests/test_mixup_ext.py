@@ -1,0 +1,377 @@
+"""mixup_ext: masks, targets and TokenMix as a drop-in for timm.data.Mixup."""
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+from scipy import ndimage
+from timm.data.mixup import mixup_target
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+
+from mixup_ext import (TokenMix, area_weights, block_token_masks, mixed_targets, normalise_weights,
+                       random_token_masks, teacher_weights)
+from mixup_ext.masks import block_token_masks_reference, masks_to_pixels
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def constant_batch(batch_size: int, size: int = 32) -> torch.Tensor:
+    """Image i is filled with the value i, so every mixed pixel tells where it came from."""
+    return torch.arange(batch_size, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, size, size).clone()
+
+
+class OneTokenTeacher:
+    """Each image's own-class map puts all its mass on token `hot[i]` of a grid x grid map."""
+
+    def __init__(self, hot: torch.Tensor, grid: int, num_classes: int):
+        self.hot, self.grid, self.num_classes = hot, grid, num_classes
+        self.calls = []
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls.append((images.clone(), torch.is_grad_enabled()))
+        maps = torch.zeros(images.shape[0], self.num_classes, self.grid * self.grid)
+        maps[torch.arange(images.shape[0]), :, self.hot] = 3.
+        return maps.view(images.shape[0], self.num_classes, self.grid, self.grid)
+
+
+# ---------------------------------------------------------------- masks
+
+def test_random_masks_have_exact_counts():
+    counts = torch.tensor([0, 1, 57, 112, 196])
+    masks = random_token_masks(5, (14, 14), counts, generator=gen())
+    assert masks.shape == (5, 14, 14) and masks.dtype == torch.bool
+    assert masks.sum((1, 2)).tolist() == counts.tolist()
+    assert random_token_masks(3, (4, 8), 5, generator=gen()).sum((1, 2)).tolist() == [5, 5, 5]
+
+
+def test_block_masks_match_the_reference_algorithm():
+    masks = block_token_masks(400, (14, 14), 112, generator=gen(1))
+    reference = block_token_masks_reference(400, (14, 14), 112, rng=random.Random(1))
+    counts, ref_counts = masks.sum((1, 2)).float(), reference.sum((1, 2)).float()
+    assert masks.shape == (400, 14, 14) and masks.dtype == torch.bool
+    assert counts.max() <= 112 and ref_counts.max() <= 112
+    assert abs(counts.mean() - 112) < 1.5 and abs(counts.mean() - ref_counts.mean()) < 1.5
+
+    def parts(ms: torch.Tensor) -> np.ndarray:
+        return np.array([ndimage.label(m.numpy())[1] for m in ms])
+
+    # the pasted region comes in several separate parts, like the per-sample reference
+    assert parts(masks).mean() > 1.2
+    assert abs(parts(masks).mean() - parts(reference).mean()) < 0.35
+    # with few wanted tokens the blocks stay small and count stays below the target
+    small = block_token_masks(200, (14, 14), 20, generator=gen(2)).sum((1, 2))
+    assert small.max() <= 20 and small.float().mean() > 18
+
+
+def test_block_masks_per_sample_counts_and_non_square_grid():
+    masks = block_token_masks(4, (6, 10), torch.tensor([0, 5, 30, 60]), generator=gen(3))
+    counts = masks.sum((1, 2))
+    assert counts[0] == 0 and 0 < counts[1] <= 5 and 20 <= counts[2] <= 30 and counts[3] <= 60
+
+
+def test_masks_reproduce_from_seed_and_differ_across_seeds():
+    for fn in (block_token_masks, random_token_masks):
+        a = fn(16, (14, 14), 100, generator=gen(7))
+        b = fn(16, (14, 14), 100, generator=gen(7))
+        c = fn(16, (14, 14), 100, generator=gen(8))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_mask_argument_errors():
+    with pytest.raises(ValueError, match='num_tokens'):
+        block_token_masks(2, (4, 4), 17)
+    with pytest.raises(ValueError, match='grid'):
+        random_token_masks(2, (0, 4), 1)
+    with pytest.raises(ValueError, match='min_aspect'):
+        block_token_masks(2, (4, 4), 3, min_aspect=2.)
+
+
+def test_masks_to_pixels_is_nearest_upsampling():
+    mask = torch.tensor([[[True, False], [False, True]]])
+    pix = masks_to_pixels(mask, 3)
+    assert pix.shape == (1, 1, 6, 6)
+    assert pix[0, 0, :3, :3].all() and not pix[0, 0, :3, 3:].any() and pix[0, 0, 3:, 3:].all()
+
+
+# ---------------------------------------------------------------- targets
+
+def test_mixed_targets_values_with_smoothing():
+    labels = torch.tensor([0, 2])
+    weights = torch.tensor([[0.7, 0.2], [0.2, 0.7]])
+    token = mixed_targets(labels, weights, torch.tensor([True, True]), num_classes=4, smoothing=0.1)
+    # authors: every class s/C, each true class w - s/2 + s/C
+    assert torch.allclose(token[0], torch.tensor([0.7 - 0.05 + 0.025, 0.025, 0.2 - 0.05 + 0.025, 0.025]))
+    mix = mixed_targets(labels, torch.tensor([[0.7, 0.3], [0.7, 0.3]]), torch.tensor([False, False]), 4, 0.1)
+    assert torch.allclose(mix, mixup_target(labels, 4, lam=0.7, smoothing=0.1))
+    # no value below zero when a weight is smaller than s/2
+    tiny = mixed_targets(labels, torch.tensor([[0.01, 0.99], [0.99, 0.01]]), torch.tensor([True, True]), 4, 0.1)
+    assert tiny.min() >= 0 and torch.isclose(tiny[0, 0], torch.tensor(0.025))
+
+
+def test_normalise_weights():
+    w = torch.tensor([[0.2, 0.6], [0.0, 0.0], [0.5, 0.5]])
+    area = torch.tensor([[0.4, 0.6], [0.3, 0.7], [0.5, 0.5]])
+    assert torch.equal(normalise_weights(w, 'none', area), w)
+    assert torch.allclose(normalise_weights(w, 'sum', area), torch.tensor([[0.25, 0.75], [0.3, 0.7], [0.5, 0.5]]))
+    with pytest.raises(ValueError, match='target_norm'):
+        normalise_weights(w, 'softmax', area)
+
+
+def test_teacher_weights_resample_and_fall_back():
+    mask = torch.zeros(2, 2, 2, dtype=torch.bool)
+    mask[:, 0, 0] = True                      # the top-left token comes from the partner
+    maps = torch.zeros(2, 4, 4)
+    maps[0, :2, :2] = 1.                      # image 0: all its object under the pasted token
+    maps[1, :, 2:] = 2.                       # image 1: object on the right half
+    w = teacher_weights(maps, mask)
+    # image 0 keeps nothing of its object, gets none of image 1's (the right half is not pasted)
+    assert torch.allclose(w[0], torch.tensor([0., 0.]))
+    # image 1 keeps all of its object and receives the whole of image 0's
+    assert torch.allclose(w[1], torch.tensor([1., 1.]))
+    empty = teacher_weights(torch.zeros(2, 4, 4), mask)
+    assert torch.allclose(empty, area_weights(mask)) and torch.allclose(empty[0], torch.tensor([0.75, 0.25]))
+    nan = teacher_weights(torch.full((2, 4, 4), float('nan')), mask)
+    assert torch.allclose(nan, area_weights(mask))
+    # negative scores carry no mass
+    neg = teacher_weights(torch.where(maps > 0, maps, torch.tensor(-5.)), mask)
+    assert torch.allclose(neg, w)
+
+
+# ---------------------------------------------------------------- TokenMix
+
+def test_token_branch_pairs_i_with_b_minus_1_minus_i():
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=10, patch_size=8, mode='batch', generator=gen())
+    x = constant_batch(6)
+    out, target = tm(x, torch.arange(6))
+    assert out is x
+    pix = masks_to_pixels(tm.last_mask, 8).expand(-1, 3, -1, -1)
+    source = torch.arange(6, dtype=torch.float32).view(-1, 1, 1, 1).expand_as(x)
+    assert torch.equal(out[pix], source.flip(0)[pix]) and torch.equal(out[~pix], source[~pix])
+    # batch mode: one mask for the whole batch; lam 0.5 gives int(0.5*16)+14 -> all 16 tokens of a 4x4 grid
+    assert torch.equal(tm.last_mask, tm.last_mask[:1].expand_as(tm.last_mask))
+    assert target.shape == (6, 10)
+
+
+def test_constant_lam_gives_authors_token_count():
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=10, mask_type='random', generator=gen())
+    tm(torch.zeros(2, 3, 224, 224), torch.tensor([1, 2]))
+    assert tm.last_mask.shape == (2, 14, 14) and tm.last_mask.sum((1, 2)).tolist() == [112, 112]
+    assert torch.allclose(tm.last_weights, torch.tensor([[84 / 196, 112 / 196]] * 2))
+
+
+def test_mixup_branch_equals_timm_mixup():
+    tm = TokenMix(mixup_alpha=0.8, cutmix_alpha=0., num_classes=10, label_smoothing=0.1, generator=gen(3))
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([1, 5, 7, 9])
+    out, target = tm(x.clone(), y)
+    lam = float(tm.last_weights[0, 0])
+    assert tm.last_mask is None and 0. < lam < 1.
+    assert torch.allclose(out, x * lam + x.flip(0) * (1 - lam), atol=1e-6)
+    assert torch.allclose(target, mixup_target(y, 10, lam=lam, smoothing=0.1), atol=1e-6)
+
+
+def test_teacher_weight_follows_visibility_of_the_object():
+    batch, grid = 8, 4
+    hot = torch.tensor([0, 5, 10, 15, 3, 6, 9, 12])
+    teacher = OneTokenTeacher(hot, grid, num_classes=10)
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=10, patch_size=8, mode='elem', min_tokens=2,
+                  teacher=teacher, label_smoothing=0., generator=gen(4))
+    x = torch.randn(batch, 3, 32, 32)
+    labels = torch.arange(batch)
+    _, target = tm(x.clone(), labels)
+    flat = tm.last_mask.flatten(1)
+    visible = ~flat[torch.arange(batch), hot]              # own object token kept
+    pasted = flat[torch.arange(batch), hot.flip(0)]        # partner's object token pasted in
+    assert torch.equal(tm.last_weights[:, 0], visible.float())
+    assert torch.equal(tm.last_weights[:, 1], pasted.float())
+    assert torch.allclose(target[torch.arange(batch), labels], visible.float())
+    # called once, without gradients, on the unmixed images
+    assert len(teacher.calls) == 1
+    seen, grad_enabled = teacher.calls[0]
+    assert torch.equal(seen, x) and not grad_enabled
+    assert visible.any() and (~visible).any()
+
+
+def test_teacher_own_class_maps_method_is_preferred():
+    class OwnOnly:
+        def __init__(self):
+            self.labels = None
+
+        def __call__(self, images):
+            raise AssertionError('full maps must not be computed when own_class_maps exists')
+
+        def own_class_maps(self, images, labels):
+            self.labels = labels.clone()
+            return torch.ones(images.shape[0], 2, 2)
+
+    teacher = OwnOnly()
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=3, patch_size=8, teacher=teacher, generator=gen())
+    tm(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
+    assert teacher.labels.tolist() == [0, 1, 2, 0]
+    # uniform maps: teacher weights equal the area weights
+    assert torch.allclose(tm.last_weights, area_weights(tm.last_mask))
+
+
+def test_empty_teacher_maps_fall_back_to_area():
+    def zero_teacher(images):
+        return torch.zeros(images.shape[0], 5, 7, 7)
+
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=5, patch_size=8, teacher=zero_teacher,
+                  min_tokens=3, generator=gen(5))
+    _, target = tm(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3]))
+    assert torch.isfinite(target).all()
+    assert torch.allclose(tm.last_weights, area_weights(tm.last_mask))
+
+
+def test_target_norm_sum_gives_distributions():
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=6, patch_size=8, mode='elem', min_tokens=1,
+                  teacher=lambda im: torch.rand(im.shape[0], 6, 4, 4, generator=gen(9)), target_norm='sum',
+                  label_smoothing=0.1, generator=gen(6))
+    _, target = tm(torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5]))
+    assert torch.allclose(tm.last_weights.sum(1), torch.ones(6))
+    assert target.min() >= 0.1 / 6 - 1e-7
+    assert torch.allclose(target.sum(1), torch.ones(6), atol=1e-5)
+
+
+def test_area_target_ignores_the_teacher():
+    calls = []
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=4, patch_size=8, target='area',
+                  teacher=lambda im: calls.append(1), generator=gen())
+    tm(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+    assert calls == [] and torch.allclose(tm.last_weights, area_weights(tm.last_mask))
+
+
+def test_teacher_not_called_on_mixup_batches():
+    calls = []
+
+    def teacher(images):
+        calls.append(1)
+        return torch.ones(images.shape[0], 4, 2, 2)
+
+    tm = TokenMix(mixup_alpha=1., cutmix_alpha=1., switch_prob=0.5, num_classes=4, patch_size=8, teacher=teacher,
+                  generator=gen(11))
+    token_batches = 0
+    for _ in range(20):
+        tm(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+        token_batches += tm.last_mask is not None
+    assert 0 < token_batches < 20 and len(calls) == token_batches
+
+
+def test_same_seed_reproduces_a_batch():
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+
+    def run(seed):
+        tm = TokenMix(mixup_alpha=0.8, cutmix_alpha=1., num_classes=4, patch_size=8, mode='elem', min_tokens=2,
+                      generator=gen(seed))
+        return [tm(x.clone(), y) for _ in range(3)]
+
+    first, again, other = run(1), run(1), run(2)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other))
+
+
+def test_elem_masks_differ_per_sample_and_pair_masks_are_shared():
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=4, patch_size=8, mode='elem', min_tokens=2,
+                  generator=gen(12))
+    tm(torch.randn(8, 3, 64, 64), torch.arange(8) % 4)
+    masks = tm.last_mask.flatten(1)
+    assert len({tuple(m.tolist()) for m in masks}) == 8
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=4, patch_size=8, mode='pair', min_tokens=2,
+                  generator=gen(12))
+    x = constant_batch(8, 64)
+    out, _ = tm(x, torch.arange(8) % 4)
+    assert torch.equal(tm.last_mask, tm.last_mask.flip(0))
+    assert len({tuple(m.tolist()) for m in tm.last_mask[:4].flatten(1)}) == 4
+    # rows i and B-1-i swap the same tokens: their pixels sum to i + (B-1-i) everywhere
+    assert torch.equal(out + out.flip(0), torch.full_like(out, 7.))
+
+
+def test_elem_mode_mixes_mixup_and_token_rows():
+    tm = TokenMix(mixup_alpha=1., cutmix_alpha=1., num_classes=4, patch_size=8, mode='elem', generator=gen(13))
+    x = constant_batch(16)
+    out, target = tm(x, torch.arange(16) % 4)
+    token_rows = tm.last_mask.flatten(1).any(1)
+    assert token_rows.any() and (~token_rows).any()
+    lam = tm.last_weights[~token_rows, 0]
+    expected = lam * torch.arange(16.)[~token_rows] + (1 - lam) * torch.arange(16.).flip(0)[~token_rows]
+    assert torch.allclose(out[~token_rows].mean((1, 2, 3)), expected, atol=1e-5)
+    assert torch.allclose(target.sum(1)[~token_rows], torch.ones(int((~token_rows).sum())))
+
+
+def test_disabled_mixing_gives_smoothed_one_hot():
+    tm = TokenMix(mixup_alpha=0.8, cutmix_alpha=1., num_classes=5, label_smoothing=0.1, patch_size=8)
+    tm.mixup_enabled = False
+    x = torch.randn(4, 3, 16, 16)
+    out, target = tm(x.clone(), torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(out, x) and tm.last_mask is None
+    assert torch.allclose(target, mixup_target(torch.tensor([0, 1, 2, 3]), 5, lam=1., smoothing=0.1))
+
+
+def test_prob_zero_leaves_batch_untouched():
+    tm = TokenMix(mixup_alpha=1., cutmix_alpha=1., prob=0., num_classes=5, patch_size=8, mode='elem')
+    x = torch.randn(4, 3, 16, 16)
+    out, _ = tm(x.clone(), torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(out, x) and torch.equal(tm.last_weights, torch.tensor([[1., 0.]] * 4))
+
+
+def test_beta_lam_and_minmax_change_the_token_count():
+    counts = []
+    for kwargs in ({'lam_mode': 'beta'}, {'cutmix_minmax': (0.2, 0.4), 'cutmix_alpha': 0.}):
+        tm = TokenMix(mixup_alpha=0., num_classes=4, mask_type='random', min_tokens=0, mode='elem',
+                      generator=gen(14), **{'cutmix_alpha': 1., **kwargs})
+        tm(torch.zeros(64, 3, 224, 224), torch.zeros(64, dtype=torch.long))
+        counts.append(tm.last_mask.sum((1, 2)).float())
+    assert counts[0].std() > 20                               # Beta(1, 1) spreads the count
+    assert counts[1].min() >= int(0.04 * 196) and counts[1].max() <= int(0.16 * 196) + 1
+
+
+@pytest.mark.parametrize('loss_fn,target_norm', [(SoftTargetCrossEntropy(), 'sum'),
+                                                 (BinaryCrossEntropy(target_threshold=None), 'none')])
+def test_one_training_step_in_place_of_timm_mixup(loss_fn, target_norm):
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=5)
+    teacher = timm.create_model('resnet10t', num_classes=5).eval()
+
+    def cam_teacher(images):
+        features = teacher.forward_features(images)
+        return torch.einsum('bchw,kc->bkhw', features, teacher.get_classifier().weight)
+
+    mixer = TokenMix(mixup_alpha=0.8, cutmix_alpha=1., num_classes=5, patch_size=8, min_tokens=2, teacher=cam_teacher,
+                     target_norm=target_norm, generator=gen(15))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = mixer(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and loss > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_bad_inputs_name_the_argument():
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=5, patch_size=8)
+    with pytest.raises(ValueError, match='even'):
+        tm(torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match='B x C x H x W'):
+        tm(torch.randn(4, 16, 16), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r'num_classes'):
+        tm(torch.randn(2, 3, 16, 16), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match='target'):
+        tm(torch.randn(2, 3, 16, 16), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match='20x16 is not divisible by patch_size 8'):
+        tm(torch.randn(2, 3, 20, 16), torch.tensor([0, 1]))
+    wrong = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=5, patch_size=8,
+                     teacher=lambda im: torch.ones(im.shape[0], 7, 2, 2))
+    with pytest.raises(ValueError, match='7 classes but num_classes=5'):
+        wrong(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+    for kwargs, name in [({'mode': 'rows'}, 'mode'), ({'mask_type': 'box'}, 'mask_type'),
+                         ({'lam_mode': 'uniform'}, 'lam_mode'), ({'target': 'cam'}, 'target'),
+                         ({'target_norm': 'max'}, 'target_norm'), ({'target': 'teacher'}, 'teacher'),
+                         ({'cutmix_minmax': (0.5,)}, 'cutmix_minmax'), ({'multi_label': True}, 'multi_label'),
+                         ({'cutmix_alpha': 0.}, 'mixup_alpha')]:
+        with pytest.raises(ValueError, match=name):
+            TokenMix(**{'mixup_alpha': 0., 'cutmix_alpha': 1., **kwargs})
