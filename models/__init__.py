@@ -1,1 +1,9 @@
-"""Teacher wrapper and tiny models registered with timm."""
+"""Teacher wrapper and tiny models registered with timm (importing this package registers them)."""
+from . import tiny
+from .checkpoint_io import LoadReport, check_state_dict, load_checkpoint_weights, load_state_dict_file
+from .teacher import SUPPORTED_FAMILIES, Teacher, build_teacher
+
+__all__ = [
+    'Teacher', 'build_teacher', 'SUPPORTED_FAMILIES',
+    'load_state_dict_file', 'load_checkpoint_weights', 'check_state_dict', 'LoadReport',
+]
