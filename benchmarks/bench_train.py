@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Training throughput of TokenMix against timm's Mixup/CutMix, measured in one run.
+
+Each configuration runs the training loop of train.py (`tokenmix.engine.train_one_epoch`: mixing on the
+device, forward, backward, optimiser step) on synthetic batches already on the device, so data loading is left
+out. Configurations are measured in interleaved rounds and the median is reported, with the ratio to timm's
+Mixup/CutMix measured in the same run:
+
+  timm-mixup-cutmix   timm.data.Mixup, mixup 0.8 / CutMix 1.0, switch prob 0.5 (the DeiT recipe)
+  tokenmix-area       TokenMix, token branch with area (token count) targets
+  tokenmix-teacher    TokenMix with the frozen teacher at the student's resolution
+  tokenmix-teacher-lo TokenMix with the teacher at --teacher-img-size (reduced resolution)
+
+CPU defaults use the demo's tiny models; benchmarks/gpu_check.sh runs DeiT-S + ResNet-50 at 224 px.
+Figures on a shared machine are noisy: compare ratios from one run, not absolute numbers across runs.
+"""
+import argparse
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.utils import ParseKwargs
+
+import models  # noqa: F401  registers the tiny models
+from mixup_ext import TokenMix
+from models import Teacher
+from tokenmix.engine import Training, train_one_epoch
+from tokenmix.model import patch_size_of
+
+
+class SyntheticLoader:
+    """`steps` batches cycling over a few random batches that live on the device."""
+
+    def __init__(self, batches: List[tuple], steps: int) -> None:
+        self.batches, self.steps = batches, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for i in range(self.steps):
+            yield self.batches[i % len(self.batches)]
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', default='tokenmix_vit_tiny_p8_64', help='student (timm name)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='student arguments')
+    parser.add_argument('--teacher-model', default='tokenmix_cnn_teacher_64', help='teacher (timm name)')
+    parser.add_argument('--img-size', type=int, default=64, help='student input size (default: 64)')
+    parser.add_argument('--teacher-img-size', type=int, default=None,
+                        help='reduced teacher input size (default: half of --img-size)')
+    parser.add_argument('--num-classes', type=int, default=10)
+    parser.add_argument('-b', '--batch-size', type=int, default=64)
+    parser.add_argument('--steps', type=int, default=20, help='timed steps per configuration and round')
+    parser.add_argument('--warmup-steps', type=int, default=3, help='untimed steps before each measurement')
+    parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds; the median is reported')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+                        help='autocast dtype for student and teacher (default: float32)')
+    parser.add_argument('--channels-last', action='store_true', default=False)
+    args = parser.parse_args(argv)
+    if args.batch_size % 2:
+        parser.error(f'-b/--batch-size must be even for mixing, got {args.batch_size}')
+    if args.steps < 1 or args.rounds < 1 or args.warmup_steps < 0:
+        parser.error('--steps and --rounds must be >= 1, --warmup-steps >= 0')
+    return args
+
+
+def build_mixers(args: argparse.Namespace, student: torch.nn.Module, device: torch.device) -> Dict[str, object]:
+    """The four configurations, each a mixer with the DeiT recipe's mixing flags."""
+    common = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1,
+                  num_classes=args.num_classes)
+    token = dict(patch_size=patch_size_of(student) or 16, target_norm='sum',
+                 generator=torch.Generator().manual_seed(0))
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
+    teacher_net = timm.create_model(args.teacher_model, num_classes=args.num_classes)
+    low = args.teacher_img_size or args.img_size // 2
+
+    def teacher(img_size: Optional[int]) -> Teacher:
+        return Teacher(teacher_net, img_size=img_size, amp_dtype=amp_dtype,
+                       channels_last=args.channels_last).to(device)
+    return {
+        'timm-mixup-cutmix': Mixup(**common),
+        'tokenmix-area': TokenMix(**common, **token, target='area'),
+        'tokenmix-teacher': TokenMix(**common, **token, teacher=teacher(None)),
+        f'tokenmix-teacher-{low}px': TokenMix(**common, **token, teacher=teacher(low)),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def measure(run: Training, loader: SyntheticLoader, warmup: SyntheticLoader) -> float:
+    """Images per second of the training loop over `loader` (after `warmup` steps)."""
+    if len(warmup):
+        train_one_epoch(run, 0, warmup)
+    synchronize(run.device)
+    start = time.perf_counter()
+    train_one_epoch(run, 0, loader)
+    synchronize(run.device)
+    return len(loader) * loader.batches[0][0].shape[0] / (time.perf_counter() - start)
+
+
+def teacher_cost(teacher: Teacher, loader: SyntheticLoader, warmup: int) -> float:
+    """Images per second of the teacher's own-class maps alone (what TokenMix adds to a step)."""
+    for i, (images, labels) in enumerate(loader):
+        if i == warmup:
+            synchronize(images.device)
+            start = time.perf_counter()
+        teacher.own_class_maps(images, labels)
+    synchronize(loader.batches[0][0].device)
+    return (len(loader) - warmup) * loader.batches[0][0].shape[0] / (time.perf_counter() - start)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    student = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size,
+                                **args.model_kwargs).to(device)
+    if args.channels_last:
+        student.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(student, 'adamw', lr=1e-5, weight_decay=0.05)
+    mixers = build_mixers(args, student, device)
+    batches = [(torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device),
+                torch.randint(0, args.num_classes, (args.batch_size,), device=device)) for _ in range(4)]
+    loader, warmup = SyntheticLoader(batches, args.steps), SyntheticLoader(batches, args.warmup_steps)
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
+    results: Dict[str, List[float]] = {name: [] for name in mixers}
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    peak: Dict[str, float] = {}
+    for _ in range(args.rounds):
+        for name, mixer in mixers.items():
+            run = Training(model=student, optimizer=optimizer, criterion=SoftTargetCrossEntropy(), device=device,
+                           mixer=mixer, amp_dtype=amp_dtype, channels_last=args.channels_last,
+                           log_interval=10 ** 9)
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            results[name].append(measure(run, loader, warmup))
+            if device.type == 'cuda':
+                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2 ** 30)
+    name0 = next(iter(results))
+    base = statistics.median(results[name0])
+    teacher = mixers['tokenmix-teacher'].teacher
+    teacher_rate = teacher_cost(teacher, SyntheticLoader(batches, args.steps + args.warmup_steps), args.warmup_steps)
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    print(f'{args.model} @ {args.img_size}px, teacher {args.teacher_model}, batch {args.batch_size}, '
+          f'{args.steps} steps x {args.rounds} rounds, amp {args.amp_dtype or "off"}, {where}')
+    print(f'{"configuration":<24}{"img/s (median)":>16}{"ratio":>8}{"min..max":>20}' +
+          (f'{"peak GiB":>10}' if peak else ''))
+    for name, values in results.items():
+        median = statistics.median(values)
+        spread = f'{min(values):.1f}..{max(values):.1f}'
+        line = f'{name:<24}{median:>16.1f}{median / base:>8.2f}{spread:>20}'
+        print(line + (f'{peak[name]:>10.2f}' if peak else ''))
+    print(f'teacher maps alone: {teacher_rate:.1f} img/s, i.e. {base / teacher_rate:.2f} of a baseline training '
+          f'step\'s time (the goal of >= 0.9x assumes about 1/3)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Multi-process training with torchrun, as in timm: ./distributed_train.sh NUM_PROC [train.py args]
+# One node:   ./distributed_train.sh 8 --data-dir /data/imagenet --model deit_small_patch16_224 --tokenmix ...
+# Multi-node: set NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT, or pass torchrun's own flags through
+#             TORCHRUN_ARGS (e.g. "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint host:29400").
+# SLURM: call train.py directly from srun (one task per GPU); timm reads SLURM_PROCID / SLURM_NTASKS.
+set -euo pipefail
+if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
+    echo "usage: $0 NUM_PROC [train.py args]" >&2
+    exit 2
+fi
+NUM_PROC=$1
+shift
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+if [ -n "${TORCHRUN_ARGS:-}" ]; then
+    # shellcheck disable=SC2086
+    exec "$PYTHON" -m torch.distributed.run $TORCHRUN_ARGS --nproc_per_node="$NUM_PROC" "$HERE/train.py" "$@"
+elif [ -n "${NNODES:-}" ]; then
+    exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" \
+        --master_addr="${MASTER_ADDR:?set MASTER_ADDR}" --master_port="${MASTER_PORT:-29500}" \
+        --nproc_per_node="$NUM_PROC" "$HERE/train.py" "$@"
+else
+    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NUM_PROC" "$HERE/train.py" "$@"
+fi

@@ -1,0 +1,68 @@
+"""Shared fixtures for the training tests: tiny generated data, a tiny student and a tiny teacher checkpoint."""
+import importlib.util
+import os
+import sys
+from typing import Callable, List
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# A 1-block ViT at 32 px (4 x 4 tokens of 8 px): seconds per run on a CPU.
+TINY_STUDENT = ['--model', 'tokenmix_vit_tiny_p8_64', '--img-size', '32',
+                '--model-kwargs', 'embed_dim=32', 'depth=1', 'num_heads=2']
+TINY_TEACHER = 'tokenmix_cnn_teacher_64'  # output stride 8: a 4 x 4 map at 32 px, the student's grid
+
+
+def load_script(relpath: str):
+    """Import a script that is not in a package (tools/*.py, train.py) as a module."""
+    path = os.path.join(ROOT, relpath)
+    name = '_script_' + os.path.splitext(relpath)[0].replace(os.sep, '_')
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='session')
+def demo_tool():
+    return load_script(os.path.join('tools', 'make_demo_data.py'))
+
+
+@pytest.fixture(scope='session')
+def train_script():
+    return load_script('train.py')
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory, demo_tool) -> str:
+    """60 train / 30 val cluttered digits at 32 px (read-only: copy it before changing it)."""
+    out = str(tmp_path_factory.mktemp('data') / 'digits')
+    assert demo_tool.main(['--out', out, '--size', '32', '--train-per-class', '6', '--val-per-class', '3',
+                           '--seed', '3']) == 0
+    return out
+
+
+@pytest.fixture(scope='session')
+def teacher_checkpoint(tmp_path_factory) -> str:
+    """Random weights of the tiny CNN teacher for 10 classes, saved as a timm-style checkpoint."""
+    import timm
+    import models  # noqa: F401  registers the tiny models
+    torch.manual_seed(0)
+    teacher = timm.create_model(TINY_TEACHER, num_classes=10)
+    path = str(tmp_path_factory.mktemp('teacher') / 'teacher.pth.tar')
+    torch.save({'state_dict': teacher.state_dict(), 'epoch': 0}, path)
+    return path
+
+
+@pytest.fixture
+def train_argv(tiny_data, tmp_path) -> Callable[..., List[str]]:
+    """argv for a seconds-long CPU run of train.py on the tiny data, writing under tmp_path/out/<experiment>."""
+    def build(*extra: str, experiment: str = 'run', data: str = tiny_data) -> List[str]:
+        return ['--data-dir', data, *TINY_STUDENT, '-b', '8', '--epochs', '2', '--opt', 'adamw', '--lr', '1e-3',
+                '--warmup-epochs', '0', '--workers', '0', '--seed', '0', '--log-interval', '2',
+                '--output', str(tmp_path / 'out'), '--experiment', experiment, *extra]
+    return build

@@ -1,0 +1,157 @@
+"""The ImageNet recipes (configs/imagenet) and the table scripts (scripts/*.sh) that run them."""
+import csv
+import glob
+import os
+import shlex
+import subprocess
+
+import pytest
+import timm
+import torch
+from timm.models import get_pretrained_cfg
+
+import models
+from tokenmix.args import parse_args, resolve_lr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'imagenet', '*.yaml')))
+TABLE_SCRIPTS = sorted(p for p in glob.glob(os.path.join(ROOT, 'scripts', '*.sh'))
+                       if os.path.basename(p) not in ('lib.sh', 'mini_table.sh'))
+ROW_NAMES = {
+    'deit_tiny_cutmix_mixup_300ep', 'deit_small_cutmix_mixup_300ep', 'deit_base_cutmix_mixup_300ep',
+    'deit_small_cutmix_mixup_400ep', 'deit_tiny_tokenmix_300ep', 'deit_small_tokenmix_300ep',
+    'deit_base_tokenmix_300ep', 'deit_small_tokenmix_400ep', 'deit_small_tokenmix_random_300ep',
+    'deit_small_tokenmix_area_300ep', 'deit_small_tokenmix_weak_teacher_300ep',
+}
+
+
+def _name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _parse(cfg: str, tmp_path, *extra: str):
+    return parse_args(['-c', cfg, '--data-dir', str(tmp_path), *extra])
+
+
+def test_every_table_row_has_a_config():
+    assert {_name(c) for c in CONFIGS} == ROW_NAMES
+
+
+@pytest.mark.parametrize('cfg', CONFIGS, ids=_name)
+def test_config_is_the_authors_recipe(cfg, tmp_path):
+    args = _parse(cfg, tmp_path)
+    name = _name(cfg)
+    size = name.split('_')[1]
+    assert args.model == f'deit_{size}_patch16_224' and args.img_size == 224
+    assert args.epochs == (400 if name.endswith('400ep') else 300)
+    assert (args.batch_size, args.grad_accum_steps) == (128, 1)
+    assert resolve_lr(args, world_size=8) == pytest.approx(1e-3)  # 5e-4 x 1024 / 512
+    assert (args.opt, args.weight_decay, args.sched) == ('adamw', 0.05, 'cosine')
+    assert (args.warmup_epochs, args.warmup_lr, args.min_lr) == (5, 1e-6, 1e-5)
+    assert (args.drop_path, args.aa, args.color_jitter, args.reprob) == (0.1, 'rand-m9-mstd0.5-inc1', 0.4, 0.25)
+    assert (args.smoothing, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob) == \
+        (0.1, 0.8, 1.0, 1.0, 0.5)
+    assert args.model_ema and args.model_ema_decay == 0.99996
+    assert args.val_split == 'val'
+    if 'tokenmix' in name:
+        assert args.tokenmix and args.bce_loss and args.tokenmix_target_norm == 'none'
+        assert (args.tokenmix_min_tokens, args.tokenmix_lam) == (14, 'constant')
+        assert args.tokenmix_mask == ('random' if 'random' in name else 'block')
+        if 'area' in name:
+            assert args.tokenmix_target == 'area' and not args.teacher_model
+        else:
+            expected = 'resnet18.tv_in1k' if 'weak_teacher' in name else 'dm_nfnet_f0.dm_in1k'
+            assert (args.tokenmix_target, args.teacher_model, args.teacher_pretrained) == ('teacher', expected, True)
+    else:
+        assert not args.tokenmix and not args.bce_loss and not args.teacher_model
+
+
+def test_global_batch_kept_with_fewer_gpus(tmp_path):
+    cfg = os.path.join(ROOT, 'configs', 'imagenet', 'deit_small_tokenmix_300ep.yaml')
+    args = _parse(cfg, tmp_path, '-b', '64', '--grad-accum-steps', '4')
+    assert resolve_lr(args, world_size=4) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize('name', ['dm_nfnet_f0.dm_in1k', 'resnet18.tv_in1k'])
+def test_teachers_have_pretrained_weights_and_class_maps(name):
+    assert getattr(get_pretrained_cfg(name), 'hf_hub_id', None)  # timm can fetch them (no download here)
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    teacher = models.Teacher(model)
+    assert teacher.exact and teacher.num_classes == 1000
+
+
+def test_every_config_is_run_by_a_table_script():
+    rows = set()
+    for path in TABLE_SCRIPTS:
+        with open(path) as f:
+            rows |= {line.split()[2] for line in f if line.startswith('run_row ')}
+    assert rows == ROW_NAMES
+
+
+def test_scripts_are_valid_bash():
+    for path in TABLE_SCRIPTS + [os.path.join(ROOT, 'scripts', 'lib.sh')]:
+        subprocess.run(['bash', '-n', path], check=True)
+    assert len(TABLE_SCRIPTS) == 5
+
+
+def _dry_run(script: str, *argv: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(['bash', os.path.join(ROOT, 'scripts', script), *argv], capture_output=True, text=True,
+                          env={**os.environ, 'DRY_RUN': '1', 'PYTHON': 'py', **env})
+
+
+def test_dry_run_prints_train_then_validate_per_row():
+    proc = _dry_run('ablation_mask_type.sh', '4', '/data/in1k', '/runs', '--', '--log-interval', '10',
+                    PER_GPU_BATCH='64')
+    assert proc.returncode == 0, proc.stderr
+    commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith('+ ')]
+    assert len(commands) == 2 * 5  # per row: train, (validate, append) x (raw, EMA)
+    rows = ['deit_small_tokenmix_300ep', 'deit_small_tokenmix_random_300ep']
+    for row, cmds in zip(rows, (commands[:5], commands[5:])):
+        train = cmds[0]
+        assert train[:3] == ['env', 'PYTHON=py', os.path.join(ROOT, 'distributed_train.sh')]
+        assert train[3] == '4'
+        assert train[train.index('-c') + 1] == os.path.join(ROOT, 'configs', 'imagenet', row + '.yaml')
+        assert train[train.index('--data-dir') + 1] == '/data/in1k'
+        assert train[train.index('--experiment') + 1] == row and train[train.index('--output') + 1] == '/runs'
+        assert train[train.index('-b') + 1] == '64' and train[train.index('--grad-accum-steps') + 1] == '4'
+        assert train[-2:] == ['--log-interval', '10']
+        for validate, append, ema in ((cmds[1], cmds[2], False), (cmds[3], cmds[4], True)):
+            assert validate[:2] == ['py', os.path.join(ROOT, 'validate.py')]
+            assert validate[validate.index('--model') + 1] == 'deit_small_patch16_224'
+            assert validate[validate.index('--checkpoint') + 1] == f'/runs/{row}/model_best.pth.tar'
+            assert ('--use-ema' in validate) == ema
+            i = validate.index('--occlusion')
+            assert validate[i + 1:i + 5] == ['0', '0.25', '0.5', '0.75']
+            out = f'/runs/{row}/validate{"-ema" if ema else ""}.csv'
+            assert validate[validate.index('--results-file') + 1] == out
+            assert append == ['append_results', 'mask_type', row, out, '/runs/results.csv']
+
+
+@pytest.mark.parametrize('argv,env,message', [
+    (['3', '/data'], {}, 'does not divide the global batch 1024'),
+    (['0', '/data'], {}, 'NUM_GPUS must be a positive integer'),
+    (['8'], {}, 'usage:'),
+])
+def test_bad_arguments_exit_2(argv, env, message):
+    proc = _dry_run('deit_main_table.sh', *argv, **env)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_missing_data_dir_is_an_error(tmp_path):
+    proc = _dry_run('deit_small_400ep.sh', '8', str(tmp_path / 'nope'), DRY_RUN='0')
+    assert proc.returncode == 2 and "has no train/ folder" in proc.stderr
+
+
+def test_append_results_prefixes_rows_and_writes_the_header_once(tmp_path):
+    one, results = tmp_path / 'one.csv', tmp_path / 'all' / 'results.csv'
+    one.write_text('model,checkpoint,occlusion,top1,top5,images,seconds\nm,c,0,70.5,90.1,50000,12.3\n'
+                   'm,c,0.5,40.0,60.0,50000,12.9\n')
+    lib = os.path.join(ROOT, 'scripts', 'lib.sh')
+    for row in ('a', 'b'):
+        subprocess.run(['bash', '-c', f'source {lib}; append_results main {row} {one} {results}'], check=True)
+    with open(results) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r['table'], r['row'], r['occlusion'], r['top1']) for r in rows] == [
+        ('main', 'a', '0', '70.5'), ('main', 'a', '0.5', '40.0'), ('main', 'b', '0', '70.5'),
+        ('main', 'b', '0.5', '40.0')]

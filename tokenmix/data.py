@@ -1,0 +1,163 @@
+"""Datasets and loaders: timm's factories behind checks that turn bad input into clear errors.
+
+A folder dataset is checked before anything is written: the data dir and the split folder exist, no class
+folder is empty, and every val class is a train class (val labels use the train class index). Images are read
+strictly: an unreadable file stops the run with a `ConfigError` naming it, or, with `skip_bad=True`, is logged,
+counted and replaced by the next readable sample.
+"""
+import logging
+import multiprocessing
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from PIL import Image
+from timm.data import ImageDataset, create_dataset, create_loader
+from timm.data.dataset_factory import _search_split
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.utils.misc import natural_key
+
+from .errors import ConfigError
+
+__all__ = ['CheckedImageDataset', 'ImageReadError', 'build_dataset', 'check_image_folder', 'num_dataset_classes',
+           'build_train_loader']
+
+_logger = logging.getLogger(__name__)
+
+
+class ImageReadError(ConfigError):
+    """An image file cannot be decoded."""
+
+
+class CheckedImageDataset(ImageDataset):
+    """timm's `ImageDataset` over the same reader, but an unreadable image is an error naming the file.
+
+    timm silently moves on to the next sample; here that only happens with `skip_bad=True`, and the skips are
+    counted in `skipped` (shared with loader worker processes).
+    """
+
+    def __init__(self, dataset: ImageDataset, skip_bad: bool = False) -> None:
+        super().__init__(None, reader=dataset.reader, load_bytes=dataset.load_bytes,
+                         input_img_mode=dataset.input_img_mode, transform=dataset.transform,
+                         target_transform=dataset.target_transform)
+        self.skip_bad = skip_bad
+        self.skipped = multiprocessing.Value('q', 0)
+
+    def _load(self, index: int):
+        img, target, *_ = self.reader[index]
+        if self.load_bytes:
+            return img.read(), target
+        with Image.open(img) as im:
+            return (im.convert(self.input_img_mode) if self.input_img_mode else im.copy()), target
+
+    def __getitem__(self, index: int):
+        for _ in range(len(self)):
+            try:
+                img, target = self._load(index)
+                break
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                name = self.reader.filename(index, absolute=True)
+                if not self.skip_bad:
+                    raise ImageReadError(
+                        f"cannot read image '{name}' ({e}); fix or remove it, or pass --skip-bad-images") from None
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                _logger.warning(f"skipped unreadable image '{name}' ({e})")
+                index = (index + 1) % len(self)
+        else:
+            raise ImageReadError('no readable image in the dataset')
+        if self.transform is not None:
+            img = self.transform(img)
+        target = -1 if target is None else (self.target_transform(target) if self.target_transform else target)
+        return img, target
+
+    @property
+    def num_skipped(self) -> int:
+        """Images skipped so far (all worker processes together)."""
+        return int(self.skipped.value)
+
+
+def split_folder(root: str, split: str, flag: str) -> str:
+    """The folder of `split` under `root` (timm's synonyms: 'validation' finds 'val'), or a ConfigError."""
+    if not os.path.isdir(root):
+        raise ConfigError(f"--data-dir '{root}' is not a directory")
+    folder = _search_split(root, split)
+    if os.path.normpath(folder) == os.path.normpath(root):
+        raise ConfigError(f"--data-dir '{root}' has no '{split}' split folder ({flag})")
+    return folder
+
+
+def check_image_folder(folder: str, class_to_idx: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """Check an ImageFolder split: at least one class, no empty class folder, classes known to `class_to_idx`.
+
+    Returns the folder's classes in timm's order (natural sort), the train split's class index being the
+    reference for val.
+    """
+    extensions = get_img_extensions(as_set=True)
+    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+    if not classes:
+        raise ConfigError(f"'{folder}' has no class folders (expected <split>/<class>/<image>)")
+    for name in classes:
+        found = any(os.path.splitext(f)[1].lower() in extensions
+                    for _, _, files in os.walk(os.path.join(folder, name), followlinks=True) for f in files)
+        if not found:
+            raise ConfigError(f"class folder '{os.path.join(folder, name)}' holds no images")
+    if class_to_idx is not None:
+        unknown = [c for c in classes if c not in class_to_idx]
+        if unknown:
+            raise ConfigError(f"'{folder}' has classes that the train split lacks: {', '.join(unknown[:5])}")
+        return class_to_idx
+    return {c: i for i, c in enumerate(sorted(classes, key=natural_key))}
+
+
+def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
+                  class_to_idx: Optional[Dict[str, int]] = None):
+    """The dataset of one split via timm's `create_dataset`, checked first when it is a plain image folder."""
+    class_map: Any = args.class_map
+    if not args.dataset:
+        folder = split_folder(args.data_dir, split, flag)
+        if not args.class_map:
+            class_map = check_image_folder(folder, class_to_idx)
+    elif args.data_dir and not os.path.exists(args.data_dir):
+        raise ConfigError(f"--data-dir '{args.data_dir}' does not exist")
+    dataset = create_dataset(args.dataset, root=args.data_dir, split=split, is_training=is_training,
+                             class_map=class_map, batch_size=args.batch_size, seed=args.seed)
+    if len(dataset) == 0:
+        raise ConfigError(f"no images found for split '{split}' in '{args.data_dir}' ({flag})")
+    if type(dataset) is ImageDataset:
+        dataset = CheckedImageDataset(dataset, skip_bad=args.skip_bad_images)
+    return dataset
+
+
+def num_dataset_classes(dataset) -> Optional[int]:
+    """Number of classes of a dataset whose reader keeps a class index (None when it does not say)."""
+    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    return len(class_to_idx) if class_to_idx else None
+
+
+def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: torch.device):
+    """timm's training loader (augmentation per timm flags); mixing is left to the caller, on the device."""
+    return create_loader(
+        dataset,
+        input_size=data_config['input_size'],
+        batch_size=args.batch_size,
+        is_training=True,
+        no_aug=args.no_aug,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        interpolation=args.train_interpolation,
+        mean=data_config['mean'],
+        std=data_config['std'],
+        num_workers=args.workers,
+        distributed=args.distributed,
+        pin_memory=args.pin_mem,
+        device=device,
+        use_prefetcher=not args.no_prefetcher,
+    )

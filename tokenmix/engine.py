@@ -1,0 +1,193 @@
+"""The training loop: one epoch of mixed, optionally accumulated and scaled updates, and the epoch loop.
+
+Everything a step needs travels in one `Training` object, so the functions take a handful of arguments.
+The loss is checked for non-finite values without a host sync per step: the first bad step is recorded on
+the device and checked (across ranks) at each log interval and at the end of the epoch; the run then stops
+with `NonFiniteLossError` naming the step, before anything is saved, so the last good checkpoint is kept.
+"""
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from timm.utils import dispatch_clip_grad, distribute_bn, unwrap_model
+
+from .checkpoint import AtomicCheckpointSaver, gather_rng_states
+from .evaluate import evaluate
+from .logger import RunLogger
+
+__all__ = ['Training', 'NonFiniteLossError', 'train_one_epoch', 'fit']
+
+_logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+@dataclass
+class Training:
+    """The objects and settings of a run (`model` is DDP-wrapped when distributed; the teacher is in `mixer`)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: Callable
+    device: torch.device
+    scheduler: Any = None
+    mixer: Any = None
+    model_ema: Any = None
+    loss_scaler: Any = None
+    amp_dtype: Optional[torch.dtype] = None
+    grad_accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    clip_mode: str = 'norm'
+    channels_last: bool = False
+    log_interval: int = 50
+    mixup_off_epoch: int = 0
+    distributed: bool = False
+    world_size: int = 1
+    dist_bn: str = 'reduce'
+    mix_generator: Optional[torch.Generator] = None
+    logger: RunLogger = field(default_factory=lambda: RunLogger(None))
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+    return values
+
+
+def _check_finite(first_bad: torch.Tensor, epoch: int, num_batches: int) -> None:
+    """Stop every rank together when any rank saw a non-finite loss (a collective call)."""
+    bad = _all_reduce(first_bad.clone(), dist.ReduceOp.MIN if dist.is_available() else None).item()
+    if math.isfinite(bad):
+        raise NonFiniteLossError(
+            f'non-finite training loss at epoch {epoch}, step {int(bad)} (batch {int(bad) + 1} of {num_batches}); '
+            f'try a lower --lr, --clip-grad or --amp-dtype bfloat16')
+
+
+def _backward(run: Training, loss: torch.Tensor, need_update: bool) -> None:
+    params = unwrap_model(run.model).parameters
+    if run.loss_scaler is not None:
+        run.loss_scaler(loss, run.optimizer, clip_grad=run.clip_grad, clip_mode=run.clip_mode,
+                        parameters=params(), need_update=need_update)
+        return
+    loss.backward()
+    if need_update:
+        if run.clip_grad is not None:
+            dispatch_clip_grad(params(), run.clip_grad, mode=run.clip_mode)
+        run.optimizer.step()
+
+
+def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
+    """Train one epoch; returns the loss averaged over all ranks' images and the global images/s."""
+    model, device, accum = run.model, run.device, run.grad_accum_steps
+    model.train()
+    if run.mixer is not None and run.mixup_off_epoch and epoch >= run.mixup_off_epoch:
+        run.mixer.mixup_enabled = False
+    num_batches = len(loader)
+    num_updates = epoch * ((num_batches + accum - 1) // accum)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images (this epoch)
+    window = torch.zeros(2, dtype=torch.float64, device=device)  # the same since the last log line
+    first_bad = torch.full((), math.inf, device=device)
+    grid_pending, first_images = run.logger.active, None
+    start = window_start = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=True)
+    for idx, (images, targets) in enumerate(loader):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        last = idx == num_batches - 1
+        need_update = last or (idx + 1) % accum == 0
+        if run.mixer is not None:
+            images, targets = run.mixer(images, targets)
+        if grid_pending:
+            mask = getattr(run.mixer, 'last_mask', None)
+            if mask is not None or run.mixer is None:
+                run.logger.mixed_images(epoch, images, mask)
+                grid_pending = False
+            elif first_images is None:
+                first_images = images[:16].detach().cpu()
+        if run.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        no_sync = run.distributed and not need_update and hasattr(model, 'no_sync')
+        with model.no_sync() if no_sync else nullcontext():
+            with run.autocast():
+                loss = run.criterion(model(images), targets)
+            _backward(run, loss / accum, need_update)
+        step_loss = loss.detach().float()
+        first_bad = torch.where(torch.isfinite(step_loss) | torch.isfinite(first_bad), first_bad,
+                                torch.tensor(float(idx), device=device))
+        batch = torch.stack([step_loss.double() * images.shape[0],
+                             torch.tensor(images.shape[0], dtype=torch.float64, device=device)])
+        totals += batch
+        window += batch
+        if not need_update:
+            continue
+        num_updates += 1
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.model_ema is not None:
+            run.model_ema.update(unwrap_model(model), step=num_updates)
+        if run.scheduler is not None:
+            run.scheduler.step_update(num_updates=num_updates)
+        if last or num_updates % run.log_interval == 0:
+            _check_finite(first_bad, epoch, num_batches)
+            loss_sum, count = _all_reduce(window.clone()).tolist()
+            now = time.perf_counter()
+            values = dict(loss=loss_sum / count, lr=run.optimizer.param_groups[0]['lr'],
+                          img_per_sec=count / max(now - window_start, 1e-9))
+            run.logger.scalars(num_updates, values, 'train')
+            _logger.info(f'train epoch {epoch} [{idx + 1:>4d}/{num_batches}] loss {values["loss"]:.4f} '
+                         f'lr {values["lr"]:.3g} {values["img_per_sec"]:.1f} img/s')
+            window.zero_()
+            window_start = now
+    if grid_pending and first_images is not None:
+        run.logger.mixed_images(epoch, first_images, None)
+    loss_sum, count = _all_reduce(totals).tolist()
+    return dict(loss=loss_sum / max(count, 1.0), img_per_sec=count / max(time.perf_counter() - start, 1e-9))
+
+
+def fit(run: Training, train_loader, eval_loader, saver: Optional[AtomicCheckpointSaver], *, start_epoch: int,
+        num_epochs: int, eval_metric: str = 'top1',
+        on_epoch_end: Optional[Callable[[int], None]] = None) -> Optional[tuple]:
+    """The epoch loop: train, evaluate (model and EMA), step the schedule, checkpoint, write the summary row.
+
+    `saver` is None on non-primary ranks (they still take part in every collective). Returns timm's
+    (best_metric, best_epoch) on the primary rank.
+    """
+    best = None
+    eval_model = unwrap_model(run.model)
+    for epoch in range(start_epoch, num_epochs):
+        sampler = getattr(train_loader, 'sampler', None)
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)
+        train_metrics = train_one_epoch(run, epoch, train_loader)
+        if run.distributed and run.dist_bn:  # one model on every rank before each rank evaluates its shard
+            distribute_bn(run.model, run.world_size, reduce=run.dist_bn == 'reduce')
+        metrics = evaluate(eval_model, eval_loader, run.device, amp_dtype=run.amp_dtype)
+        _logger.info(f'eval epoch {epoch}: top-1 {metrics["top1"]:.2f} top-5 {metrics["top5"]:.2f} '
+                     f'loss {metrics["loss"]:.4f} ({metrics["count"]} images)')
+        eval_metrics = {k: metrics[k] for k in ('top1', 'top5', 'loss')}
+        if run.model_ema is not None:
+            ema = evaluate(unwrap_model(run.model_ema), eval_loader, run.device, amp_dtype=run.amp_dtype)
+            eval_metrics['ema_top1'] = ema['top1']
+            _logger.info(f'eval epoch {epoch} (EMA): top-1 {ema["top1"]:.2f}')
+        lr = run.optimizer.param_groups[0]['lr']
+        if run.scheduler is not None:
+            run.scheduler.step(epoch + 1, eval_metrics[eval_metric])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+        rng_states = gather_rng_states(run.mix_generator)  # collective: every rank's streams go in the file
+        if saver is not None:
+            extra = dict(rng_states=rng_states)
+            if run.scheduler is not None:
+                extra['scheduler'] = run.scheduler.state_dict()
+            best = saver.save(epoch, eval_metrics[eval_metric], extra)
+        run.logger.epoch_summary(epoch, train_metrics, eval_metrics, lr)
+    return best

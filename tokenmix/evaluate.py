@@ -1,0 +1,106 @@
+"""Evaluation that counts every validation image exactly once, on one process or many.
+
+timm's distributed validation pads each rank's share with repeated images so all ranks run the same number of
+batches; the repeats slightly change the result. Here each rank takes a strided shard of the dataset without
+padding (`ShardedDataset`), the ranks run different numbers of batches on the plain (not DDP-wrapped) model,
+and the sums of correct predictions, losses and images are all-reduced at the end. `evaluate` is shared by
+train.py and validate.py; its `input_transform` hook changes the images after loading (for example occlusion).
+"""
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from timm.data import create_loader
+
+__all__ = ['ShardedDataset', 'build_eval_loader', 'evaluate']
+
+InputTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ShardedDataset(Dataset):
+    """Samples rank, rank + world_size, ... of `dataset`: disjoint shards that together cover it once.
+
+    `transform` reads and writes the wrapped dataset's transform, so timm's `create_loader` can set it.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f'rank must lie in [0, {world_size}), got {rank}')
+        self.dataset = dataset
+        self.indices = range(rank, len(dataset), world_size)
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value) -> None:
+        self.dataset.transform = value
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+
+def build_eval_loader(dataset: Dataset, data_config: Dict[str, Any], batch_size: int, workers: int,
+                      distributed: bool, *, device: Optional[torch.device] = None, use_prefetcher: bool = True,
+                      pin_memory: bool = False):
+    """timm's eval loader (resize, centre crop, normalise per `data_config`) over this rank's shard."""
+    if distributed:
+        dataset = ShardedDataset(dataset, dist.get_rank(), dist.get_world_size())
+    return create_loader(
+        dataset,
+        input_size=data_config['input_size'],
+        batch_size=batch_size,
+        is_training=False,
+        interpolation=data_config['interpolation'],
+        mean=data_config['mean'],
+        std=data_config['std'],
+        num_workers=workers,
+        crop_pct=data_config['crop_pct'],
+        crop_mode=data_config.get('crop_mode'),
+        pin_memory=pin_memory,
+        device=device if device is not None else torch.device('cpu'),
+        use_prefetcher=use_prefetcher,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
+             input_transform: Optional[InputTransform] = None) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over every image the loaders of all ranks yield.
+
+    `model` must not be DDP-wrapped (ranks run different numbers of batches). `input_transform(images, targets)`
+    returns the images to classify. Returns dict(top1, top5, loss, count, seconds); all but `seconds` are global.
+    """
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct top-1, correct top-5, loss, images
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        if input_transform is not None:
+            images = input_transform(images, targets)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(targets.view(-1, 1))
+        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                             F.cross_entropy(logits, targets, reduction='sum'),
+                             torch.tensor(targets.numel(), device=device)]).to(sums)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    correct1, correct5, loss, count = sums.tolist()
+    denom = max(count, 1.0)
+    return dict(top1=100.0 * correct1 / denom, top5=100.0 * correct5 / denom, loss=loss / denom,
+                count=int(count), seconds=time.perf_counter() - start)
