@@ -283,6 +283,10 @@ class Teacher(nn.Module):
             raise ValueError(
                 f'labels must be {images.shape[0]} integer class indices, got a {labels.dtype} tensor of shape '
                 f'{tuple(labels.shape)}')
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(
+                f'labels must lie in [0, {self.num_classes}) (the teacher\'s num_classes), got '
+                f'[{int(labels.min())}, {int(labels.max())}]')
         x = self._prepare(images)
         with self._autocast(x):
             feats = self._features(x)

@@ -137,6 +137,14 @@ def test_own_class_maps_rejects_soft_labels():
         teacher.own_class_maps(_images(), torch.rand(2, 7))
 
 
+def test_own_class_maps_rejects_labels_out_of_range():
+    teacher = Teacher(_model('resnet10t'))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 7\).*got \[0, 7\]"):
+        teacher.own_class_maps(_images(), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"got \[-1, 1\]"):
+        teacher.own_class_maps(_images(), torch.tensor([-1, 1]))
+
+
 def test_renormalises_student_batch_to_teacher_statistics():
     model = _model('resnet10t')
     student_mean, student_std = (0.5, 0.5, 0.5), (0.25, 0.3, 0.35)
