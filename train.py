@@ -23,7 +23,7 @@ from tokenmix.checkpoint import AtomicCheckpointSaver, continue_history, restore
 from tokenmix.data import build_dataset, build_train_loader, num_dataset_classes
 from tokenmix.distributed import init_device, is_primary, wrap_ddp
 from tokenmix.engine import NonFiniteLossError, Training, fit
-from tokenmix.errors import ConfigError, user_message
+from tokenmix.errors import ConfigError, run_cli
 from tokenmix.evaluate import build_eval_loader
 from tokenmix.logger import RunLogger, add_log_file, setup_logging
 from tokenmix.mixing import build_criterion, build_mixer, build_teacher_from_args, mixer_generator
@@ -160,15 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run_main(argv: Optional[Sequence[str]] = None) -> int:
     """main() with bad input reported as one line and exit code 2."""
-    try:
-        return main(argv)
-    except ConfigError as e:
-        print(f'train.py: error: {user_message(e)}', file=sys.stderr)
-        return 2
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
+    return run_cli(main, 'train.py', argv)
 
 if __name__ == '__main__':
     sys.exit(run_main())

@@ -23,7 +23,7 @@ from timm.utils import ParseKwargs
 from models import load_checkpoint_weights
 from tokenmix.data import build_dataset, num_dataset_classes
 from tokenmix.distributed import init_device, is_primary
-from tokenmix.errors import ConfigError, user_message
+from tokenmix.errors import ConfigError, run_cli
 from tokenmix.evaluate import build_eval_loader, evaluate
 from tokenmix.logger import setup_logging
 from tokenmix.model import build_student, patch_size_of
@@ -202,15 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run_main(argv: Optional[Sequence[str]] = None) -> int:
     """main() with bad input reported as one line and exit code 2."""
-    try:
-        return main(argv)
-    except ConfigError as e:
-        print(f'validate.py: error: {user_message(e)}', file=sys.stderr)
-        return 2
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
+    return run_cli(main, 'validate.py', argv)
 
 if __name__ == '__main__':
     sys.exit(run_main())

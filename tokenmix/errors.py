@@ -1,6 +1,10 @@
 """The project's error for bad user input: entry points print its message and exit with code 2."""
+import sys
+from typing import Callable, Optional, Sequence
 
-__all__ = ['ConfigError', 'user_message']
+import torch
+
+__all__ = ['ConfigError', 'user_message', 'run_cli']
 
 
 class ConfigError(ValueError):
@@ -18,3 +22,18 @@ def user_message(error: ConfigError) -> str:
         return text
     last = text.splitlines()[-1]
     return last.split(': ', 1)[1] if ': ' in last else last
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Run an entry point's `main(argv)`: bad input is one line on stderr and exit code 2.
+
+    The process group is torn down however `main` ends, so a torchrun worker never exits with it still open.
+    """
+    try:
+        return main(argv)
+    except ConfigError as e:
+        print(f'{prog}: error: {user_message(e)}', file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -17,7 +17,6 @@ from typing import Optional, Sequence
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 from torchvision.utils import make_grid
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import Teacher, load_checkpoint_weights  # noqa: E402
 from tokenmix.fidelity import load_demo_objects  # noqa: E402
+from tokenmix.pictures import render_png  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -90,13 +90,9 @@ def render(args: argparse.Namespace) -> torch.Tensor:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        grid = render(args)
-    except ValueError as e:
-        print(f'show_cam.py: error: {e}', file=sys.stderr)
+    grid = render_png(lambda: render(args), args.out, 'show_cam.py')
+    if grid is None:
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(args.out)
     print(f'wrote {args.out} ({grid.shape[2]} x {grid.shape[1]} px, {len(args.checkpoint)} checkpoint(s))')
     return 0
 

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mixup_ext import TokenMix, area_weights  # noqa: E402
 from models import build_teacher  # noqa: E402
 from tokenmix.fidelity import load_demo_objects, normalise_shares, token_paste_masks, visible_shares  # noqa: E402
+from tokenmix.pictures import render_png  # noqa: E402
 
 BAR_COLOURS = ((230, 120, 40), (60, 130, 230))  # own label (A), partner label (B)
 
@@ -113,13 +114,9 @@ def render(args: argparse.Namespace) -> torch.Tensor:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        grid = render(args)
-    except ValueError as e:
-        print(f'show_mix.py: error: {e}', file=sys.stderr)
+    grid = render_png(lambda: render(args), args.out, 'show_mix.py')
+    if grid is None:
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(args.out)
     print(f'wrote {args.out} ({grid.shape[2]} x {grid.shape[1]} px, {args.pairs} pairs)')
     return 0
 
