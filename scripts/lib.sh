@@ -55,7 +55,8 @@ config_value() {  # config_value FILE KEY: a top-level scalar of a config
 }
 
 # Train one table row (configs/imagenet/NAME.yaml) unless finished, then validate its best checkpoint, raw and
-# EMA weights, clean and occluded; append the rows to $RESULTS with the table and row names in front.
+# (when the recipe keeps them) EMA weights, clean and occluded; append the rows to $RESULTS with the table and
+# row names in front.
 run_row() {
     local table=$1 name=$2
     local cfg="$CONFIG_DIR/$name.yaml" dir="$OUT/$name"
@@ -70,8 +71,9 @@ run_row() {
             --output "$OUT" --experiment "$name" -b "$PER_GPU_BATCH" --grad-accum-steps "$ACCUM" \
             ${EXTRA[@]+"${EXTRA[@]}"}
     fi
-    local ema suffix
-    for ema in '' --use-ema; do
+    local ema suffix emas=('')
+    [ "$(config_value "$cfg" model_ema)" = true ] && emas+=(--use-ema)
+    for ema in "${emas[@]}"; do
         suffix=${ema:+-ema}
         # shellcheck disable=SC2086
         run "$PYTHON" "$REPO/validate.py" --data-dir "$DATA" --split val --model "$model" \

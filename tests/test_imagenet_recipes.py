@@ -22,7 +22,10 @@ ROW_NAMES = {
     'deit_small_cutmix_mixup_400ep', 'deit_tiny_tokenmix_300ep', 'deit_small_tokenmix_300ep',
     'deit_base_tokenmix_300ep', 'deit_small_tokenmix_400ep', 'deit_small_tokenmix_random_300ep',
     'deit_small_tokenmix_area_300ep', 'deit_small_tokenmix_weak_teacher_300ep',
+    'swin_tiny_cutmix_mixup_300ep', 'swin_tiny_tokenmix_300ep',
 }
+DEIT_CONFIGS = [c for c in CONFIGS if os.path.basename(c).startswith('deit_')]
+SWIN_CONFIGS = [c for c in CONFIGS if os.path.basename(c).startswith('swin_')]
 
 
 def _name(path: str) -> str:
@@ -37,7 +40,7 @@ def test_every_table_row_has_a_config():
     assert {_name(c) for c in CONFIGS} == ROW_NAMES
 
 
-@pytest.mark.parametrize('cfg', CONFIGS, ids=_name)
+@pytest.mark.parametrize('cfg', DEIT_CONFIGS, ids=_name)
 def test_config_is_the_authors_recipe(cfg, tmp_path):
     args = _parse(cfg, tmp_path)
     name = _name(cfg)
@@ -66,6 +69,47 @@ def test_config_is_the_authors_recipe(cfg, tmp_path):
         assert not args.tokenmix and not args.bce_loss and not args.teacher_model
 
 
+@pytest.mark.parametrize('cfg', SWIN_CONFIGS, ids=_name)
+def test_swin_config_is_the_swin_recipe(cfg, tmp_path):
+    args = _parse(cfg, tmp_path)
+    assert (args.model, args.img_size, args.epochs) == ('swin_tiny_patch4_window7_224', 224, 300)
+    assert (args.batch_size, args.grad_accum_steps) == (128, 1)
+    assert resolve_lr(args, world_size=8) == pytest.approx(1e-3)  # 5e-4 x 1024 / 512
+    assert (args.opt, args.weight_decay, args.sched, args.clip_grad) == ('adamw', 0.05, 'cosine', 5.0)
+    assert (args.warmup_epochs, args.warmup_lr, args.min_lr) == (20, 1e-6, 1e-5)
+    assert (args.drop_path, args.aa, args.color_jitter, args.reprob) == (0.2, 'rand-m9-mstd0.5-inc1', 0.4, 0.25)
+    assert (args.smoothing, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob) == \
+        (0.1, 0.8, 1.0, 1.0, 0.5)
+    assert not args.model_ema
+    if 'tokenmix' in _name(cfg):
+        assert args.tokenmix and args.bce_loss and args.tokenmix_target_norm == 'none'
+        assert (args.tokenmix_patch_size, args.tokenmix_min_tokens, args.tokenmix_mask) == (32, 4, 'block')
+        assert (args.tokenmix_target, args.teacher_model) == ('teacher', 'dm_nfnet_f0.dm_in1k')
+        # 7 x 7 cells at 224 px; lam 0.5 takes 24 + 4 of 49, the DeiT rows' share (98 + 14 of 196)
+        assert (49 // 2 + 4) / 49 == pytest.approx((196 // 2 + 14) / 196)
+    else:
+        assert not args.tokenmix and not args.bce_loss and not args.teacher_model
+
+
+def test_swin_student_trains_with_tokenmix_on_coarser_cells(train_argv, teacher_checkpoint, train_script, tmp_path):
+    """The Swin row's wiring at toy size: TokenMix cells of 2 x 2 Swin patches, a teacher, BCE, clipped grads."""
+    swin = ['window_size=4', 'embed_dim=16', 'depths=(1,1)', 'num_heads=(1,2)']
+    argv = train_argv('--model', 'swin_tiny_patch4_window7_224', '--model-kwargs', *swin, '--epochs', '1',
+                      '--tokenmix', '--cutmix', '1', '--tokenmix-patch-size', '8', '--tokenmix-min-tokens', '1',
+                      '--bce-loss', '--clip-grad', '5', '--teacher-model', 'tokenmix_cnn_teacher_64',
+                      '--teacher-checkpoint', teacher_checkpoint, experiment='swin')
+    assert train_script.run_main(argv) == 0
+    run = tmp_path / 'out' / 'swin'
+    with open(run / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['epoch'] for r in rows] == ['0'] and 0 <= float(rows[0]['eval_top1']) <= 100
+    state = torch.load(run / 'last.pth.tar', map_location='cpu', weights_only=False)['state_dict']
+    model = timm.create_model('swin_tiny_patch4_window7_224', img_size=32, num_classes=10, window_size=4,
+                              embed_dim=16, depths=(1, 1), num_heads=(1, 2))
+    model.load_state_dict(state)  # every key of the student, none of the teacher's
+    assert model.patch_embed.patch_size == (4, 4)
+
+
 def test_global_batch_kept_with_fewer_gpus(tmp_path):
     cfg = os.path.join(ROOT, 'configs', 'imagenet', 'deit_small_tokenmix_300ep.yaml')
     args = _parse(cfg, tmp_path, '-b', '64', '--grad-accum-steps', '4')
@@ -92,7 +136,7 @@ def test_every_config_is_run_by_a_table_script():
 def test_scripts_are_valid_bash():
     for path in TABLE_SCRIPTS + [os.path.join(ROOT, 'scripts', 'lib.sh')]:
         subprocess.run(['bash', '-n', path], check=True)
-    assert len(TABLE_SCRIPTS) == 5
+    assert len(TABLE_SCRIPTS) == 6
 
 
 def _dry_run(script: str, *argv: str, **env: str) -> subprocess.CompletedProcess:
@@ -126,6 +170,15 @@ def test_dry_run_prints_train_then_validate_per_row():
             out = f'/runs/{row}/validate{"-ema" if ema else ""}.csv'
             assert validate[validate.index('--results-file') + 1] == out
             assert append == ['append_results', 'mask_type', row, out, '/runs/results.csv']
+
+
+def test_dry_run_validates_ema_only_where_the_recipe_keeps_it():
+    proc = _dry_run('swin_tiny_table.sh', '8', '/data/in1k', '/runs')
+    assert proc.returncode == 0, proc.stderr
+    commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith('+ ')]
+    assert len(commands) == 2 * 3  # per row: train, validate, append (no EMA in Swin's recipe)
+    assert [c[c.index('--model') + 1] for c in commands[1::3]] == ['swin_tiny_patch4_window7_224'] * 2
+    assert not any('--use-ema' in c for c in commands)
 
 
 @pytest.mark.parametrize('argv,env,message', [
