@@ -6,9 +6,20 @@ Weights are B x 2: column 0 is the share of sample i's own label, column 1 the s
 import torch
 import torch.nn.functional as F
 
-__all__ = ['area_weights', 'teacher_weights', 'normalise_weights', 'mixed_targets', 'own_class_maps']
+__all__ = ['area_weights', 'teacher_weights', 'normalise_weights', 'mixed_targets', 'own_class_maps',
+           'check_label_range']
 
 TARGET_NORMS = ('none', 'sum')
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    """Raise a ValueError naming `what` when a label falls outside [0, num_classes).
+
+    Checked on the host before any gather, where a bad index would be a device-side assert on GPU.
+    """
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f'{what} must lie in [0, {num_classes}) (num_classes), got [{int(labels.min())}, {int(labels.max())}]')
 
 
 def area_weights(mask: torch.Tensor) -> torch.Tensor:

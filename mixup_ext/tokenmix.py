@@ -6,7 +6,8 @@ import torch
 
 from ._rng import host_rng
 from .masks import block_token_masks, masks_to_pixels, num_partner_tokens, random_token_masks, token_grid
-from .targets import TARGET_NORMS, area_weights, mixed_targets, normalise_weights, own_class_maps, teacher_weights
+from .targets import (TARGET_NORMS, area_weights, check_label_range, mixed_targets, normalise_weights, own_class_maps,
+                      teacher_weights)
 
 __all__ = ['TokenMix']
 
@@ -156,10 +157,7 @@ class TokenMix:
             raise ValueError(
                 f'target must be integer class labels of shape ({x.shape[0]},), got {target.dtype} '
                 f'of shape {tuple(target.shape)}')
-        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= self.num_classes):
-            raise ValueError(
-                f'target labels must lie in [0, {self.num_classes}) (num_classes), got '
-                f'[{int(target.min())}, {int(target.max())}]')
+        check_label_range(target, self.num_classes, 'target labels')
         return token_grid(x.shape[2], x.shape[3], self.patch_size)
 
     def _teacher_own_maps(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,8 @@ from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from mixup_ext.targets import check_label_range
+
 from .checkpoint_io import load_checkpoint_weights
 
 __all__ = ['Teacher', 'build_teacher', 'SUPPORTED_FAMILIES']
@@ -283,10 +285,7 @@ class Teacher(nn.Module):
             raise ValueError(
                 f'labels must be {images.shape[0]} integer class indices, got a {labels.dtype} tensor of shape '
                 f'{tuple(labels.shape)}')
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f'labels must lie in [0, {self.num_classes}) (the teacher\'s num_classes), got '
-                f'[{int(labels.min())}, {int(labels.max())}]')
+        check_label_range(labels, self.num_classes, 'labels')
         x = self._prepare(images)
         with self._autocast(x):
             feats = self._features(x)
