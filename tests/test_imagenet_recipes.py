@@ -11,6 +11,7 @@ import torch
 from timm.models import get_pretrained_cfg
 
 import models
+from mixup_ext import num_partner_tokens
 from tokenmix.args import parse_args, resolve_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,8 +86,10 @@ def test_swin_config_is_the_swin_recipe(cfg, tmp_path):
         assert args.tokenmix and args.bce_loss and args.tokenmix_target_norm == 'none'
         assert (args.tokenmix_patch_size, args.tokenmix_min_tokens, args.tokenmix_mask) == (32, 4, 'block')
         assert (args.tokenmix_target, args.teacher_model) == ('teacher', 'dm_nfnet_f0.dm_in1k')
-        # 7 x 7 cells at 224 px; lam 0.5 takes 24 + 4 of 49, the DeiT rows' share (98 + 14 of 196)
-        assert (49 // 2 + 4) / 49 == pytest.approx((196 // 2 + 14) / 196)
+        # 7 x 7 cells at 224 px: lam 0.5 takes the DeiT rows' partner share (98 + 14 of 196 tokens)
+        half = torch.tensor(0.5)
+        assert int(num_partner_tokens(half, 49, args.tokenmix_min_tokens)) / 49 == \
+            pytest.approx(int(num_partner_tokens(half, 196, 14)) / 196)
     else:
         assert not args.tokenmix and not args.bce_loss and not args.teacher_model
 
