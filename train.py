@@ -162,5 +162,6 @@ def run_main(argv: Optional[Sequence[str]] = None) -> int:
     """main() with bad input reported as one line and exit code 2."""
     return run_cli(main, 'train.py', argv)
 
+
 if __name__ == '__main__':
     sys.exit(run_main())
