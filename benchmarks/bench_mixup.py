@@ -12,7 +12,7 @@ import platform
 import random
 import statistics
 import time
-from typing import Callable
+from typing import Callable, List
 
 import torch
 from timm.data import Mixup
@@ -21,15 +21,23 @@ from mixup_ext import TokenMix, block_token_masks
 from mixup_ext.masks import block_token_masks_reference
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn` over `repeats` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_seconds(*fns: Callable[[], object], repeats: int, burst: int = 5) -> List[float]:
+    """Median wall time of each of `fns` over `repeats` runs, after one warm-up run each.
+
+    The functions take turns in bursts of `burst` runs, so a change in the machine's speed during the run
+    (frequent on a shared VM) hits the candidate and its baseline alike, while most runs still find their
+    caches warm, as in a training loop that calls the same code every step.
+    """
+    times = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    while len(times[0]) < repeats:
+        for fn, spent in zip(fns, times):
+            for _ in range(burst):
+                start = time.perf_counter()
+                fn()
+                spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 class GivenMaps:
@@ -45,8 +53,8 @@ class GivenMaps:
 def bench_masks(repeats: int) -> None:
     gen = torch.Generator().manual_seed(0)
     rng = random.Random(0)
-    fast = median_seconds(lambda: block_token_masks(256, (14, 14), 112, generator=gen), repeats)
-    slow = median_seconds(lambda: block_token_masks_reference(256, (14, 14), 112, rng=rng), max(3, repeats // 5))
+    fast, slow = median_seconds(lambda: block_token_masks(256, (14, 14), 112, generator=gen),
+                                lambda: block_token_masks_reference(256, (14, 14), 112, rng=rng), repeats=repeats)
     print(f'(a) block masks, B=256, 14x14, 112 tokens, one mask per sample')
     print(f'    per-sample Python loop : {slow * 1e3:8.2f} ms')
     print(f'    batched (mixup_ext)    : {fast * 1e3:8.2f} ms   speed-up {slow / fast:5.1f}x')
@@ -58,7 +66,7 @@ def bench_call(repeats: int) -> None:
     y = torch.randint(0, 1000, (128,))
     teacher = GivenMaps(torch.rand(128, 14, 14))
     print('(b) full __call__ on 128 x 3 x 224 x 224 (in place; a fresh copy of the batch each run, copy timed too)')
-    copy_only = median_seconds(lambda: x.clone(), repeats)
+    copy_only, = median_seconds(lambda: x.clone(), repeats=repeats)
     cases = [
         ('region branch, batch', Mixup(mixup_alpha=0., cutmix_alpha=1.),
          TokenMix(mixup_alpha=0., cutmix_alpha=1., teacher=teacher)),
@@ -69,8 +77,7 @@ def bench_call(repeats: int) -> None:
     ]
     print(f'    batch copy alone: {copy_only * 1e3:.1f} ms')
     for name, timm_mix, token_mix in cases:
-        base = median_seconds(lambda: timm_mix(x.clone(), y), repeats)
-        ours = median_seconds(lambda: token_mix(x.clone(), y), repeats)
+        base, ours = median_seconds(lambda: timm_mix(x.clone(), y), lambda: token_mix(x.clone(), y), repeats=repeats)
         print(f'    {name}: timm {base * 1e3:7.1f} ms   TokenMix {ours * 1e3:7.1f} ms   ratio {ours / base:4.2f}x')
 
 

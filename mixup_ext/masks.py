@@ -2,7 +2,7 @@
 
 A mask is a bool tensor B x gh x gw over the token grid (True = token taken from the partner). The block
 algorithm follows METHOD.md section 1 (BEiT-style block-wise masking, as in the authors' code) but advances
-all samples of a batch together, so the Python loop runs over rounds of the algorithm, never over samples.
+all samples of a batch together, so the Python loop runs over steps of the algorithm, never over samples.
 """
 import functools
 import math
@@ -23,6 +23,8 @@ Grid = Tuple[int, int]
 TokenCount = Union[int, torch.Tensor]
 
 _TRIES_PER_ROUND = 10
+_STEP_TRIES = 2  # tries tested per step while many samples are unfinished
+_FEW_SAMPLES = 32  # at or below this many unfinished samples a step tests a whole round
 
 
 def token_grid(height: int, width: int, patch_size: int) -> Grid:
@@ -44,6 +46,10 @@ def num_partner_tokens(lam: torch.Tensor, num_tokens: int, min_tokens: int) -> t
 
 def _counts(batch_size: int, num_tokens: TokenCount, total: int, device: torch.device) -> torch.Tensor:
     """Per-sample wanted token counts as a LongTensor (B,), validated against the grid size."""
+    if isinstance(num_tokens, int):  # the common case, checked without tensor ops
+        if not 0 <= num_tokens <= total:
+            raise ValueError(f'num_tokens must lie in [0, {total}] for this grid, got {num_tokens}')
+        return torch.full((batch_size,), num_tokens, dtype=torch.long, device=device)
     counts = torch.as_tensor(num_tokens, dtype=torch.long).to(device).expand(batch_size).clone()
     if counts.numel() and (counts.min() < 0 or counts.max() > total):
         raise ValueError(f'num_tokens must lie in [0, {total}] for this grid, got {num_tokens}')
@@ -92,71 +98,97 @@ def block_token_masks(
     between 1 and the still-wanted number of tokens (rectangles may overlap); up to ten tries a round; stop when
     a round adds nothing.
 
-    All unfinished samples advance together, on the host: each mask is a bitset and each rectangle the AND of a
-    row band and a column band, so testing the ten tries of every sample is a handful of small array operations
-    (no per-sample loop, no device kernel per round); the finished masks are copied to `device` once. The draws
-    come from a NumPy generator seeded from `generator`, so a torch seed reproduces the masks.
+    All unfinished samples advance together on the host, so the Python loop runs over steps, never over
+    samples. Each mask is a bitset and each rectangle the AND of a row band and a column band, looked up in
+    tables cached per grid. A step tests the next few tries of every sample's current round (two while many
+    samples are left, where data dominates; all ten once few are, where the step count dominates); the first
+    try that fits is kept, as in the per-sample loop, so the algorithm and its statistics are unchanged. The
+    draws come from a NumPy generator seeded from `generator`, so a torch seed reproduces the masks; the
+    finished masks are copied to `device` once.
     """
     gh, gw = _check_grid(batch_size, grid)
     if not 0. < min_aspect <= 1.:
         raise ValueError(f'min_aspect must lie in (0, 1], got {min_aspect}')
     wanted = _counts(batch_size, num_tokens, gh * gw, torch.device('cpu')).numpy()
     rng = host_rng(generator)
-    row_bands, col_bands = _band_bitsets(gh, gw)
-    bits = np.zeros((batch_size, row_bands.shape[1]), dtype=np.uint64)
-    count = np.zeros(batch_size, dtype=np.int64)
-    half_log_lo, log_span = 0.5 * math.log(min_aspect), -math.log(min_aspect)
-    active = np.flatnonzero(wanted > 0)
-    while active.size:
-        remaining = (wanted[active] - count[active])[:, None]
-        u = rng.random((4, active.size, _TRIES_PER_ROUND))
-        side = np.sqrt(1. + (remaining - 1) * u[0])
-        root_aspect = np.exp(half_log_lo + log_span * u[1])
-        h = np.rint(side * root_aspect).astype(np.int64)
-        w = np.rint(side / root_aspect).astype(np.int64)
-        fits = (h < gh) & (w < gw)
-        np.minimum(h, gh, out=h)
-        np.minimum(w, gw, out=w)
-        top = (u[2] * (gh - h + 1)).astype(np.int64)
-        left = (u[3] * (gw - w + 1)).astype(np.int64)
-        rect = row_bands.take(top * (gh + 1) + h, axis=0)
-        rect &= col_bands.take(left * (gw + 1) + w, axis=0)
-        current = bits[active]
-        overlap = np.bitwise_count(rect & current[:, None, :])
-        new = h * w
-        for word in range(overlap.shape[-1]):  # a few slice subtractions beat numpy's sum over a short axis
-            new -= overlap[..., word]
-        ok = fits & (new > 0) & (new <= remaining)
-        took = ok.any(axis=1)
-        pick = ok.argmax(axis=1)[took]
-        grown = active[took]
-        bits[grown] = current[took] | rect[took, pick]
-        count[grown] += new[took, pick]
-        active = grown[count[grown] < wanted[grown]]
-    mask = np.unpackbits(bits.view(np.uint8), axis=1, count=gh * gw, bitorder='little').astype(bool)
+    band_bits, placement, max_side = _block_tables(gh, gw, min_aspect)
+    words = band_bits.shape[0]
+    log_scale = np.array([1., -1.]).reshape(2, 1, 1) * -math.log(min_aspect)
+    log_shift = np.array([1., -1.]).reshape(2, 1, 1) * 0.5 * math.log(min_aspect)
+    round_off = np.array([0.5, max_side + 0.5]).reshape(2, 1, 1)  # rounds (h, w) and offsets w to its table half
+    done = np.zeros((words, batch_size), dtype=np.uint64)
+    rows = np.flatnonzero(wanted)
+    remaining = wanted[rows]
+    free = np.full((words, rows.size), np.iinfo(np.uint64).max, dtype=np.uint64)  # tokens not taken yet
+    tries_left = np.full(rows.size, _TRIES_PER_ROUND)
+    tries = _STEP_TRIES
+    resized = True
+    while rows.size:
+        if resized:  # buffers whose last try row adds nothing: argmax lands there when no try fits
+            n = rows.size
+            samples, try_no = np.arange(n), np.arange(tries)[:, None]
+            gain = np.zeros((words, tries + 1, n), dtype=np.uint64)
+            fits = np.ones((tries + 1, n), dtype=bool)
+            fresh_m1 = np.full((tries + 1, n), -1)
+            resized = False
+        u = rng.random((4, tries, n))
+        side = np.sqrt(u[0] * (remaining - 1.) + 1.)
+        hw = (side * np.exp(log_shift + log_scale * u[1]) + round_off).astype(np.intp)
+        slots = placement.take(hw, axis=1)
+        band = band_bits.take((u[2:] * slots[0] + slots[1]).astype(np.intp), axis=1)
+        np.bitwise_and(band[:, 0], band[:, 1], out=gain[:, :tries])
+        gain[:, :tries] &= free[:, None, :]
+        np.add.reduce(np.bitwise_count(gain[:, :tries]), axis=0, dtype=np.intp, initial=-1, out=fresh_m1[:tries])
+        allowed = remaining * (try_no < tries_left)  # 1 <= fresh <= allowed, as one unsigned comparison
+        np.less(fresh_m1[:tries].view(np.uint64), allowed.view(np.uint64), out=fits[:tries])
+        pick = fits.argmax(axis=0)
+        free ^= gain[:, pick, samples]
+        remaining -= fresh_m1[pick, samples] + 1
+        tries_left = np.where(pick < tries, _TRIES_PER_ROUND, tries_left - tries)
+        live = np.minimum(remaining, tries_left) > 0
+        if 2 * np.count_nonzero(live) <= n:
+            done[:, rows] = ~free
+            rows, free, remaining, tries_left = rows[live], free[:, live], remaining[live], tries_left[live]
+            resized = True
+            if rows.size <= _FEW_SAMPLES:
+                tries = _TRIES_PER_ROUND
+    done[:, rows] = ~free
+    mask = np.unpackbits(done.T.copy().view(np.uint8), axis=1, count=gh * gw, bitorder='little').view(bool)
     return torch.from_numpy(mask.reshape(batch_size, gh, gw)).to(device if device is not None else 'cpu')
 
 
 @functools.lru_cache(maxsize=16)
-def _band_bitsets(gh: int, gw: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Bitsets of the tokens in rows [s, s + l) and in columns [s, s + l), indexed by s * (side + 1) + l.
+def _block_tables(gh: int, gw: int, min_aspect: float) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Lookup tables for `block_token_masks`, cached per grid as read-only arrays.
 
-    Cached per grid, as read-only arrays: building them costs about a tenth of drawing a batch of masks.
+    band_bits (words x bands): bitsets of the tokens in rows [s, s + l), at l * (gh + 1) + s, then of the tokens
+    in columns [s, s + l), at (gh + 1)**2 + l * (gw + 1) + s.
+    placement (2 x 2 * max_side): for a rectangle height h (at h) or width w (at max_side + w), the number of
+    start positions and the first band of that length; a side that does not fit the grid gets the empty band,
+    so its rectangle adds no token and is rejected like an oversized try of the per-sample loop.
     """
     n = gh * gw
     words = (n + 63) // 64
+    tokens = np.arange(n)
 
     def bands(side: int, coord: np.ndarray) -> np.ndarray:
-        start = np.arange(side + 1).reshape(-1, 1, 1)
-        length = np.arange(side + 1).reshape(1, -1, 1)
+        length = np.arange(side + 1).reshape(-1, 1, 1)
+        start = np.arange(side + 1).reshape(1, -1, 1)
         inside = np.zeros((side + 1, side + 1, words * 64), dtype=bool)
         inside[..., :n] = (coord >= start) & (coord < start + length)
         return np.packbits(inside, axis=-1, bitorder='little').view(np.uint64).reshape(-1, words)
 
-    tokens = np.arange(n)
-    row_bands, col_bands = bands(gh, tokens // gw), bands(gw, tokens % gw)
-    row_bands.flags.writeable = col_bands.flags.writeable = False
-    return row_bands, col_bands
+    max_side = int(math.sqrt(n / min_aspect) + 0.5) + 2  # above any rounded side the draws can give
+    length = np.arange(max_side)
+
+    def place(side: int, first: int) -> np.ndarray:
+        fits = length < side
+        return np.stack([np.where(fits, side + 1 - length, 1), np.where(fits, first + length * (side + 1), first)])
+
+    band_bits = np.ascontiguousarray(np.concatenate([bands(gh, tokens // gw), bands(gw, tokens % gw)]).T)
+    placement = np.concatenate([place(gh, 0), place(gw, (gh + 1) ** 2)], axis=1).astype(float)
+    band_bits.flags.writeable = placement.flags.writeable = False
+    return band_bits, placement, max_side
 
 
 def block_token_masks_reference(

@@ -72,6 +72,18 @@ def test_block_masks_per_sample_counts_and_non_square_grid():
     assert counts[0] == 0 and 0 < counts[1] <= 5 and 20 <= counts[2] <= 30 and counts[3] <= 60
 
 
+def test_block_masks_follow_the_reference_on_thin_and_tiny_grids():
+    # a rectangle must be strictly smaller than the grid on both sides, as in the per-sample loop
+    assert not block_token_masks(8, (1, 1), 1, generator=gen(4)).any()
+    assert block_token_masks(50, (2, 2), 4, generator=gen(4)).sum((1, 2)).max() <= 4
+    for grid, wanted, min_aspect, tolerance in [((3, 40), 100, 0.05, 10.), ((14, 14), 196, 0.3, 3.)]:
+        masks = block_token_masks(300, grid, wanted, min_aspect=min_aspect, generator=gen(4))
+        reference = block_token_masks_reference(300, grid, wanted, min_aspect=min_aspect, rng=random.Random(4))
+        counts, ref_counts = masks.sum((1, 2)).double(), reference.sum((1, 2)).double()
+        assert masks.shape == (300, *grid) and counts.max() <= wanted
+        assert abs(counts.mean() - ref_counts.mean()) < tolerance
+
+
 def test_masks_reproduce_from_seed_and_differ_across_seeds():
     for fn in (block_token_masks, random_token_masks):
         a = fn(16, (14, 14), 100, generator=gen(7))
