@@ -23,7 +23,7 @@ Grid = Tuple[int, int]
 TokenCount = Union[int, torch.Tensor]
 
 _TRIES_PER_ROUND = 10
-_STEP_TRIES = 2  # tries tested per step while many samples are unfinished
+_STEP_TRIES = 2  # tries tested per step while many samples are unfinished; divides _TRIES_PER_ROUND
 _FEW_SAMPLES = 32  # at or below this many unfinished samples a step tests a whole round
 
 
@@ -128,7 +128,7 @@ def block_token_masks(
             n = rows.size
             samples, try_no = np.arange(n), np.arange(tries)[:, None]
             gain = np.zeros((words, tries + 1, n), dtype=np.uint64)
-            fits = np.ones((tries + 1, n), dtype=bool)
+            fits = np.ones((n, tries + 1), dtype=bool)
             fresh_m1 = np.full((tries + 1, n), -1)
             resized = False
         u = rng.random((4, tries, n))
@@ -139,13 +139,16 @@ def block_token_masks(
         np.bitwise_and(band[:, 0], band[:, 1], out=gain[:, :tries])
         gain[:, :tries] &= free[:, None, :]
         np.add.reduce(np.bitwise_count(gain[:, :tries]), axis=0, dtype=np.intp, initial=-1, out=fresh_m1[:tries])
-        allowed = remaining * (try_no < tries_left)  # 1 <= fresh <= allowed, as one unsigned comparison
-        np.less(fresh_m1[:tries].view(np.uint64), allowed.view(np.uint64), out=fits[:tries])
-        pick = fits.argmax(axis=0)
-        free ^= gain[:, pick, samples]
-        remaining -= fresh_m1[pick, samples] + 1
-        tries_left = np.where(pick < tries, _TRIES_PER_ROUND, tries_left - tries)
-        live = np.minimum(remaining, tries_left) > 0
+        # a try fits if 1 <= fresh <= allowed (one unsigned comparison); steps of _STEP_TRIES never pass a round's
+        # end, so only whole-round steps, which may start mid-round, mask the tries beyond it
+        allowed = remaining if tries == _STEP_TRIES else remaining * (try_no < tries_left)
+        np.less(fresh_m1[:tries].view(np.uint64), allowed.view(np.uint64), out=fits[:, :tries].T)
+        chosen = fits.argmax(axis=1) * n + samples  # flat index of each sample's first fitting try
+        free ^= gain.reshape(words, -1).take(chosen, axis=1)
+        remaining -= fresh_m1.take(chosen) + 1
+        tries_left = np.where(chosen < tries * n, _TRIES_PER_ROUND, tries_left - tries)
+        remaining *= tries_left > 0  # a round in which no try fits ends the sample
+        live = remaining > 0
         if 2 * np.count_nonzero(live) <= n:
             done[:, rows] = ~free
             rows, free, remaining, tries_left = rows[live], free[:, live], remaining[live], tries_left[live]
