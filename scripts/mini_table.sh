@@ -8,7 +8,8 @@
 #   --quick   tiny data (30 train / 10 val images a class), 1 seed, 1 epoch: checks every column in ~1-2 minutes
 #   --out     working folder (default: output/mini_table, or output/mini_table_quick with --quick); it holds
 #             data/, teacher/, runs/<method>-s<seed>/ and table.md. Finished runs (validate.csv present) are reused.
-# Environment: PYTHON (default: .venv/bin/python when present, else python3), SEEDS (default "0 1 2"; quick: "0").
+# Environment: PYTHON (default: .venv/bin/python when present, else python3), SEEDS (default "0 1 2"; quick: "0"),
+#   EPOCHS (student epochs; default: configs/mini/vit_student.yaml's 13; quick: 1).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 QUICK=0
@@ -29,7 +30,7 @@ if [ "$QUICK" = 1 ]; then
     SEEDS=${SEEDS:-0}
     DATA_ARGS=(--train-per-class 30 --val-per-class 10)
     TEACHER_ARGS=(--epochs 1 --log-interval 1000)
-    STUDENT_ARGS=(--epochs 1 --warmup-epochs 0 --log-interval 1000)
+    STUDENT_ARGS=(--epochs "${EPOCHS:-1}" --warmup-epochs 0 --log-interval 1000)
     FIDELITY_IMAGES=100
 else
     OUT=${OUT:-output/mini_table}
@@ -37,6 +38,9 @@ else
     DATA_ARGS=(--train-per-class 500 --val-per-class 100)
     TEACHER_ARGS=()
     STUDENT_ARGS=()
+    if [ -n "${EPOCHS:-}" ]; then
+        STUDENT_ARGS=(--epochs "$EPOCHS")
+    fi
     FIDELITY_IMAGES=1000
 fi
 DATA="$OUT/data"
