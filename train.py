@@ -18,14 +18,15 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, get_outdir, random_seed
 
-from tokenmix.args import args_to_yaml, parse_args, resolve_lr
+from tokenmix.args import parse_train_args, resolve_lr
+from tokenmix.args_checks import output_problem
 from tokenmix.checkpoint import AtomicCheckpointSaver, continue_history, restore_rng_state, resume
 from tokenmix.data import build_dataset, build_train_loader, num_dataset_classes
-from tokenmix.distributed import init_device, is_primary, wrap_ddp
+from tokenmix.distributed import init_device, is_primary, sync_batchnorm, wrap_ddp
 from tokenmix.engine import NonFiniteLossError, Training, fit
 from tokenmix.errors import ConfigError, run_cli
 from tokenmix.evaluate import build_eval_loader
-from tokenmix.logger import RunLogger, add_log_file, setup_logging
+from tokenmix.logger import RunLogger, add_log_file, import_wandb, setup_logging, start_wandb
 from tokenmix.mixing import build_criterion, build_mixer, build_teacher_from_args, mixer_generator
 from tokenmix.model import build_student, check_input_size, patch_size_of
 from tokenmix.precision import setup_precision
@@ -45,20 +46,34 @@ def resolve_num_classes(args, train_dataset) -> int:
     return args.num_classes
 
 
+def output_base(args) -> str:
+    """The folder the run folder goes in (a resumed run without --output/--experiment keeps its own folder)."""
+    if args.resume and not args.experiment and not args.output:
+        return os.path.dirname(os.path.abspath(args.resume))
+    return args.output or './output/train'
+
+
 def output_folder(args, input_size: int) -> str:
     """timm's layout: --output/--experiment, a timestamped name by default; a resumed run keeps its folder."""
     if args.resume and not args.experiment and not args.output:
-        return os.path.dirname(os.path.abspath(args.resume))
+        return output_base(args)
     name = args.experiment or '-'.join(
         [datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(input_size)])
-    return get_outdir(args.output or './output/train', name)
+    return get_outdir(output_base(args), name)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    args, args_text, notes = parse_train_args(argv)
+    problem = output_problem(output_base(args))
+    if problem:
+        raise ConfigError(problem)
+    if args.log_wandb:
+        import_wandb()
     device = init_device(args)
     primary = is_primary(args)
     setup_logging(primary)
+    for level, note in notes:
+        getattr(_logger, level)(note)
     random_seed(args.seed, args.rank)
 
     train_dataset = build_dataset(args, args.train_split, '--train-split', is_training=True)
@@ -72,19 +87,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = build_student(args, num_classes)
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
     token_size = args.tokenmix_patch_size or patch_size_of(model) or 16
-    check_input_size(model, data_config['input_size'], token_size if args.tokenmix else None)
+    for size in [data_config['input_size']] + [(size, size) for size in args.train_img_sizes or ()]:
+        check_input_size(model, size, token_size if args.tokenmix else None)
     teacher = build_teacher_from_args(args, num_classes, data_config['mean'], data_config['std'], device)
 
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    lr = resolve_lr(args, args.world_size)
-    optimizer = create_optimizer_v2(model, **dict(optimizer_kwargs(cfg=args), lr=lr))
-    model, optimizer, amp_dtype, loss_scaler = setup_precision(args, model, optimizer, device)
-    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
-        if args.model_ema else None
-
+    if args.distributed and args.sync_bn:
+        model = sync_batchnorm(model)
+        args.dist_bn = ''  # as timm: synchronised statistics need no reduction
     train_loader = build_train_loader(train_dataset, args, data_config, device)
+    average_batch = getattr(train_loader.batch_sampler, 'average_batch_size', None) \
+        if args.train_img_sizes is not None else None
+    lr = resolve_lr(args, args.world_size, average_batch)
+    optimizer = create_optimizer_v2(model, **dict(optimizer_kwargs(cfg=args), lr=lr), **args.opt_kwargs)
+    model, optimizer, amp_dtype, loss_scaler = setup_precision(args, model, optimizer, device)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                           device='cpu' if args.model_ema_force_cpu else None) if args.model_ema else None
+
     eval_loader = build_eval_loader(eval_dataset, data_config, args.validation_batch_size or args.batch_size,
                                     args.workers, args.distributed, device=device,
                                     use_prefetcher=not args.no_prefetcher, pin_memory=args.pin_mem)
@@ -101,15 +122,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          rank=args.rank, world_size=args.world_size)
     start_epoch = args.start_epoch if args.start_epoch is not None else resumed['start_epoch']
     if scheduler is not None and start_epoch > 0:
-        scheduler.step(start_epoch)
+        if args.sched_on_updates:
+            scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            scheduler.step(start_epoch)
 
     saver, run_logger, output_dir, log_file = None, RunLogger(None), None, None
     if primary:  # every check has passed: only now is anything written
         output_dir = output_folder(args, data_config['input_size'][-1])
         log_file = add_log_file(output_dir)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_to_yaml(args))
-        run_logger = RunLogger(output_dir, data_config['mean'], data_config['std'])
+            f.write(args_text)
+        wandb_run = start_wandb(args, output_dir, os.path.basename(output_dir)) if args.log_wandb else None
+        run_logger = RunLogger(output_dir, data_config['mean'], data_config['std'], wandb_run)
         saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                       amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                       decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
@@ -119,9 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f'{len(eval_dataset)} val images, lr {lr:.3g}, epochs {start_epoch}..{num_epochs - 1}')
 
     if args.distributed:
-        model = wrap_ddp(model, device, sync_bn=args.sync_bn)
+        model = wrap_ddp(model, device, broadcast_buffers=not args.no_ddp_bb)
     if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile)
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
     if resumed['rng_state'] is not None:
         restore_rng_state(resumed['rng_state'], generator)
     elif start_epoch > 0:  # no saved streams for this world size: fresh ones, apart from epoch 0's
@@ -133,7 +158,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    amp_dtype=amp_dtype, grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
                    clip_mode=args.clip_mode, channels_last=args.channels_last, log_interval=args.log_interval,
                    mixup_off_epoch=args.mixup_off_epoch, distributed=args.distributed,
-                   world_size=args.world_size, dist_bn=args.dist_bn, mix_generator=generator, logger=run_logger)
+                   world_size=args.world_size, dist_bn=args.dist_bn, mix_generator=generator, logger=run_logger,
+                   val_interval=args.val_interval, recovery_interval=args.recovery_interval,
+                   ema_eval=not args.model_ema_force_cpu, synchronize_step=args.synchronize_step,
+                   save_images=args.save_images, batch_loss_scale=args.variable_batch_loss_scale,
+                   batch_size_reference=average_batch)
 
     def report_skipped(epoch: int) -> None:
         skipped = getattr(train_dataset, 'num_skipped', 0) + getattr(eval_dataset, 'num_skipped', 0)

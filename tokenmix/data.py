@@ -12,15 +12,16 @@ from typing import Any, Dict, Optional
 
 import torch
 from PIL import Image
-from timm.data import ImageDataset, create_dataset, create_loader
+from timm.data import AugMixDataset, ImageDataset, RepeatAugSampler, create_dataset, create_loader
 from timm.data.dataset_factory import _search_split
+from timm.data.loader import PrefetchLoader
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.misc import natural_key
 
 from .errors import ConfigError
 
 __all__ = ['CheckedImageDataset', 'ImageReadError', 'build_dataset', 'check_image_folder', 'num_dataset_classes',
-           'build_train_loader']
+           'build_train_loader', 'set_loader_epoch']
 
 _logger = logging.getLogger(__name__)
 
@@ -120,8 +121,17 @@ def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
             class_map = check_image_folder(folder, class_to_idx)
     elif args.data_dir and not os.path.exists(args.data_dir):
         raise ConfigError(f"--data-dir '{args.data_dir}' does not exist")
-    dataset = create_dataset(args.dataset, root=args.data_dir, split=split, is_training=is_training,
-                             class_map=class_map, batch_size=args.batch_size, seed=args.seed)
+    channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    train = dict(num_samples=args.train_num_samples, repeats=args.epoch_repeats) if is_training else \
+        dict(num_samples=args.val_num_samples)
+    try:
+        dataset = create_dataset(
+            args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=class_map,
+            download=args.dataset_download, batch_size=args.batch_size, seed=args.seed,
+            input_img_mode=args.input_img_mode or ('L' if channels == 1 else 'RGB'), input_key=args.input_key,
+            target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code, **train)
+    except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found. You can use download=True"
+        raise ConfigError(f"--dataset {args.dataset} ({flag} '{split}'): {e}") from None
     if len(dataset) == 0:
         raise ConfigError(f"no images found for split '{split}' in '{args.data_dir}' ({flag})")
     if type(dataset) is ImageDataset:
@@ -135,9 +145,28 @@ def num_dataset_classes(dataset) -> Optional[int]:
     return len(class_to_idx) if class_to_idx else None
 
 
+def _with_sampler(loader, sampler):
+    """`loader` (timm's, maybe behind its prefetcher) drawing its samples from `sampler` instead."""
+    inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
+    replaced = type(inner)(inner.dataset, batch_size=inner.batch_size, sampler=sampler, drop_last=inner.drop_last,
+                           num_workers=inner.num_workers, collate_fn=inner.collate_fn, pin_memory=inner.pin_memory,
+                           worker_init_fn=inner.worker_init_fn, persistent_workers=inner.persistent_workers)
+    if isinstance(loader, PrefetchLoader):
+        loader.loader = replaced
+        return loader
+    return replaced
+
+
 def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: torch.device):
-    """timm's training loader (augmentation per timm flags); mixing is left to the caller, on the device."""
-    return create_loader(
+    """timm's training loader (augmentation per timm flags); mixing is left to the caller, on the device.
+
+    --aug-repeats uses timm's `RepeatAugSampler` on one process too (timm's loader has it only when
+    distributed); --aug-splits wraps the dataset in timm's `AugMixDataset` (clean + augmented views).
+    """
+    if args.aug_splits > 1:
+        dataset = AugMixDataset(dataset, num_splits=args.aug_splits)
+    repeats_here = args.aug_repeats and not args.distributed
+    loader = create_loader(
         dataset,
         input_size=data_config['input_size'],
         batch_size=args.batch_size,
@@ -146,13 +175,21 @@ def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: 
         re_prob=args.reprob,
         re_mode=args.remode,
         re_count=args.recount,
+        re_split=args.resplit,
+        train_crop_mode=args.train_crop_mode,
         scale=args.scale,
         ratio=args.ratio,
         hflip=args.hflip,
         vflip=args.vflip,
         color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob,
         auto_augment=args.aa,
-        interpolation=args.train_interpolation,
+        num_aug_repeats=0 if repeats_here else args.aug_repeats,
+        num_aug_splits=args.aug_splits,
+        interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
+        else args.train_interpolation,
         mean=data_config['mean'],
         std=data_config['std'],
         num_workers=args.workers,
@@ -160,4 +197,29 @@ def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: 
         pin_memory=args.pin_mem,
         device=device,
         use_prefetcher=not args.no_prefetcher,
+        use_multi_epochs_loader=args.use_multi_epochs_loader,
+        worker_seeding=args.worker_seeding,
+        input_size_choices=args.train_img_sizes,
+        batch_size_choices=args.train_batch_sizes,
+        batch_choice_weights=args.train_size_probs,
+        batch_choice_seed=args.seed,
+        batch_choice_schedule=args.train_size_schedule,
+        batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+        batch_schedule_spread=args.train_size_schedule_spread,
+        batch_schedule_random_mix=args.train_size_random_mix,
+        num_batches=args.train_batches_per_epoch,
     )
+    if repeats_here:
+        loader = _with_sampler(loader, RepeatAugSampler(dataset, num_replicas=1, rank=0,
+                                                        num_repeats=args.aug_repeats))
+    return loader
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    """Tell the loader's dataset and (batch) sampler the epoch, as timm does before each training epoch."""
+    if hasattr(loader.dataset, 'set_epoch'):
+        loader.dataset.set_epoch(epoch)
+    if hasattr(loader.batch_sampler, 'set_epoch'):
+        loader.batch_sampler.set_epoch(epoch)
+    elif hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)

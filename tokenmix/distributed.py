@@ -1,29 +1,40 @@
 """Process group and device set-up (timm's `init_distributed_device`), and the DDP wrapper for the student."""
+import importlib
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from timm.layers import convert_sync_batchnorm
 from timm.utils import init_distributed_device, is_primary
 
-__all__ = ['init_device', 'wrap_ddp', 'is_primary']
+from .errors import ConfigError
+
+__all__ = ['init_device', 'wrap_ddp', 'sync_batchnorm', 'is_primary']
 
 
 def init_device(args: Any) -> torch.device:
     """Join the process group when launched by torchrun / SLURM and pick this rank's device.
 
     Sets args.distributed, world_size, rank, local_rank and device as timm does; --device defaults to cuda
-    when available, else cpu (gloo backend).
+    when available, else cpu (gloo backend). --device-modules are imported first (a device backend's package).
     """
+    for module in args.device_modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f'--device-modules {module}: {e}') from None
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     return init_distributed_device(args)
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device, sync_bn: bool = False) -> DistributedDataParallel:
-    """DDP around the student only (the teacher stays outside: frozen, never synchronised).
+def wrap_ddp(model: torch.nn.Module, device: torch.device, broadcast_buffers: bool = True) -> DistributedDataParallel:
+    """DDP around the student only (the teacher stays outside: frozen, never synchronised)."""
+    return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
+                                   broadcast_buffers=broadcast_buffers)
 
-    With `sync_bn`, BatchNorm layers become SyncBatchNorm first (timm's --sync-bn).
-    """
-    if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+
+def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """timm's --sync-bn: BatchNorm layers (timm's fused BN + activation layers included, activation kept) become
+    synchronised ones. timm converts before the optimizer and EMA are made, so they see the new layers."""
+    return convert_sync_batchnorm(model)

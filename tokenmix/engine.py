@@ -17,6 +17,7 @@ import torch.distributed as dist
 from timm.utils import dispatch_clip_grad, distribute_bn, unwrap_model
 
 from .checkpoint import AtomicCheckpointSaver, gather_rng_states
+from .data import set_loader_epoch
 from .evaluate import evaluate
 from .logger import RunLogger
 
@@ -52,6 +53,13 @@ class Training:
     dist_bn: str = 'reduce'
     mix_generator: Optional[torch.Generator] = None
     logger: RunLogger = field(default_factory=lambda: RunLogger(None))
+    val_interval: int = 1  # evaluate and checkpoint every N epochs (and after the last)
+    recovery_interval: int = 0  # write a recovery checkpoint every N updates (0: never)
+    ema_eval: bool = True  # evaluate the EMA (off for timm's --model-ema-force-cpu)
+    synchronize_step: bool = False
+    save_images: bool = False
+    batch_loss_scale: str = 'none'  # timm's --variable-batch-loss-scale: 'none', 'linear' or 'sqrt'
+    batch_size_reference: Optional[float] = None  # the policy-average batch of scheduled resolution training
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -87,8 +95,20 @@ def _backward(run: Training, loss: torch.Tensor, need_update: bool) -> None:
         run.optimizer.step()
 
 
-def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
-    """Train one epoch; returns the loss averaged over all ranks' images and the global images/s."""
+def _loss_scale(run: Training, batch_size: int) -> float:
+    """timm's --variable-batch-loss-scale: the gradient of a batch weighed by its size against the average."""
+    if run.batch_loss_scale == 'none' or not run.batch_size_reference:
+        return 1.0
+    ratio = batch_size / run.batch_size_reference
+    return math.sqrt(ratio) if run.batch_loss_scale == 'sqrt' else ratio
+
+
+def train_one_epoch(run: Training, epoch: int, loader, saver: Optional[AtomicCheckpointSaver] = None
+                    ) -> Dict[str, float]:
+    """Train one epoch; returns the loss averaged over all ranks' images and the global images/s.
+
+    `saver` (primary rank) writes timm's recovery checkpoints every `run.recovery_interval` updates.
+    """
     model, device, accum = run.model, run.device, run.grad_accum_steps
     model.train()
     if run.mixer is not None and run.mixup_off_epoch and epoch >= run.mixup_off_epoch:
@@ -120,7 +140,7 @@ def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
         with model.no_sync() if no_sync else nullcontext():
             with run.autocast():
                 loss = run.criterion(model(images), targets)
-            _backward(run, loss / accum, need_update)
+            _backward(run, loss * (_loss_scale(run, images.shape[0]) / accum), need_update)
         step_loss = loss.detach().float()
         first_bad = torch.where(torch.isfinite(step_loss) | torch.isfinite(first_bad), first_bad,
                                 torch.tensor(float(idx), device=device))
@@ -132,6 +152,8 @@ def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
             continue
         num_updates += 1
         run.optimizer.zero_grad(set_to_none=True)
+        if run.synchronize_step and device.type == 'cuda':
+            torch.cuda.synchronize()
         if run.model_ema is not None:
             run.model_ema.update(unwrap_model(model), step=num_updates)
         if run.scheduler is not None:
@@ -147,6 +169,10 @@ def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
                          f'lr {values["lr"]:.3g} {values["img_per_sec"]:.1f} img/s')
             window.zero_()
             window_start = now
+            if run.save_images:
+                run.logger.save_batch(images, idx)
+        if saver is not None and run.recovery_interval and (idx // accum + 1) % run.recovery_interval == 0:
+            saver.save_recovery(epoch, batch_idx=idx // accum)
     if grid_pending and first_images is not None:
         run.logger.mixed_images(epoch, first_images, None)
     loss_sum, count = _all_reduce(totals).tolist()
@@ -158,26 +184,36 @@ def fit(run: Training, train_loader, eval_loader, saver: Optional[AtomicCheckpoi
         on_epoch_end: Optional[Callable[[int], None]] = None) -> Optional[tuple]:
     """The epoch loop: train, evaluate (model and EMA), step the schedule, checkpoint, write the summary row.
 
+    As in timm, with an evaluated EMA its metrics are the `eval_*` ones that rank checkpoints (the raw model's
+    are kept as `eval_raw_*`), and epochs off --val-interval (but the last) skip evaluation and checkpoints.
     `saver` is None on non-primary ranks (they still take part in every collective). Returns timm's
     (best_metric, best_epoch) on the primary rank.
     """
     best = None
     eval_model = unwrap_model(run.model)
     for epoch in range(start_epoch, num_epochs):
-        sampler = getattr(train_loader, 'sampler', None)
-        if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
-        train_metrics = train_one_epoch(run, epoch, train_loader)
+        set_loader_epoch(train_loader, epoch)
+        train_metrics = train_one_epoch(run, epoch, train_loader, saver)
         if run.distributed and run.dist_bn:  # one model on every rank before each rank evaluates its shard
             distribute_bn(run.model, run.world_size, reduce=run.dist_bn == 'reduce')
+        if (epoch + 1) % run.val_interval and epoch + 1 != num_epochs:
+            _logger.info(f'epoch {epoch}: no evaluation or checkpoint (--val-interval {run.val_interval})')
+            if run.scheduler is not None:
+                run.scheduler.step(epoch + 1, None)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+            continue
         metrics = evaluate(eval_model, eval_loader, run.device, amp_dtype=run.amp_dtype)
         _logger.info(f'eval epoch {epoch}: top-1 {metrics["top1"]:.2f} top-5 {metrics["top5"]:.2f} '
                      f'loss {metrics["loss"]:.4f} ({metrics["count"]} images)')
         eval_metrics = {k: metrics[k] for k in ('top1', 'top5', 'loss')}
-        if run.model_ema is not None:
+        if run.model_ema is not None and run.ema_eval:
+            if run.distributed and run.dist_bn:
+                distribute_bn(run.model_ema, run.world_size, reduce=run.dist_bn == 'reduce')
             ema = evaluate(unwrap_model(run.model_ema), eval_loader, run.device, amp_dtype=run.amp_dtype)
-            eval_metrics['ema_top1'] = ema['top1']
-            _logger.info(f'eval epoch {epoch} (EMA): top-1 {ema["top1"]:.2f}')
+            _logger.info(f'eval epoch {epoch} (EMA): top-1 {ema["top1"]:.2f} top-5 {ema["top5"]:.2f} '
+                         f'loss {ema["loss"]:.4f}')
+            eval_metrics = dict({k: ema[k] for k in eval_metrics}, **{f'raw_{k}': v for k, v in eval_metrics.items()})
         lr = run.optimizer.param_groups[0]['lr']
         if run.scheduler is not None:
             run.scheduler.step(epoch + 1, eval_metrics[eval_metric])

@@ -1,15 +1,19 @@
-"""Run outputs besides checkpoints: log file, summary.csv and TensorBoard (scalars and mixed-image grids).
+"""Run outputs besides checkpoints: log file, summary.csv, TensorBoard (scalars and mixed-image grids), wandb.
 
 Only the primary rank writes; `RunLogger(None)` is a logger that writes nothing, used by the other ranks.
+wandb is optional (timm's --log-wandb): `import_wandb()` names the missing package before anything is written.
 """
+import importlib
 import logging
 import os
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.utils import setup_default_logging, update_summary
-from torchvision.utils import make_grid
+from torchvision.utils import make_grid, save_image
+
+from .errors import ConfigError
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -17,7 +21,7 @@ try:
 except ImportError:
     has_tensorboard = False
 
-__all__ = ['setup_logging', 'add_log_file', 'RunLogger', 'mixed_image_grid']
+__all__ = ['setup_logging', 'add_log_file', 'RunLogger', 'mixed_image_grid', 'import_wandb', 'start_wandb']
 
 _logger = logging.getLogger(__name__)
 
@@ -60,13 +64,34 @@ def mixed_image_grid(images: torch.Tensor, mask: Optional[torch.Tensor], mean: S
     return make_grid(torch.cat(rows), nrow=images.shape[0], padding=2, pad_value=0.5)
 
 
+def import_wandb() -> Any:
+    """The wandb module, or a ConfigError naming --log-wandb when it is not installed."""
+    try:
+        return importlib.import_module('wandb')
+    except ImportError:
+        raise ConfigError('--log-wandb: wandb is not installed (pip install wandb)') from None
+
+
+def start_wandb(args: Any, output_dir: str, name: str) -> Any:
+    """timm's wandb run: named like the output folder, the flags as its config, --wandb-project/-tags/-resume-id.
+
+    Its files go under `output_dir` (timm: the working directory); WANDB_MODE=offline runs without a network.
+    """
+    wandb = import_wandb()
+    return wandb.init(project=args.wandb_project, name=name, config=vars(args), tags=args.wandb_tags,
+                      resume='must' if args.wandb_resume_id else None, id=args.wandb_resume_id or None,
+                      dir=output_dir)
+
+
 class RunLogger:
-    """Writes summary.csv and TensorBoard events into `output_dir`; does nothing when it is None."""
+    """Writes summary.csv and TensorBoard events into `output_dir` (and rows to a wandb run when given); does
+    nothing when `output_dir` is None."""
 
     def __init__(self, output_dir: Optional[str], mean: Sequence[float] = (0.5,) * 3,
-                 std: Sequence[float] = (0.5,) * 3) -> None:
+                 std: Sequence[float] = (0.5,) * 3, wandb_run: Any = None) -> None:
         self.output_dir = output_dir
         self.mean, self.std = tuple(mean), tuple(std)
+        self.wandb_run = wandb_run
         self.writer = None
         if output_dir and has_tensorboard:
             self.writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'))
@@ -87,11 +112,18 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_image('train/mixed_images', mixed_image_grid(images, mask, self.mean, self.std), epoch)
 
+    def save_batch(self, images: torch.Tensor, batch_idx: int) -> None:
+        """timm's --save-images: the (mixed) input batch as train-batch-N.jpg."""
+        if self.active:
+            save_image(images.detach().float(), os.path.join(self.output_dir, f'train-batch-{batch_idx}.jpg'),
+                       padding=0, normalize=True)
+
     def epoch_summary(self, epoch: int, train: Dict[str, float], evaluation: Dict[str, float], lr: float) -> None:
         """One summary.csv row (timm's columns: epoch, train_*, eval_*, lr) and the epoch's scalars."""
         if not self.active:
             return
-        update_summary(epoch, train, evaluation, os.path.join(self.output_dir, SUMMARY_FILE), lr=lr)
+        update_summary(epoch, train, evaluation, os.path.join(self.output_dir, SUMMARY_FILE), lr=lr,
+                       log_wandb=self.wandb_run is not None)
         self.scalars(epoch, evaluation, 'eval')
         self.scalars(epoch, dict(train, lr=lr), 'epoch')
         if self.writer is not None:
@@ -100,3 +132,5 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 from timm.data import Mixup
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from mixup_ext import TokenMix
 from models import Teacher, build_teacher
@@ -63,13 +63,15 @@ def build_mixer(args: Any, num_classes: int, token_size: int, teacher: Optional[
 
 
 def build_criterion(args: Any) -> torch.nn.Module:
-    """timm's choice of training loss: soft-target CE or BCE with mixing, else label smoothing CE."""
+    """timm's choice of training loss: JSD + CE over augmentation splits (--jsd-loss), soft-target CE or BCE with
+    mixing, else label smoothing CE; BCE takes --bce-sum, --bce-pos-weight and --bce-target-thresh."""
+    bce = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if args.jsd_loss:
+        return JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing)
     if mixing_enabled(args):
-        if args.bce_loss:
-            return BinaryCrossEntropy(target_threshold=args.bce_target_thresh)
-        return SoftTargetCrossEntropy()
+        return BinaryCrossEntropy(**bce) if args.bce_loss else SoftTargetCrossEntropy()
     if args.smoothing:
         if args.bce_loss:
-            return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh)
+            return BinaryCrossEntropy(smoothing=args.smoothing, **bce)
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     return torch.nn.CrossEntropyLoss()

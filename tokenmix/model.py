@@ -2,7 +2,9 @@
 from typing import Any, Optional
 
 import torch
+from timm.layers import convert_splitbn_model, set_fast_norm
 from timm.models import create_model
+from timm.utils import set_jit_fuser
 
 from models import load_checkpoint_weights  # importing models also registers the tiny demo models
 
@@ -24,12 +26,22 @@ def patch_size_of(model: torch.nn.Module) -> Optional[int]:
 
 
 def build_student(args: Any, num_classes: int) -> torch.nn.Module:
-    """Build --model for `num_classes`; --img-size is passed as `img_size` to models that take it (ViT family).
+    """Build --model for `num_classes` as timm's train.py does; --img-size is also passed as `img_size` to models
+    that take it (ViT family).
 
-    An input size that is not a multiple of the model's patch size is a ConfigError naming both.
+    timm's model flags apply: --drop-block, --bn-momentum/--bn-eps (models that take them), --pretrained-path,
+    --head-init-scale/--head-init-bias, --fast-norm, --fuser, --split-bn (one BN per augmentation split).
     """
+    if args.fuser:
+        set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        set_fast_norm()
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
     kwargs = dict(pretrained=args.pretrained, num_classes=num_classes, drop_rate=args.drop,
-                  drop_path_rate=args.drop_path, global_pool=args.gp, in_chans=args.in_chans)
+                  drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
+                  in_chans=in_chans, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps)
+    if args.pretrained_path:
+        kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)  # head adapted
     kwargs.update(args.model_kwargs)  # --model-kwargs wins over the flags
     try:
         if args.img_size is not None and 'img_size' not in args.model_kwargs:
@@ -52,9 +64,25 @@ def build_student(args: Any, num_classes: int) -> torch.nn.Module:
             load_checkpoint_weights(model, args.initial_checkpoint)
         except (OSError, ValueError) as e:
             raise ConfigError(f'--initial-checkpoint: {e}') from None
+    _init_head(model, args.head_init_scale, args.head_init_bias)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
+    if args.split_bn:
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
     return model
+
+
+def _init_head(model: torch.nn.Module, scale: Optional[float], bias: Optional[float]) -> None:
+    """timm's --head-init-scale (classifier weight and bias scaled) and --head-init-bias (bias set)."""
+    if scale is None and bias is None:
+        return
+    head = model.get_classifier()
+    with torch.no_grad():
+        if scale is not None:
+            head.weight.mul_(scale)
+            head.bias.mul_(scale)
+        if bias is not None:
+            head.bias.fill_(bias)
 
 
 def check_input_size(model: torch.nn.Module, input_size: tuple, token_size: Optional[int]) -> None:

@@ -1,0 +1,148 @@
+"""Value checks of train.py's flags: types are argparse's job, ranges and names known to timm are checked here.
+
+Each check returns the first problem as one line naming the flag (None when all is well), so the parser can end
+with it (exit code 2) before anything is built or written. Names are checked against timm itself (its optimizer
+registry, its scheduler factory, its transforms), so a name timm accepts is never refused here.
+"""
+import argparse
+import math
+import os
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from timm.data import create_transform
+from timm.data.transforms import str_to_interp_mode
+from timm.optim import get_optimizer_info
+from timm.scheduler import create_scheduler_v2
+
+__all__ = ['check_values', 'output_problem']
+
+Rule = Tuple[Callable[[Any], bool], str]
+AT_LEAST_1: Rule = (lambda v: v >= 1, '>= 1')
+NON_NEGATIVE: Rule = (lambda v: v >= 0, '>= 0')
+POSITIVE: Rule = (lambda v: v > 0, '> 0')
+PROBABILITY: Rule = (lambda v: 0 <= v <= 1, 'in [0, 1]')
+FRACTION: Rule = (lambda v: 0 <= v < 1, 'in [0, 1)')
+
+# dest -> rule, applied to every value of a list flag; None values (flag not set) are skipped
+RULES: Dict[str, Rule] = dict(
+    batch_size=AT_LEAST_1, epochs=AT_LEAST_1, grad_accum_steps=AT_LEAST_1, log_interval=AT_LEAST_1,
+    checkpoint_hist=AT_LEAST_1, val_interval=AT_LEAST_1, lr_base_size=AT_LEAST_1, lr_cycle_limit=AT_LEAST_1,
+    validation_batch_size=AT_LEAST_1, img_size=AT_LEAST_1, in_chans=AT_LEAST_1, input_size=AT_LEAST_1,
+    num_classes=AT_LEAST_1, teacher_img_size=AT_LEAST_1, tokenmix_patch_size=AT_LEAST_1,
+    train_num_samples=AT_LEAST_1, val_num_samples=AT_LEAST_1, train_img_sizes=AT_LEAST_1,
+    train_batch_sizes=AT_LEAST_1, train_batches_per_epoch=AT_LEAST_1,
+    workers=NON_NEGATIVE, recovery_interval=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, cooldown_epochs=NON_NEGATIVE,
+    patience_epochs=NON_NEGATIVE, start_epoch=NON_NEGATIVE, decay_milestones=NON_NEGATIVE,
+    mixup_off_epoch=NON_NEGATIVE, recount=NON_NEGATIVE, tokenmix_min_tokens=NON_NEGATIVE, tta=NON_NEGATIVE,
+    warmup_lr=NON_NEGATIVE, min_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, lr_noise=NON_NEGATIVE,
+    lr_noise_pct=NON_NEGATIVE, lr_noise_std=NON_NEGATIVE, mixup=NON_NEGATIVE, cutmix=NON_NEGATIVE,
+    color_jitter=NON_NEGATIVE, aug_repeats=NON_NEGATIVE, epoch_repeats=NON_NEGATIVE, train_size_probs=NON_NEGATIVE,
+    train_size_schedule_spread=NON_NEGATIVE, layer_decay_min_scale=NON_NEGATIVE, mean=NON_NEGATIVE,
+    lr=POSITIVE, lr_base=POSITIVE, opt_eps=POSITIVE, clip_grad=POSITIVE, layer_decay=POSITIVE,
+    decay_epochs=POSITIVE, decay_rate=POSITIVE, lr_cycle_mul=POSITIVE, lr_cycle_decay=POSITIVE,
+    lr_k_decay=POSITIVE, bce_pos_weight=POSITIVE, bn_eps=POSITIVE, std=POSITIVE, crop_pct=POSITIVE,
+    kd_temperature=POSITIVE,
+    momentum=PROBABILITY, hflip=PROBABILITY, vflip=PROBABILITY, reprob=PROBABILITY, mixup_prob=PROBABILITY,
+    mixup_switch_prob=PROBABILITY, color_jitter_prob=PROBABILITY, grayscale_prob=PROBABILITY,
+    gaussian_blur_prob=PROBABILITY, model_ema_decay=PROBABILITY, bce_target_thresh=PROBABILITY,
+    bn_momentum=PROBABILITY, train_size_random_mix=PROBABILITY, cutmix_minmax=PROBABILITY,
+    smoothing=FRACTION, drop=FRACTION, drop_path=FRACTION, drop_connect=FRACTION, drop_block=FRACTION,
+    opt_betas=FRACTION,
+)
+ERASE_MODES = ('pixel', 'rand', 'const', '')  # timm's RandomErasing
+CROP_MODES = ('rrc', 'rkrc', 'rkrr')  # timm's transforms_factory
+
+
+def flag_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """dest -> the flag as users type it ('-b/--batch-size')."""
+    names: Dict[str, str] = {}
+    for action in parser._actions:
+        if action.option_strings:
+            names.setdefault(action.dest, '/'.join(s for s in action.option_strings if not s.startswith('--no-')
+                                                   or action.dest.startswith('no_')))
+    return names
+
+
+def _as_list(value: Any) -> Iterable[Any]:
+    return value if isinstance(value, (list, tuple)) else [value]
+
+
+def _ranges(args: argparse.Namespace, flags: Dict[str, str]) -> Optional[str]:
+    for dest, (ok, text) in RULES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        for v in _as_list(value):
+            if not (isinstance(v, (int, float)) and not math.isnan(v) and ok(v)):
+                return f'{flags.get(dest, dest)} must be {text}, got {v}'
+    return None
+
+
+def _pairs(args: argparse.Namespace) -> Optional[str]:
+    """Flags that take a (min, max) pair or values that must come in a set order."""
+    for dest, flag, upper in (('scale', '--scale', 1.0), ('ratio', '--ratio', math.inf),
+                              ('cutmix_minmax', '--cutmix-minmax', 1.0)):
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if len(value) != 2 or not 0 < value[0] <= value[1] <= upper:
+            bound = '' if upper == math.inf else f' <= {upper:g}'
+            return f'{flag} takes two values 0 < min <= max{bound}, got {value}'
+    if list(args.decay_milestones) != sorted(args.decay_milestones):
+        return f'--decay-milestones must be increasing, got {args.decay_milestones}'
+    if args.lr_noise is not None and len(args.lr_noise) > 2:
+        return f'--lr-noise takes one or two epoch fractions, got {args.lr_noise}'
+    if args.aug_splits not in (0,) and args.aug_splits < 2:
+        return f'--aug-splits must be 0 or >= 2, got {args.aug_splits}'
+    return None
+
+
+def _names(args: argparse.Namespace) -> Optional[str]:
+    """Names timm looks up: optimizer, scheduler, interpolation, random erasing, crop mode, AutoAugment policy."""
+    name = args.opt.lower().split('_')[-1]
+    try:
+        get_optimizer_info(name)
+    except ValueError:
+        return f'--opt {args.opt}: unknown optimizer (see timm.optim.list_optimizers())'
+    try:
+        create_scheduler_v2(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), sched=args.sched)
+    except ValueError:
+        return f'--sched {args.sched}: unknown scheduler'
+    if args.lr_base_scale not in ('', 'linear', 'sqrt'):
+        return f'--lr-base-scale must be "linear" or "sqrt", got "{args.lr_base_scale}"'
+    for flag, mode, extra in (('--train-interpolation', args.train_interpolation, ('random', '')),
+                              ('--interpolation', args.interpolation, ('',))):
+        if mode not in extra:
+            try:
+                str_to_interp_mode(mode)
+            except KeyError:
+                return f'{flag} {mode}: unknown interpolation'
+    if args.remode not in ERASE_MODES:
+        return f'--remode must be one of {ERASE_MODES[:3]}, got "{args.remode}"'
+    if args.train_crop_mode is not None and args.train_crop_mode not in CROP_MODES:
+        return f'--train-crop-mode must be one of {CROP_MODES}, got "{args.train_crop_mode}"'
+    if args.aa:
+        try:
+            create_transform(32, is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            return f'--aa {args.aa}: {e or "not a timm augmentation policy"}'
+    return None
+
+
+def check_values(args: argparse.Namespace, flags: Dict[str, str]) -> Optional[str]:
+    """The first out-of-range value or unknown name among the flags, as one line naming the flag."""
+    return _ranges(args, flags) or _pairs(args) or _names(args)
+
+
+def output_problem(path: str, flag: str = '--output') -> Optional[str]:
+    """Why the run could not write under `path` (a file in the way, no write permission, a read-only file
+    system), or None. The nearest existing folder decides, since the missing ones will be created in it."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{flag} '{path}': '{probe}' is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{flag} '{path}': cannot write in '{probe}' (no permission or a read-only file system)"
+    return None
