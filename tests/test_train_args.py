@@ -1,8 +1,13 @@
-"""tokenmix.args: timm flag names, YAML defaults, checks that name the flag, args.yaml round trip."""
+"""tokenmix.args: timm flag names, YAML defaults (timm's and third-party args.yaml), bad values named, --no- forms."""
+import argparse
+import os
+
 import pytest
 import yaml
 
-from tokenmix.args import args_to_yaml, parse_args, resolve_lr
+from tokenmix.args import args_to_yaml, build_parser, parse_args, parse_train_args, resolve_lr
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
 DEIT_S = ('--data-dir /data/imagenet --model deit_small_patch16_224 --sched cosine --epochs 300 --opt adamw -j 8 '
           '--warmup-lr 1e-6 --warmup-epochs 5 --min-lr 1e-5 --mixup .8 --cutmix 1.0 --model-ema '
@@ -41,15 +46,29 @@ def test_yaml_defaults_and_command_line_override(tmp_path):
 
 
 @pytest.mark.parametrize('text, message', [
-    ('data_dir: /d\nmixpu: 0.8\n', 'unknown key "mixpu"'),
-    ('data_dir: /d\nmixup-mode: sometimes\n', 'config key "mixup-mode"'),
-    ('data_dir: /d\nlr: fast\n', 'config key "lr": cannot read'),
+    ('epochs: 2.5\n', 'key "epochs" expects an integer, got 2.5'),
+    ('lr: [1, 2]\n', 'key "lr" expects one value, got a list [1, 2]'),
+    ('scale: 0.5\n', 'key "scale" expects a list, got 0.5'),
+    ('tokenmix: "no"\n', "key \"tokenmix\" expects true or false, got 'no'"),
+    ('tokenmix: no\n', "key \"tokenmix\" expects true or false, got 'no'"),  # YAML 1.1 would read False
+    ('amp: yes\n', "key \"amp\" expects true or false, got 'yes'"),
+    ('mixup: true\n', 'key "mixup" expects a number, got True'),
+    ('lr: fast\n', "key \"lr\" expects a number, got 'fast'"),
+    ('mixup-mode: sometimes\n', "key \"mixup-mode\" 'sometimes' is not one of"),
+    ('input_size: [3, 32]\n', 'key "input_size" expects 3 values, got 2'),
+    ('model_kwargs: patch_size=8\n', 'key "model_kwargs" expects a mapping'),
+    ('experiment: [a]\n', 'key "experiment" expects one value'),
+    ('lr: -1\n', '--lr must be > 0, got -1.0'),
+    ('scale: [0.9, 0.1]\n', '--scale takes two values 0 < min <= max <= 1'),
+    ('opt: nosuch\n', '--opt nosuch: unknown optimizer'),
     ('- a\n- b\n', 'expected a mapping'),
+    ('lr: [1\n', 'not valid YAML'),
 ])
-def test_bad_yaml_names_the_key(tmp_path, capsys, text, message):
+def test_bad_yaml_value_is_one_line_naming_the_key(tmp_path, capsys, text, message):
     cfg = tmp_path / 'c.yaml'
-    cfg.write_text(text)
-    assert message in _error(capsys, ['-c', str(cfg)])
+    cfg.write_text(text if text.startswith('-') else 'data_dir: /d\n' + text)
+    err = _error(capsys, ['-c', str(cfg)])
+    assert message in err and len(err.strip().splitlines()) == 1 and err.startswith('train.py: error: ')
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -64,9 +83,126 @@ def test_bad_yaml_names_the_key(tmp_path, capsys, text, message):
     (['--data-dir', 'd', '--cutmix-minmax', '0.2'], '--cutmix-minmax takes two values'),
     (['--data-dir', 'd', '--tokenmix-mask', 'stripes'], "invalid choice: 'stripes'"),
     (['--data-dir', 'd', '--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
+    (['--data-dir', 'd', '--lr', '-1'], '--lr must be > 0, got -1.0'),
+    (['--data-dir', 'd', '--lr', 'nan'], '--lr must be > 0, got nan'),
+    (['--data-dir', 'd', '--opt', 'nosuch'], '--opt nosuch: unknown optimizer'),
+    (['--data-dir', 'd', '--sched', 'nosuch'], '--sched nosuch: unknown scheduler'),
+    (['--data-dir', 'd', '--epochs', '2.5'], "argument --epochs: invalid int value: '2.5'"),
+    (['--data-dir', 'd', '--hflip', '1.5'], '--hflip must be in [0, 1], got 1.5'),
+    (['--data-dir', 'd', '--smoothing', '1'], '--smoothing must be in [0, 1), got 1.0'),
+    (['--data-dir', 'd', '--scale', '0.5'], '--scale takes two values'),
+    (['--data-dir', 'd', '--mixup', '-1'], '--mixup must be >= 0'),
+    (['--data-dir', 'd', '--model-ema-decay', '2'], '--model-ema-decay must be in [0, 1]'),
+    (['--data-dir', 'd', '--decay-milestones', '30', '10'], '--decay-milestones must be increasing'),
+    (['--data-dir', 'd', '--aa', 'nosuch'], '--aa nosuch: Unknown AA policy'),
+    (['--data-dir', 'd', '--remode', 'x'], '--remode must be one of'),
+    (['--data-dir', 'd', '--train-interpolation', 'x'], '--train-interpolation x: unknown interpolation'),
+    (['--data-dir', 'd', '--train-crop-mode', 'x'], '--train-crop-mode must be one of'),
+    (['--data-dir', 'd', '--aug-splits', '1'], '--aug-splits must be 0 or >= 2'),
+    (['--data-dir', 'd', '-j', '-1'], '-j/--workers must be >= 0'),
+    (['--data-dir', 'd', '--val-interval', '0'], '--val-interval must be >= 1'),
+    (['--data-dir', 'd', '--worker-seeding', 'x'], "invalid choice: 'x'"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(capsys, argv, message):
     assert message in _error(capsys, argv)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--torchscript'], '--torchscript: TorchScript is not supported here'),
+    (['--naflex-loader'], '--naflex-loader: NaFlex batches'),
+    (['--kd-model-name', 'resnet50'], "--kd-model-name: timm's knowledge distillation"),
+    (['--tta', '2'], '--tta: evaluation here counts every val image once'),
+    (['--model-dtype', 'bfloat16'], '--model-dtype: a float16/bfloat16 student is not supported here'),
+    (['--wandb-resume-id', 'abc'], '--wandb-resume-id needs --resume'),
+    (['--jsd-loss'], '--jsd-loss needs --aug-splits >= 2'),
+    (['--split-bn'], '--split-bn needs --aug-splits >= 2 or --resplit'),
+    (['--aug-splits', '3', '--mixup', '0.8'], '--aug-splits cannot be mixed'),
+    (['--aug-splits', '3', '--no-prefetcher'], '--aug-splits needs the prefetcher'),
+])
+def test_flags_that_cannot_apply_say_why(capsys, argv, message):
+    assert message in _error(capsys, ['--data-dir', 'd', *argv])
+
+
+def test_no_op_values_of_unsupported_flags_pass():
+    args = parse_args(['--data-dir', 'd', '--tta', '1', '--model-dtype', 'float32', '--no-torchscript',
+                       '--opt', 'lookahead_adamw', '--sched', 'step'])
+    assert args.tta == 1 and args.opt == 'lookahead_adamw'
+
+
+def _boolean_dests(parser):
+    return {a.dest for a in parser._actions
+            if isinstance(a, (argparse.BooleanOptionalAction, argparse._StoreTrueAction))}
+
+
+def test_every_boolean_flag_can_be_switched_off_after_the_yaml_set_it(tmp_path):
+    parser = build_parser()
+    dests = _boolean_dests(parser)
+    assert {'amp', 'model_ema', 'bce_loss', 'tokenmix', 'teacher_pretrained', 'no_aug', 'no_prefetcher'} <= dests
+    off = {}  # dest -> an option that sets it False
+    for action in parser._actions:
+        for option in action.option_strings:
+            if action.dest in dests and parser.parse_args([option]).__dict__[action.dest] is False:
+                off.setdefault(action.dest, option)
+    assert set(off) == dests
+    assert off['amp'] == '--no-amp' and off['no_aug'] == '--aug' and off['no_prefetcher'] == '--prefetcher'
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('data_dir: /d\n' + ''.join(f'{d}: true\n' for d in sorted(dests)))
+    on = parser.parse_args(['-c', str(cfg)])  # the plain parser: no cross-flag checks
+    with_yaml = build_parser()
+    with_yaml.set_defaults(**{d: True for d in dests})
+    switched = with_yaml.parse_args(list(off.values()))
+    assert all(getattr(switched, d) is False for d in dests) and on is not None
+
+
+def test_command_line_weights_win_over_the_yaml_with_a_note(tmp_path, capsys):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('data_dir: /d\ntokenmix: true\ncutmix: 1.0\nteacher_model: resnet18\nteacher_pretrained: true\n'
+                   'pretrained: true\n')
+    args, _, notes = parse_train_args(['-c', str(cfg), '--teacher-checkpoint', 'local.pth',
+                                       '--initial-checkpoint', 'student.pth'])
+    assert args.teacher_checkpoint == 'local.pth' and args.teacher_pretrained is False
+    assert args.initial_checkpoint == 'student.pth' and args.pretrained is False
+    assert notes == [
+        ('info', 'student weights: --initial-checkpoint on the command line replaces "pretrained" of the config file'),
+        ('info', 'teacher weights: --teacher-checkpoint on the command line replaces "teacher_pretrained" of the '
+                 'config file')]
+    # both on the command line: still an error, nothing is guessed
+    assert 'exclude each other' in _error(capsys, ['-c', str(cfg), '--teacher-checkpoint', 'x.pth',
+                                                   '--teacher-pretrained'])
+    # the YAML alone keeps its source
+    assert parse_args(['-c', str(cfg)]).teacher_pretrained is True
+
+
+def test_timm_defaults_yaml_loads_without_notes():
+    """tests/data/timm_train_defaults_args.yaml: timm's own parser defaults (tools/timm_parity.py yaml)."""
+    args, text, notes = parse_train_args(['-c', os.path.join(DATA, 'timm_train_defaults_args.yaml'),
+                                          '--data-dir', 'd'])
+    assert notes == []
+    timm_defaults = yaml.safe_load(open(os.path.join(DATA, 'timm_train_defaults_args.yaml')))
+    assert len(timm_defaults) == 172
+    ours = vars(args)
+    differs = {k for k, v in timm_defaults.items() if ours[k] != v and k not in ('data_dir', 'device')}
+    assert differs == set()  # every timm key is a flag here, read with timm's value
+
+
+def test_third_party_yaml_notes_old_keys_and_warns_once_about_unknown_ones():
+    args, _, notes = parse_train_args(['-c', os.path.join(DATA, 'third_party_args.yaml')])
+    assert args.model == 'deit_small_patch16_224' and args.model_ema and args.lr == 1e-3
+    assert [level for level, _ in notes] == ['info', 'warning']
+    assert notes[0][1].endswith('ignored keys of older timm versions or set by the run: bn_tf, distributed, jsd, '
+                                'native_amp, num_gpu, prefetcher, rank, validation_batch_size_multiplier, world_size')
+    assert notes[1][1].endswith('unknown keys (not train.py flags, ignored): distillation_alpha, distillation_tau, '
+                                'distillation_type, repeated_aug, teacher_path')
+
+
+def test_args_yaml_records_what_was_set_not_derived_values(tmp_path):
+    args, text, _ = parse_train_args(['--data-dir', 'd', '--tokenmix', '--cutmix', '1', '--bce-loss'])
+    assert args.tokenmix_target_norm == 'none'  # resolved for this run ...
+    assert yaml.safe_load(text)['tokenmix_target_norm'] is None  # ... but stored unresolved
+    cfg = tmp_path / 'args.yaml'
+    cfg.write_text(text)
+    again = parse_args(['-c', str(cfg), '--no-bce-loss'])
+    assert again.tokenmix_target_norm == 'sum'  # resolved afresh for the re-launch
 
 
 def test_args_yaml_round_trip(tmp_path):

@@ -400,9 +400,16 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
                        help='token distillation type (default: soft)')
 
 
+class _Parser(argparse.ArgumentParser):
+    """An error is one line (`train.py: error: ...`, exit code 2): the usage of ~190 flags would bury it."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The training parser, arguments grouped as in timm's train.py."""
-    parser = argparse.ArgumentParser(description='TokenMix training (timm flags)')
+    parser = _Parser(prog='train.py', description='TokenMix training (timm flags)')
     parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                         help='YAML config file: its values are the defaults, the command line overrides them')
     for add in (_add_dataset_args, _add_model_args, _add_device_args, _add_optimizer_args, _add_schedule_args,
@@ -451,8 +458,6 @@ def _coerce(action: argparse.Action, value: Any) -> Tuple[Any, Optional[str]]:
         return None, f'expects {name}, got {value!r}'
     if isinstance(action.nargs, int) and len(value) != action.nargs:
         return None, f'expects {action.nargs} values, got {len(value)}'
-    if many and action.nargs == '+' and not value:
-        return None, 'expects at least one value'
     for v in value if many else [value]:
         if action.choices is not None and v not in action.choices:
             return None, f'{v!r} is not one of {sorted(action.choices)}'
