@@ -159,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    clip_mode=args.clip_mode, channels_last=args.channels_last, log_interval=args.log_interval,
                    mixup_off_epoch=args.mixup_off_epoch, distributed=args.distributed,
                    world_size=args.world_size, dist_bn=args.dist_bn, mix_generator=generator, logger=run_logger,
-                   val_interval=args.val_interval, recovery_interval=args.recovery_interval,
+                   val_interval=args.val_interval, recovery_interval=args.recovery_interval, recovery_saver=saver,
                    ema_eval=not args.model_ema_force_cpu, synchronize_step=args.synchronize_step,
                    save_images=args.save_images, batch_loss_scale=args.variable_batch_loss_scale,
                    batch_size_reference=average_batch)

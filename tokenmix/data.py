@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional
 
 import torch
 from PIL import Image
-from timm.data import AugMixDataset, ImageDataset, RepeatAugSampler, create_dataset, create_loader
+from timm.data import AugMixDataset, ImageDataset, create_dataset, create_loader
+from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.dataset_factory import _search_split
 from timm.data.loader import PrefetchLoader
 from timm.data.readers.img_extensions import get_img_extensions
@@ -115,6 +116,8 @@ def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
                   class_to_idx: Optional[Dict[str, int]] = None):
     """The dataset of one split via timm's `create_dataset`, checked first when it is a plain image folder."""
     class_map: Any = args.class_map
+    if not args.dataset and (args.input_key or args.target_key):
+        raise ConfigError('--input-key/--target-key: only for hfds/, wds/ (and tfds/) datasets, not an image folder')
     if not args.dataset:
         folder = split_folder(args.data_dir, split, flag)
         if not args.class_map:

@@ -54,7 +54,8 @@ class Training:
     mix_generator: Optional[torch.Generator] = None
     logger: RunLogger = field(default_factory=lambda: RunLogger(None))
     val_interval: int = 1  # evaluate and checkpoint every N epochs (and after the last)
-    recovery_interval: int = 0  # write a recovery checkpoint every N updates (0: never)
+    recovery_interval: int = 0  # write a recovery checkpoint every N updates (0: never) ...
+    recovery_saver: Optional[AtomicCheckpointSaver] = None  # ... with this saver (primary rank only)
     ema_eval: bool = True  # evaluate the EMA (off for timm's --model-ema-force-cpu)
     synchronize_step: bool = False
     save_images: bool = False
@@ -103,12 +104,8 @@ def _loss_scale(run: Training, batch_size: int) -> float:
     return math.sqrt(ratio) if run.batch_loss_scale == 'sqrt' else ratio
 
 
-def train_one_epoch(run: Training, epoch: int, loader, saver: Optional[AtomicCheckpointSaver] = None
-                    ) -> Dict[str, float]:
-    """Train one epoch; returns the loss averaged over all ranks' images and the global images/s.
-
-    `saver` (primary rank) writes timm's recovery checkpoints every `run.recovery_interval` updates.
-    """
+def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
+    """Train one epoch; returns the loss averaged over all ranks' images and the global images/s."""
     model, device, accum = run.model, run.device, run.grad_accum_steps
     model.train()
     if run.mixer is not None and run.mixup_off_epoch and epoch >= run.mixup_off_epoch:
@@ -171,8 +168,9 @@ def train_one_epoch(run: Training, epoch: int, loader, saver: Optional[AtomicChe
             window_start = now
             if run.save_images:
                 run.logger.save_batch(images, idx)
-        if saver is not None and run.recovery_interval and (idx // accum + 1) % run.recovery_interval == 0:
-            saver.save_recovery(epoch, batch_idx=idx // accum)
+        if run.recovery_saver is not None and run.recovery_interval and \
+                (idx // accum + 1) % run.recovery_interval == 0:
+            run.recovery_saver.save_recovery(epoch, batch_idx=idx // accum)
     if grid_pending and first_images is not None:
         run.logger.mixed_images(epoch, first_images, None)
     loss_sum, count = _all_reduce(totals).tolist()
@@ -193,7 +191,7 @@ def fit(run: Training, train_loader, eval_loader, saver: Optional[AtomicCheckpoi
     eval_model = unwrap_model(run.model)
     for epoch in range(start_epoch, num_epochs):
         set_loader_epoch(train_loader, epoch)
-        train_metrics = train_one_epoch(run, epoch, train_loader, saver)
+        train_metrics = train_one_epoch(run, epoch, train_loader)
         if run.distributed and run.dist_bn:  # one model on every rank before each rank evaluates its shard
             distribute_bn(run.model, run.world_size, reduce=run.dist_bn == 'reduce')
         if (epoch + 1) % run.val_interval and epoch + 1 != num_epochs:

@@ -25,6 +25,10 @@ def patch_size_of(model: torch.nn.Module) -> Optional[int]:
     return int(size[0])
 
 
+_MODEL_FLAGS = dict(bn_momentum='--bn-momentum', bn_eps='--bn-eps', drop_block_rate='--drop-block',
+                   drop_path_rate='--drop-path', drop_rate='--drop', global_pool='--gp', in_chans='--in-chans')
+
+
 def build_student(args: Any, num_classes: int) -> torch.nn.Module:
     """Build --model for `num_classes` as timm's train.py does; --img-size is also passed as `img_size` to models
     that take it (ViT family).
@@ -58,6 +62,9 @@ def build_student(args: Any, num_classes: int) -> torch.nn.Module:
             raise ConfigError(f'--model {args.model}: unknown timm model') from None
         raise
     except TypeError as e:
+        flags = [flag for key, flag in _MODEL_FLAGS.items() if f"'{key}'" in str(e)]
+        if flags:
+            raise ConfigError(f'{flags[0]}: --model {args.model} does not take it ({e})') from None
         raise ConfigError(f'--model {args.model} / --model-kwargs: {e}') from None
     if args.initial_checkpoint:
         try:
