@@ -1,7 +1,9 @@
 """timm's train.py flags have their effect here: each group checked by what it changes, not only by parsing."""
+import copy
 import csv
 import glob
 import os
+import subprocess
 import sys
 
 import pytest
@@ -13,7 +15,7 @@ from timm.loss import BinaryCrossEntropy, JsdCrossEntropy
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import tokenmix.data as data_module
-from conftest import TINY_STUDENT
+from conftest import ROOT, TINY_STUDENT
 from tokenmix.args import parse_args
 from tokenmix.data import build_dataset, build_train_loader
 from tokenmix.distributed import sync_batchnorm
@@ -119,9 +121,11 @@ def test_split_bn_gives_each_split_its_batchnorm():
 
 def test_sync_bn_uses_timms_converter_and_keeps_the_activation():
     torch.manual_seed(0)
-    model = timm.create_model('efficientnet_b0', num_classes=10).eval()
+    model = timm.create_model('mobilenetv3_small_050', num_classes=10).eval()  # fused BN + activation layers
     x = torch.randn(2, 3, 64, 64)
     before = model(x)
+    by_torch = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert not torch.allclose(by_torch(x), before)  # torch's converter drops the fused activation
     converted = sync_batchnorm(model).eval()
     assert any(isinstance(m, SyncBatchNormAct) for m in converted.modules())
     assert torch.equal(converted(x), before)
@@ -224,10 +228,27 @@ def test_bad_device_module_is_one_line(train_script, train_argv, capsys):
 
 @pytest.mark.parametrize('config', ['timm_train_defaults_args.yaml', 'third_party_args.yaml'])
 def test_timm_args_yaml_trains_an_epoch(train_script, tiny_data, tmp_path, config):
-    """timm's own defaults and a third-party timm args.yaml, with only data, model, size and device given."""
+    """timm's own defaults and a third-party timm args.yaml, with only data, model, size, device and run length
+    (--epochs 1, --cooldown-epochs 0: the third-party file asks for 300 + 10) given."""
     argv = ['-c', os.path.join(DATA, config), '--data-dir', tiny_data, *TINY_STUDENT, '-b', '8', '--epochs', '1',
             '--device', 'cpu', '-j', '0', '--output', str(tmp_path / 'out'), '--experiment', 'run',
-            '--train-split', 'train', '--val-split', 'validation']
+            '--train-split', 'train', '--val-split', 'validation', '--cooldown-epochs', '0']
     assert train_script.run_main(argv) == 0
     rows = _rows(tmp_path / 'out' / 'run')
     assert [r['epoch'] for r in rows] == ['0'] and 0 <= float(rows[0]['eval_top1']) <= 100
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason='torch.distributed is not available')
+def test_aug_repeats_on_two_processes_keeps_evaluation_exact(tiny_data, tmp_path):
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(ROOT, 'train.py'), '--data-dir', tiny_data, *TINY_STUDENT, '-b', '8', '--epochs', '1',
+           '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '0', '--workers', '0', '--output', str(out),
+           '--experiment', 'run', '--aug-repeats', '3', '--log-interval', '1']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / 'run' / 'log.txt').read_text()
+    # timm's RepeatAugSampler: 60 images x 3 repeats over 2 ranks, 30 selected per rank: 3 steps of 8 each
+    assert '[   3/3]' in log and '[   4/' not in log
+    assert '(30 images)' in log  # every val image counted once
