@@ -221,3 +221,11 @@ def test_lr_from_base_follows_timm():
     assert resolve_lr(args, world_size=4) == pytest.approx(5e-4 * (512 / 256) ** 0.5)
     args = parse_args(['--data-dir', 'd', '--lr', '0.3'])
     assert resolve_lr(args, world_size=8) == 0.3
+
+
+def test_every_flag_of_timms_train_py_is_accepted():
+    """tests/data/timm_train_flags.txt: the option strings of timm's train.py (tools/timm_parity.py flags)."""
+    with open(os.path.join(DATA, 'timm_train_flags.txt')) as f:
+        timm_flags = f.read().split()
+    ours = {s for a in build_parser()._actions for s in a.option_strings}
+    assert len(timm_flags) == 176 and [s for s in timm_flags if s not in ours] == []

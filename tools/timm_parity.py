@@ -6,6 +6,9 @@ a clone of huggingface/pytorch-image-models). Its module level builds the parser
 
     python tools/timm_parity.py diff /tmp/timm_train.py          # flags of timm's parser missing here
     python tools/timm_parity.py yaml /tmp/timm_train.py OUT.yaml  # timm's defaults, as its args.yaml holds them
+    python tools/timm_parity.py flags /tmp/timm_train.py OUT.txt  # timm's option strings, one a line
+
+tests/data/timm_train_defaults_args.yaml and tests/data/timm_train_flags.txt were made this way.
 """
 import argparse
 import os
@@ -31,14 +34,18 @@ def option_strings(parser: argparse.ArgumentParser) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('command', choices=('diff', 'yaml'))
+    parser.add_argument('command', choices=('diff', 'yaml', 'flags'))
     parser.add_argument('timm_train', help="path to timm's train.py")
-    parser.add_argument('out', nargs='?', help='output YAML file (yaml command)')
+    parser.add_argument('out', nargs='?', help='output file (yaml and flags commands)')
     args = parser.parse_args(argv)
     theirs = timm_parser(args.timm_train)
+    if args.command != 'diff' and not args.out:
+        parser.error(f'{args.command} needs an output file')
+    if args.command == 'flags':
+        with open(args.out, 'w') as f:
+            f.write(''.join(f'{s}\n' for s in option_strings(theirs)))
+        return 0
     if args.command == 'yaml':
-        if not args.out:
-            parser.error('yaml needs an output file')
         defaults = vars(theirs.parse_args([]))
         with open(args.out, 'w') as f:
             yaml.safe_dump(defaults, f, default_flow_style=False)  # as timm's _parse_args writes args.yaml
