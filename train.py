@@ -101,7 +101,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     average_batch = getattr(train_loader.batch_sampler, 'average_batch_size', None) \
         if args.train_img_sizes is not None else None
     lr = resolve_lr(args, args.world_size, average_batch)
-    optimizer = create_optimizer_v2(model, **dict(optimizer_kwargs(cfg=args), lr=lr), **args.opt_kwargs)
+    try:
+        optimizer = create_optimizer_v2(model, **{**optimizer_kwargs(cfg=args), 'lr': lr, **args.opt_kwargs})
+    except TypeError as e:
+        raise ConfigError(f'--opt {args.opt} / --opt-kwargs: {e}') from None
     model, optimizer, amp_dtype, loss_scaler = setup_precision(args, model, optimizer, device)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                            device='cpu' if args.model_ema_force_cpu else None) if args.model_ema else None

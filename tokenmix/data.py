@@ -112,11 +112,17 @@ def check_image_folder(folder: str, class_to_idx: Optional[Dict[str, int]] = Non
     return {c: i for i, c in enumerate(sorted(classes, key=natural_key))}
 
 
+def _flag(args: Any, name: str, default: Any = None) -> Any:
+    """A flag's value, or `default` for a parser without it (validate.py's has fewer flags than train.py's)."""
+    return getattr(args, name, default)
+
+
 def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
                   class_to_idx: Optional[Dict[str, int]] = None):
     """The dataset of one split via timm's `create_dataset`, checked first when it is a plain image folder."""
     class_map: Any = args.class_map
-    if not args.dataset and (args.input_key or args.target_key):
+    keys = dict(input_key=_flag(args, 'input_key'), target_key=_flag(args, 'target_key'))
+    if not args.dataset and any(keys.values()):
         raise ConfigError('--input-key/--target-key: only for hfds/, wds/ (and tfds/) datasets, not an image folder')
     if not args.dataset:
         folder = split_folder(args.data_dir, split, flag)
@@ -124,15 +130,16 @@ def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
             class_map = check_image_folder(folder, class_to_idx)
     elif args.data_dir and not os.path.exists(args.data_dir):
         raise ConfigError(f"--data-dir '{args.data_dir}' does not exist")
-    channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    train = dict(num_samples=args.train_num_samples, repeats=args.epoch_repeats) if is_training else \
-        dict(num_samples=args.val_num_samples)
+    input_size = _flag(args, 'input_size')
+    channels = _flag(args, 'in_chans') or (input_size[0] if input_size else 3)
+    extra = dict(num_samples=_flag(args, 'train_num_samples'), repeats=_flag(args, 'epoch_repeats', 0)) \
+        if is_training else dict(num_samples=_flag(args, 'val_num_samples'))
     try:
         dataset = create_dataset(
             args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=class_map,
-            download=args.dataset_download, batch_size=args.batch_size, seed=args.seed,
-            input_img_mode=args.input_img_mode or ('L' if channels == 1 else 'RGB'), input_key=args.input_key,
-            target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code, **train)
+            download=_flag(args, 'dataset_download', False), batch_size=args.batch_size, seed=args.seed,
+            input_img_mode=_flag(args, 'input_img_mode') or ('L' if channels == 1 else 'RGB'),
+            trust_remote_code=_flag(args, 'dataset_trust_remote_code', False), **keys, **extra)
     except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found. You can use download=True"
         raise ConfigError(f"--dataset {args.dataset} ({flag} '{split}'): {e}") from None
     if len(dataset) == 0:

@@ -18,7 +18,7 @@ def init_device(args: Any) -> torch.device:
     Sets args.distributed, world_size, rank, local_rank and device as timm does; --device defaults to cuda
     when available, else cpu (gloo backend). --device-modules are imported first (a device backend's package).
     """
-    for module in args.device_modules or ():
+    for module in getattr(args, 'device_modules', None) or ():
         try:
             importlib.import_module(module)
         except ImportError as e:

@@ -1,4 +1,5 @@
 """The student: timm's `create_model` with --img-size reaching ViT-family models, and size checks."""
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -36,15 +37,17 @@ def build_student(args: Any, num_classes: int) -> torch.nn.Module:
     timm's model flags apply: --drop-block, --bn-momentum/--bn-eps (models that take them), --pretrained-path,
     --head-init-scale/--head-init-bias, --fast-norm, --fuser, --split-bn (one BN per augmentation split).
     """
-    if args.fuser:
+    flag = partial(getattr, args)
+    if flag('fuser', ''):
         set_jit_fuser(args.fuser)
-    if args.fast_norm:
+    if flag('fast_norm', False):
         set_fast_norm()
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
+    input_size = flag('input_size', None)
+    in_chans = args.in_chans or (input_size[0] if input_size else None)
     kwargs = dict(pretrained=args.pretrained, num_classes=num_classes, drop_rate=args.drop,
-                  drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
-                  in_chans=in_chans, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps)
-    if args.pretrained_path:
+                  drop_path_rate=args.drop_path, drop_block_rate=flag('drop_block', None), global_pool=args.gp,
+                  in_chans=in_chans, bn_momentum=flag('bn_momentum', None), bn_eps=flag('bn_eps', None))
+    if flag('pretrained_path', None):  # validate.py's parser lacks the train-only flags read with `flag`
         kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)  # head adapted
     kwargs.update(args.model_kwargs)  # --model-kwargs wins over the flags
     try:
@@ -71,10 +74,10 @@ def build_student(args: Any, num_classes: int) -> torch.nn.Module:
             load_checkpoint_weights(model, args.initial_checkpoint)
         except (OSError, ValueError) as e:
             raise ConfigError(f'--initial-checkpoint: {e}') from None
-    _init_head(model, args.head_init_scale, args.head_init_bias)
+    _init_head(model, flag('head_init_scale', None), flag('head_init_bias', None))
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
-    if args.split_bn:
+    if flag('split_bn', False):
         model = convert_splitbn_model(model, max(args.aug_splits, 2))
     return model
 
