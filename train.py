@@ -91,7 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_input_size(model, size, token_size if args.tokenmix else None)
     teacher = build_teacher_from_args(args, num_classes, data_config['mean'], data_config['std'], device)
 
-    model.to(device)
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    model.to(device=device, dtype=model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
@@ -165,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    val_interval=args.val_interval, recovery_interval=args.recovery_interval, recovery_saver=saver,
                    ema_eval=not args.model_ema_force_cpu, synchronize_step=args.synchronize_step,
                    save_images=args.save_images, batch_loss_scale=args.variable_batch_loss_scale,
-                   batch_size_reference=average_batch)
+                   batch_size_reference=average_batch, model_dtype=model_dtype)
 
     def report_skipped(epoch: int) -> None:
         skipped = getattr(train_dataset, 'num_skipped', 0) + getattr(eval_dataset, 'num_skipped', 0)

@@ -112,7 +112,7 @@ def test_bad_flags_exit_2_naming_the_flag(capsys, argv, message):
     (['--naflex-loader'], '--naflex-loader: NaFlex batches'),
     (['--kd-model-name', 'resnet50'], "--kd-model-name: timm's knowledge distillation"),
     (['--tta', '2'], '--tta: evaluation here counts every val image once'),
-    (['--model-dtype', 'bfloat16'], '--model-dtype: a float16/bfloat16 student is not supported here'),
+    (['--model-dtype', 'bfloat16', '--amp'], '--model-dtype bfloat16 excludes --amp'),
     (['--wandb-resume-id', 'abc'], '--wandb-resume-id needs --resume'),
     (['--jsd-loss'], '--jsd-loss needs --aug-splits >= 2'),
     (['--split-bn'], '--split-bn needs --aug-splits >= 2 or --resplit'),
@@ -124,7 +124,7 @@ def test_flags_that_cannot_apply_say_why(capsys, argv, message):
 
 
 def test_no_op_values_of_unsupported_flags_pass():
-    args = parse_args(['--data-dir', 'd', '--tta', '1', '--model-dtype', 'float32', '--no-torchscript',
+    args = parse_args(['--data-dir', 'd', '--tta', '1', '--model-dtype', 'float32', '--amp', '--no-torchscript',
                        '--opt', 'lookahead_adamw', '--sched', 'step'])
     assert args.tta == 1 and args.opt == 'lookahead_adamw'
 

@@ -252,3 +252,12 @@ def test_aug_repeats_on_two_processes_keeps_evaluation_exact(tiny_data, tmp_path
     # timm's RepeatAugSampler: 60 images x 3 repeats over 2 ranks, 30 selected per rank: 3 steps of 8 each
     assert '[   3/3]' in log and '[   4/' not in log
     assert '(30 images)' in log  # every val image counted once
+
+
+def test_model_dtype_trains_a_bfloat16_student(train_script, train_argv, tmp_path):
+    argv = train_argv('--model-dtype', 'bfloat16', '--epochs', '1', '--tokenmix', '--cutmix', '1.0')
+    assert train_script.run_main(argv) == 0
+    run = tmp_path / 'out' / 'run'
+    weights = _load(run / 'last.pth.tar')['state_dict']
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert 0 <= float(_rows(run)[0]['eval_top1']) <= 100

@@ -35,10 +35,8 @@ UNSUPPORTED: Dict[str, Tuple[str, str]] = {
                                          'its label weights, it is no distillation loss'),
     'tta': ('--tta', "evaluation here counts every val image once; test-time augmentation needs a TTA loader, "
                      "which timm's train.py does not build either (use validate.py)"),
-    'model_dtype': ('--model-dtype', 'a float16/bfloat16 student is not supported here (the teacher, the mixer '
-                                     'targets and evaluation assume float32 inputs); use --amp --amp-dtype bfloat16'),
 }
-NO_OP_VALUES = {'tta': (0, 1), 'model_dtype': (None, 'float32')}
+NO_OP_VALUES = {'tta': (0, 1)}
 
 
 def unsupported_flags(args: argparse.Namespace) -> Optional[str]:
@@ -46,6 +44,8 @@ def unsupported_flags(args: argparse.Namespace) -> Optional[str]:
     for dest, (flag, why) in UNSUPPORTED.items():
         if getattr(args, dest) not in NO_OP_VALUES.get(dest, (None, False)):
             return f'{flag}: {why}'
+    if args.model_dtype not in (None, 'float32') and (args.amp or args.apex_amp):
+        return f'--model-dtype {args.model_dtype} excludes --amp (timm: AMP needs a float32 model)'
     if args.wandb_resume_id and not args.resume:
         return '--wandb-resume-id needs --resume (it continues a wandb run)'
     if args.jsd_loss and args.aug_splits < 2:

@@ -61,6 +61,11 @@ class Training:
     save_images: bool = False
     batch_loss_scale: str = 'none'  # timm's --variable-batch-loss-scale: 'none', 'linear' or 'sqrt'
     batch_size_reference: Optional[float] = None  # the policy-average batch of scheduled resolution training
+    model_dtype: Optional[torch.dtype] = None  # timm's --model-dtype: the student's weights and inputs
+
+    def model_input(self, images: torch.Tensor, targets: Any = None) -> torch.Tensor:
+        """The images as the student takes them (mixing and the teacher work in float32 before this)."""
+        return images if self.model_dtype is None else images.to(self.model_dtype)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -136,7 +141,7 @@ def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
         no_sync = run.distributed and not need_update and hasattr(model, 'no_sync')
         with model.no_sync() if no_sync else nullcontext():
             with run.autocast():
-                loss = run.criterion(model(images), targets)
+                loss = run.criterion(model(run.model_input(images)), targets)
             _backward(run, loss * (_loss_scale(run, images.shape[0]) / accum), need_update)
         step_loss = loss.detach().float()
         first_bad = torch.where(torch.isfinite(step_loss) | torch.isfinite(first_bad), first_bad,
@@ -201,14 +206,16 @@ def fit(run: Training, train_loader, eval_loader, saver: Optional[AtomicCheckpoi
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
             continue
-        metrics = evaluate(eval_model, eval_loader, run.device, amp_dtype=run.amp_dtype)
+        metrics = evaluate(eval_model, eval_loader, run.device, amp_dtype=run.amp_dtype,
+                           input_transform=run.model_input)
         _logger.info(f'eval epoch {epoch}: top-1 {metrics["top1"]:.2f} top-5 {metrics["top5"]:.2f} '
                      f'loss {metrics["loss"]:.4f} ({metrics["count"]} images)')
         eval_metrics = {k: metrics[k] for k in ('top1', 'top5', 'loss')}
         if run.model_ema is not None and run.ema_eval:
             if run.distributed and run.dist_bn:
                 distribute_bn(run.model_ema, run.world_size, reduce=run.dist_bn == 'reduce')
-            ema = evaluate(unwrap_model(run.model_ema), eval_loader, run.device, amp_dtype=run.amp_dtype)
+            ema = evaluate(unwrap_model(run.model_ema), eval_loader, run.device, amp_dtype=run.amp_dtype,
+                           input_transform=run.model_input)
             _logger.info(f'eval epoch {epoch} (EMA): top-1 {ema["top1"]:.2f} top-5 {ema["top5"]:.2f} '
                          f'loss {ema["loss"]:.4f}')
             eval_metrics = dict({k: ema[k] for k in eval_metrics}, **{f'raw_{k}': v for k, v in eval_metrics.items()})
