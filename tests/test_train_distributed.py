@@ -31,7 +31,7 @@ def test_torchrun_two_processes(tiny_data, teacher_checkpoint, tmp_path):
            os.path.join(ROOT, 'train.py'), '--data-dir', str(data), *TINY_STUDENT, '-b', '8', '--epochs', '2',
            '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '0', '--workers', '0', '--output', str(out),
            '--tokenmix', '--cutmix', '1.0', '--teacher-model', 'tokenmix_cnn_teacher_64',
-           '--teacher-checkpoint', teacher_checkpoint, '--log-interval', '1']
+           '--teacher-checkpoint', teacher_checkpoint, '--log-interval', '1', '--aug-repeats', '3']
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -44,7 +44,8 @@ def test_torchrun_two_processes(tiny_data, teacher_checkpoint, tmp_path):
     log = (run / 'log.txt').read_text()
     assert log.count('output folder') == 1
     assert log.count('eval epoch 1: top-1') == 1 and '(29 images)' in log
-    # 60 train images, 8 per rank and step: 3 steps an epoch on each of the two ranks
+    # 60 train images, 8 per rank and step: 3 steps an epoch on each of the two ranks (with --aug-repeats 3, timm's
+    # RepeatAugSampler: each image 3 times, 30 of the 180 draws per rank); evaluation still counts each image once
     assert '[   3/3]' in log and '[   4/' not in log
     with open(run / 'summary.csv') as f:
         rows = list(csv.DictReader(f))
