@@ -102,6 +102,13 @@ def test_bad_yaml_value_is_one_line_naming_the_key(tmp_path, capsys, text, messa
     (['--data-dir', 'd', '-j', '-1'], '-j/--workers must be >= 0'),
     (['--data-dir', 'd', '--val-interval', '0'], '--val-interval must be >= 1'),
     (['--data-dir', 'd', '--worker-seeding', 'x'], "invalid choice: 'x'"),
+    (['--data-dir', 'd', '--mean', '0.5', '0.5'], '--mean takes 1 or 3 values'),
+    (['--data-dir', 'd', '--in-chans', '1', '--std', '0.2', '0.2', '0.2'], '--std takes 1 or 1 values'),
+    (['--data-dir', 'd', '--train-img-sizes', '32', '48', '--train-batch-sizes', '4'],
+     '--train-batch-sizes takes one value per --train-img-sizes size (2), got 1'),
+    (['--data-dir', 'd', '--input-img-mode', 'XYZ'], '--input-img-mode XYZ: not a PIL image mode'),
+    (['--data-dir', 'd', '--fuser', 'x'], "argument --fuser: invalid choice: 'x'"),
+    (['--data-dir', 'd', '--torchcompile', 'nosuch'], '--torchcompile nosuch: unknown backend'),
 ])
 def test_bad_flags_exit_2_naming_the_flag(capsys, argv, message):
     assert message in _error(capsys, argv)

@@ -244,3 +244,16 @@ def test_model_dtype_trains_a_bfloat16_student(train_script, train_argv, tmp_pat
     weights = _load(run / 'last.pth.tar')['state_dict']
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
     assert 0 <= float(_rows(run)[0]['eval_top1']) <= 100
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--class-map', '/no/such/map.txt'], "--class-map '/no/such/map.txt': no such file"),
+    (['--device', 'nosuch'], '--device nosuch: Expected one of cpu'),
+    (['--pretrained', '--pretrained-path', '/no/such.pth'], "--pretrained-path '/no/such.pth': no such file"),
+    (['--gp', 'nosuch'], 'pooling (or none) is supported. (check --gp / --model-kwargs)'),
+    (['--model', 'resnet10t', '--img-size', '32', '--bn-eps', '0.1'], '--bn-eps: --model resnet10t does not take it'),
+] + ([] if torch.cuda.is_available() else [(['--device', 'cuda'], '--device cuda: no CUDA device here')]))
+def test_bad_values_found_at_run_time_are_one_line(train_script, train_argv, capsys, tmp_path, flags, message):
+    assert train_script.run_main(train_argv(*flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and not (tmp_path / 'out').exists()

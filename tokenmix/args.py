@@ -94,7 +94,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
                        help='validation batch size override (default: None)')
     group.add_argument('--channels-last', action=BOOL, default=False, help='use channels_last memory layout')
-    group.add_argument('--fuser', default='', type=str, help="select jit fuser, one of ('', 'te', 'old', 'nvfuser')")
+    group.add_argument('--fuser', default='', type=str, choices=('', 'te', 'old', 'nvfuser'), help='select jit fuser')
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
                        help='the number of steps to accumulate gradients (default: 1)')
     group.add_argument('--grad-checkpointing', action=BOOL, default=False,

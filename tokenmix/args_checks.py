@@ -10,6 +10,7 @@ import os
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
+from PIL import Image
 from timm.data import create_transform
 from timm.data.transforms import str_to_interp_mode
 from timm.optim import get_optimizer_info
@@ -95,7 +96,20 @@ def _pairs(args: argparse.Namespace) -> Optional[str]:
         return f'--lr-noise takes one or two epoch fractions, got {args.lr_noise}'
     if args.aug_splits not in (0,) and args.aug_splits < 2:
         return f'--aug-splits must be 0 or >= 2, got {args.aug_splits}'
+    channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    for flag, value in (('--mean', args.mean), ('--std', args.std)):
+        if value is not None and len(value) not in (1, channels):
+            return f'{flag} takes 1 or {channels} values (one per input channel), got {len(value)}'
+    sizes = args.train_img_sizes
+    for flag, value in (('--train-batch-sizes', args.train_batch_sizes), ('--train-size-probs', args.train_size_probs)):
+        if value is not None and (sizes is None or len(value) != len(sizes)):
+            return f'{flag} takes one value per --train-img-sizes size ({len(sizes or ())}), got {len(value)}'
     return None
+
+
+def _compile_backends() -> Tuple[str, ...]:
+    import torch._dynamo  # slow to import: only when --torchcompile is given
+    return tuple(torch._dynamo.list_backends(exclude_tags=()))
 
 
 def _names(args: argparse.Namespace) -> Optional[str]:
@@ -122,6 +136,10 @@ def _names(args: argparse.Namespace) -> Optional[str]:
         return f'--remode must be one of {ERASE_MODES[:3]}, got "{args.remode}"'
     if args.train_crop_mode is not None and args.train_crop_mode not in CROP_MODES:
         return f'--train-crop-mode must be one of {CROP_MODES}, got "{args.train_crop_mode}"'
+    if args.input_img_mode is not None and args.input_img_mode not in Image.MODES:
+        return f'--input-img-mode {args.input_img_mode}: not a PIL image mode ({", ".join(Image.MODES)})'
+    if args.torchcompile and args.torchcompile not in _compile_backends():
+        return f'--torchcompile {args.torchcompile}: unknown backend (see torch._dynamo.list_backends())'
     if args.aa:
         try:
             create_transform(32, is_training=True, auto_augment=args.aa)

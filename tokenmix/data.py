@@ -121,6 +121,8 @@ def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
                   class_to_idx: Optional[Dict[str, int]] = None):
     """The dataset of one split via timm's `create_dataset`, checked first when it is a plain image folder."""
     class_map: Any = args.class_map
+    if class_map and not os.path.isfile(class_map):
+        raise ConfigError(f"--class-map '{class_map}': no such file")
     keys = dict(input_key=_flag(args, 'input_key'), target_key=_flag(args, 'target_key'))
     if not args.dataset and any(keys.values()):
         raise ConfigError('--input-key/--target-key: only for hfds/, wds/ (and tfds/) datasets, not an image folder')

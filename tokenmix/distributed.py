@@ -25,6 +25,12 @@ def init_device(args: Any) -> torch.device:
             raise ConfigError(f'--device-modules {module}: {e}') from None
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError as e:
+        raise ConfigError(f'--device {args.device}: {e}') from None
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'--device {args.device}: no CUDA device here (use --device cpu)')
     return init_distributed_device(args)
 
 

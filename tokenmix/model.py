@@ -1,4 +1,5 @@
 """The student: timm's `create_model` with --img-size reaching ViT-family models, and size checks."""
+import os
 from functools import partial
 from typing import Any, Optional
 
@@ -48,6 +49,8 @@ def build_student(args: Any, num_classes: int) -> torch.nn.Module:
                   drop_path_rate=args.drop_path, drop_block_rate=flag('drop_block', None), global_pool=args.gp,
                   in_chans=in_chans, bn_momentum=flag('bn_momentum', None), bn_eps=flag('bn_eps', None))
     if flag('pretrained_path', None):  # validate.py's parser lacks the train-only flags read with `flag`
+        if not os.path.isfile(args.pretrained_path):
+            raise ConfigError(f"--pretrained-path '{args.pretrained_path}': no such file")
         kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)  # head adapted
     kwargs.update(args.model_kwargs)  # --model-kwargs wins over the flags
     try:
@@ -64,8 +67,10 @@ def build_student(args: Any, num_classes: int) -> torch.nn.Module:
         if 'Unknown model' in str(e):
             raise ConfigError(f'--model {args.model}: unknown timm model') from None
         raise
+    except AssertionError as e:  # timm's model constructors check their arguments with assert
+        raise ConfigError(f'--model {args.model}: {e} (check --gp / --model-kwargs)') from None
     except TypeError as e:
-        flags = [flag for key, flag in _MODEL_FLAGS.items() if f"'{key}'" in str(e)]
+        flags = [name for key, name in _MODEL_FLAGS.items() if f"'{key}'" in str(e)]
         if flags:
             raise ConfigError(f'{flags[0]}: --model {args.model} does not take it ({e})') from None
         raise ConfigError(f'--model {args.model} / --model-kwargs: {e}') from None
