@@ -257,3 +257,13 @@ def test_bad_values_found_at_run_time_are_one_line(train_script, train_argv, cap
     assert train_script.run_main(train_argv(*flags)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and not (tmp_path / 'out').exists()
+
+
+def test_jsd_run_with_augmentation_splits(train_script, train_argv, tmp_path):
+    """timm's AugMix recipe end to end: 3 views per image through the loop, JSD + CE loss (--split-bn is checked
+    on a BN model above; the tiny ViT has none)."""
+    argv = train_argv('--aug-splits', '3', '--jsd-loss', '--epochs', '1', '--log-interval', '7')
+    assert train_script.run_main(argv) == 0
+    log = (tmp_path / 'out' / 'run' / 'log.txt').read_text()
+    assert '[   7/7]' in log  # 60 images, 8 a batch (24 views): the same 7 steps as without splits
+    assert float(_rows(tmp_path / 'out' / 'run')[0]['train_loss']) > 0
