@@ -96,4 +96,3 @@ def test_table_script_from_a_fresh_clone_uses_its_venv(clone):
     train, validate = commands[0], commands[1]
     assert train[:3] == ['env', f'PYTHON={python}', os.path.join(clone, 'distributed_train.sh')]
     assert validate[:2] == [python, os.path.join(clone, 'validate.py')]
-    assert subprocess.run([python, '-c', 'import torch, timm'], capture_output=True).returncode == 0

@@ -111,8 +111,11 @@ def check_image_folder(folder: str, class_to_idx: Optional[Dict[str, int]] = Non
 
 
 def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
-                  class_to_idx: Optional[Dict[str, int]] = None):
-    """The dataset of one split via timm's `create_dataset`, checked first when it is a plain image folder."""
+                  class_to_idx: Optional[Dict[str, int]] = None, **dataset_kwargs: Any):
+    """The dataset of one split via timm's `create_dataset`, checked first when it is a plain image folder.
+
+    `dataset_kwargs` go to `create_dataset` as they are (download, input_key, target_key, num_samples, ...).
+    """
     class_map: Any = args.class_map
     if not args.dataset:
         folder = split_folder(args.data_dir, split, flag)
@@ -121,7 +124,7 @@ def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
     elif args.data_dir and not os.path.exists(args.data_dir):
         raise ConfigError(f"--data-dir '{args.data_dir}' does not exist")
     dataset = create_dataset(args.dataset, root=args.data_dir, split=split, is_training=is_training,
-                             class_map=class_map, batch_size=args.batch_size, seed=args.seed)
+                             class_map=class_map, batch_size=args.batch_size, seed=args.seed, **dataset_kwargs)
     if len(dataset) == 0:
         raise ConfigError(f"no images found for split '{split}' in '{args.data_dir}' ({flag})")
     if type(dataset) is ImageDataset:
