@@ -296,6 +296,22 @@ def compile_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.
     return model
 
 
+def read_real_labels(dataset, path: str) -> RealLabelsImagenet:
+    """timm's ReaL evaluator for the split's files, which must be ImageNet's val files that `path` lists."""
+    try:
+        real = RealLabelsImagenet(dataset.filenames(basename=True), real_json=path)
+    except OSError as e:
+        raise ConfigError(f"--real-labels '{path}': {e.strerror}") from None
+    except AssertionError:
+        raise ConfigError(f"--real-labels '{path}' lists another number of images than the split "
+                          f"has ({len(dataset)})") from None
+    unknown = [f for f in real.filenames if f not in real.real_labels]
+    if unknown:
+        raise ConfigError(f"--real-labels '{path}': '{unknown[0]}' is not an ImageNet val file name "
+                          f"(ILSVRC2012_val_NNNNNNNN.JPEG)")
+    return real
+
+
 class OutputRecorder:
     """Collects what --real-labels and --metrics-avg need from each batch's logits."""
 
@@ -404,9 +420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 masks = occlusion_masks(len(dataset), (height // patch, width // patch), ratio,
                                         args.occlusion_mode, seed=args.seed * 1000 + round(ratio * 1000))
                 images = OccludedDataset(dataset, masks, patch)
-            recorder = OutputRecorder(
-                RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels)
-                if args.real_labels else None, args.metrics_avg)
+            recorder = OutputRecorder(read_real_labels(dataset, args.real_labels) if args.real_labels else None,
+                                      args.metrics_avg)
             label = f'{os.path.basename(source)} occlusion {ratio:g}'
 
             def run(batch_size: int) -> Dict[str, Any]:
