@@ -388,7 +388,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.real_labels and args.distributed:
         raise ConfigError('--real-labels needs one process (it follows the image order of the whole split)')
     with set_layer_config(scriptable=args.torchscript or None):
-        model = build_student(args, num_classes)
+        try:
+            model = build_student(args, num_classes)
+        except (RuntimeError, OSError) as e:
+            if not args.pretrained:
+                raise
+            raise ConfigError(f"--model {args.model}: timm's pretrained weights are not available ({e}); pass "
+                              f"--checkpoint") from None
     if valid_labels is not None and int(valid_labels.max()) >= model.num_classes:
         raise ConfigError(f"--valid-labels '{args.valid_labels}' has class {int(valid_labels.max())}, the model "
                           f"only {model.num_classes} classes")
