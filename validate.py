@@ -6,6 +6,10 @@ Checkpoints: this repo's and timm's `*.pth.tar` (model or `--use-ema`), DeiT-sty
 state dicts and `.safetensors`; `--checkpoint DIR` validates every checkpoint file in DIR. Under torchrun each
 process takes a disjoint shard of the split and every image is counted exactly once, so the numbers equal a
 single-process run. Bad input is one line on stderr and exit code 2.
+
+Every flag of timm's validate.py is accepted with timm's name, default and meaning, implemented with timm's own
+pieces (data config, transforms, ReaL labels, test-time pool, reparameterisation, compile, batch-size retry);
+the few that cannot apply here (--num-gpu > 1, --naflex-loader, --amp-impl apex) stop with one line saying why.
 """
 import argparse
 import csv
