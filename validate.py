@@ -206,6 +206,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.in_chans = args.input_size[0]
     # timm: without a checkpoint the pretrained weights are validated; a checkpoint replaces them, so none
     # are fetched then
+    args.pretrained_ignored = args.pretrained and bool(args.checkpoint)
     args.pretrained = not args.checkpoint
     # what the shared model builder reads besides these flags, at train.py's defaults
     for key, value in dict(drop=0., drop_path=None, initial_checkpoint='', grad_checkpointing=False).items():
@@ -374,6 +375,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = init_device(args)
     setup_logging(is_primary(args))
     setup_runtime(args)
+    if args.pretrained_ignored:
+        _logger.info("--pretrained ignored: the weights of --checkpoint are validated")
     dataset = build_dataset(args, args.split, '--split', is_training=False, **dataset_kwargs(args))
     found = num_dataset_classes(dataset)
     valid_labels = read_valid_labels(args.valid_labels) if args.valid_labels else None

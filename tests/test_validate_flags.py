@@ -73,6 +73,8 @@ def test_every_timm_flag_is_accepted(validate):
     assert (args.model, args.batch_size, args.workers, args.log_freq, args.seed, args.split) == \
         ('dpn92', 256, 4, 10, 42, 'validation')
     assert args.pretrained and not args.checkpoint  # timm: no checkpoint means the pretrained weights
+    both = validate.parse_args(['--data-dir', 'd', '--pretrained', '--checkpoint', 'c.pth'])
+    assert not both.pretrained and both.pretrained_ignored  # the checkpoint's weights, nothing downloaded
 
 
 def test_short_and_old_spellings_are_aliases(validate):
