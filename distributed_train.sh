@@ -4,6 +4,8 @@
 # Multi-node: set NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT, or pass torchrun's own flags through
 #             TORCHRUN_ARGS (e.g. "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint host:29400").
 # SLURM: call train.py directly from srun (one task per GPU); timm reads SLURM_PROCID / SLURM_NTASKS.
+# Python: $PYTHON, else the active virtualenv, else ./.venv (make setup), else the active conda environment
+# (scripts/python_env.sh); without any of them it stops with exit code 2.
 set -euo pipefail
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
     echo "usage: $0 NUM_PROC [train.py args]" >&2
@@ -12,7 +14,8 @@ fi
 NUM_PROC=$1
 shift
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python3}"
+REPO=$HERE
+source "$HERE/scripts/python_env.sh"
 if [ -n "${TORCHRUN_ARGS:-}" ]; then
     # shellcheck disable=SC2086
     exec "$PYTHON" -m torch.distributed.run $TORCHRUN_ARGS --nproc_per_node="$NUM_PROC" "$HERE/train.py" "$@"

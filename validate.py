@@ -6,19 +6,33 @@ Checkpoints: this repo's and timm's `*.pth.tar` (model or `--use-ema`), DeiT-sty
 state dicts and `.safetensors`; `--checkpoint DIR` validates every checkpoint file in DIR. Under torchrun each
 process takes a disjoint shard of the split and every image is counted exactly once, so the numbers equal a
 single-process run. Bad input is one line on stderr and exit code 2.
+
+Every flag of timm's validate.py is accepted with timm's name, default and meaning, implemented with timm's own
+pieces (data config, transforms, ReaL labels, test-time pool, reparameterisation, compile, batch-size retry);
+the few that cannot apply here (--num-gpu > 1, --naflex-loader, --amp-impl apex) stop with one line saying why.
 """
 import argparse
 import csv
 import glob
+import importlib.util
 import json
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from timm.data import resolve_data_config
-from timm.utils import ParseKwargs
+from timm.data import RealLabelsImagenet, resolve_data_config
+from timm.layers import apply_test_time_pool, set_fast_norm, set_layer_config
+from timm.models import is_model
+from timm.utils import (ParseKwargs, check_batch_size_retry, decay_batch_step, random_seed, reparameterize_model,
+                        set_jit_fuser)
+
+try:
+    from sklearn.metrics import f1_score, precision_score, recall_score
+    has_sklearn = True
+except ImportError:
+    has_sklearn = False
 
 from models import load_checkpoint_weights
 from tokenmix.data import build_dataset, num_dataset_classes
@@ -33,42 +47,100 @@ from tokenmix.progress import Progress
 _logger = logging.getLogger('validate')
 
 CHECKPOINT_PATTERNS = ('*.pth.tar', '*.pth', '*.safetensors')
-COLUMNS = ('model', 'checkpoint', 'occlusion', 'top1', 'top5', 'images', 'seconds')
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='Validate checkpoints: top-1/top-5, clean and occluded')
+def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (same as --data-dir)')
     data = parser.add_argument_group('Dataset')
     data.add_argument('--data-dir', metavar='DIR', help='dataset root (an ImageFolder with a split folder)')
-    data.add_argument('--dataset', default='', metavar='NAME', help='timm dataset type (default: image folder)')
+    data.add_argument('--dataset', default='', metavar='NAME',
+                      help='timm dataset type + name ("<type>/<name>"; default: image folder)')
     data.add_argument('--split', default='validation', metavar='NAME',
                       help='split to validate (default: "validation", which also finds "val")')
+    data.add_argument('--num-samples', type=int, default=None, metavar='N',
+                      help='samples in the split, for iterable datasets (wds/, tfds/)')
+    data.add_argument('--dataset-download', action='store_true', help='download torch/ and tfds/ datasets')
     data.add_argument('--class-map', default='', metavar='FILE', help='class name to index map (timm format)')
+    data.add_argument('--input-key', default=None, metavar='KEY', help='dataset key of the images (hfds/, wds/)')
+    data.add_argument('--input-img-mode', default=None, metavar='MODE',
+                      help='PIL mode the images are converted to (default: RGB, L for 1 input channel)')
+    data.add_argument('--target-key', default=None, metavar='KEY', help='dataset key of the labels (hfds/, wds/)')
+    data.add_argument('--dataset-trust-remote-code', action='store_true',
+                      help="let a Hugging Face dataset run code from its repository")
     data.add_argument('--skip-bad-images', action='store_true', help='skip (and count) unreadable images')
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group('Model')
-    model.add_argument('--model', required=True, metavar='NAME', help='timm model name')
-    weights = model.add_mutually_exclusive_group(required=True)
-    weights.add_argument('--checkpoint', default='', metavar='PATH', help='checkpoint file, or a folder of them')
-    weights.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (needs the network)")
+    model.add_argument('--model', '-m', default='dpn92', metavar='NAME', help='timm model name (default: dpn92)')
+    model.add_argument('--pretrained', action='store_true',
+                       help="timm's pretrained weights (needs the network); the default without --checkpoint")
+    model.add_argument('--checkpoint', default='', metavar='PATH', help='checkpoint file, or a folder of them')
     model.add_argument('--use-ema', action='store_true', help='validate the EMA weights of the checkpoint')
     model.add_argument('--num-classes', type=int, default=None, metavar='N',
-                       help='classes of the model (default: the split\'s class count)')
+                       help="classes of the model (default: the split's class count; the model's own with "
+                            "--valid-labels)")
+    model.add_argument('--gp', default=None, metavar='POOL', help='global pool type (default: the model\'s)')
+    model.add_argument('--in-chans', type=int, default=None, metavar='N', help='input channels (default: 3)')
     model.add_argument('--img-size', type=int, default=None, metavar='N',
                        help='input size; ViT-family models are built at this size, as train.py does')
+    model.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('C', 'H', 'W'),
+                       help='input channels, height and width (default: the model\'s)')
+    model.add_argument('--use-train-size', action='store_true',
+                       help="the model's train input size even when its config gives a test size")
     model.add_argument('--crop-pct', type=float, default=None, metavar='F', help='centre-crop share (default: model)')
+    model.add_argument('--crop-mode', default=None, metavar='MODE',
+                       help="crop mode: 'center', 'squash' or 'border' (default: the model's)")
+    model.add_argument('--crop-border-pixels', type=int, default=None, metavar='N',
+                       help='pixels cropped from each image border before resizing')
+    model.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override the mean')
+    model.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override the std')
+    model.add_argument('--interpolation', default='', metavar='NAME', help='resize interpolation (default: model)')
     model.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='more model arguments')
+    model.add_argument('--test-pool', action='store_true',
+                       help="test-time pooling when the input is larger than the model's (timm)")
+    model.add_argument('--reparam', action='store_true', help='reparameterize the model (RepVGG, MobileOne, ...)')
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group('Run')
     run.add_argument('-b', '--batch-size', type=int, default=256, metavar='N', help='batch size (default: 256)')
     run.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading workers (default: 4)')
-    run.add_argument('--amp', action='store_true', help='autocast with --amp-dtype')
-    run.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    run.add_argument('--num-gpu', type=int, default=1, metavar='N',
+                     help='1 (several GPUs: torchrun, one process each; see README)')
+    run.add_argument('--no-prefetcher', action='store_true', help="no timm prefetcher (normalise in the workers)")
+    run.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the loader')
     run.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
     run.add_argument('--device', default=None, help='device (default: cuda when available, else cpu)')
+    run.add_argument('--amp', action='store_true', help='autocast with --amp-dtype')
+    run.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    run.add_argument('--amp-impl', default='native', choices=('native', 'apex'),
+                     help="AMP implementation of timm < 1.0.23 (only 'native' here)")
+    run.add_argument('--model-dtype', default=None, choices=('float32', 'float16', 'bfloat16'),
+                     help='cast the model and inputs to this dtype instead of AMP (default: float32)')
+    run.add_argument('--tf-preprocessing', action='store_true',
+                     help="TensorFlow's preprocessing (needs TensorFlow installed)")
+    run.add_argument('--fuser', default='', help="TorchScript fuser: '', 'te', 'old' or 'nvfuser'")
+    run.add_argument('--fast-norm', action='store_true', help="timm's experimental fast norm layers")
+    compile_group = run.add_mutually_exclusive_group()
+    compile_group.add_argument('--torchscript', action='store_true', help='torch.jit.script the model')
+    compile_group.add_argument('--torchcompile', nargs='?', default=None, const='inductor', metavar='BACKEND',
+                               help='torch.compile the model with this backend (default: inductor)')
+    compile_group.add_argument('--aot-autograd', action='store_true', help="functorch's memory-efficient fusion")
+    run.add_argument('--torchcompile-mode', default=None, metavar='MODE', help='torch.compile mode (default: None)')
+    run.add_argument('--retry', action='store_true', help='on out-of-memory, retry with smaller batches (timm)')
+    run.add_argument('--seed', type=int, default=42, help='random seed, also of the occlusion masks (default: 42)')
+    run.add_argument('--log-freq', '--log-interval', dest='log_freq', type=int, default=10, metavar='N',
+                     help='batches between progress lines (default: 10)')
+    run.add_argument('--naflex-loader', action='store_true', help="timm's NaFlex loader (not supported here)")
+    run.add_argument('--naflex-max-seq-len', type=int, default=576, metavar='N',
+                     help='sequence length of the NaFlex loader (with --naflex-loader)')
     run.add_argument('--dist-backend', default=None, help='torch.distributed backend (default: nccl / gloo)')
     run.add_argument('--dist-url', default=None, help='torch.distributed init url (default: env://)')
     run.add_argument('--local-rank', '--local_rank', default=0, type=int, help=argparse.SUPPRESS)
-    run.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between progress lines')
+
+
+def _add_occlusion_args(parser: argparse.ArgumentParser) -> None:
     occl = parser.add_argument_group('Occlusion robustness')
     occl.add_argument('--occlusion', type=float, nargs='+', default=[0.], metavar='R',
                       help='shares of patches to drop, each in [0, 1); 0 is the clean accuracy (default: 0)')
@@ -76,11 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'random' patches or 'block' regions (default: random)")
     occl.add_argument('--patch-size', type=int, default=None, metavar='N',
                       help="occlusion patch size in pixels (default: the model's patch size, else 16)")
-    occl.add_argument('--seed', type=int, default=0, help='seed of the occlusion masks (same for every model)')
+
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group('Output')
     out.add_argument('--results-file', default='', metavar='FILE', help='write the rows here too')
     out.add_argument('--results-format', default=None, choices=('csv', 'json'),
                      help='results file format (default: from the file extension, else csv)')
+    out.add_argument('--real-labels', default='', metavar='FILE',
+                     help="ImageNet 'ReaL' labels (real.json): top-1/top-5 against them (timm's RealLabelsImagenet)")
+    out.add_argument('--valid-labels', default='', metavar='FILE',
+                     help='text file of model class indices, one a line: only these logits count, the split\'s '
+                          'classes being these in order (ImageNet-A/R style subsets)')
+    out.add_argument('--metrics-avg', default=None, choices=('micro', 'macro', 'weighted'),
+                     help='also precision, recall and F1 with this averaging (scikit-learn)')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Validate checkpoints: top-1/top-5, clean and occluded')
+    for add in (_add_dataset_args, _add_model_args, _add_run_args, _add_occlusion_args, _add_output_args):
+        add(parser)
     return parser
 
 
@@ -96,16 +183,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f'--occlusion ratios must lie in [0, 1), got {ratio}')
     for flag, value in (('-b/--batch-size', args.batch_size), ('--patch-size', args.patch_size or 1),
                         ('--num-classes', args.num_classes or 1), ('--img-size', args.img_size or 1),
-                        ('--log-interval', args.log_interval)):
+                        ('--log-freq', args.log_freq), ('--num-gpu', args.num_gpu)):
         if value < 1:
             parser.error(f'{flag} must be >= 1, got {value}')
+    if args.naflex_loader:  # accepted for timm's command lines, but cannot apply here
+        parser.error("--naflex-loader: NaFlex batches of varying size do not fit this evaluation (occlusion masks "
+                     "and shards need fixed-size images); use timm's validate.py")
+    if args.amp_impl == 'apex':
+        parser.error('--amp-impl apex: apex AMP is not used for validation here; --amp is native AMP')
+    if args.num_gpu > 1:
+        parser.error(f'--num-gpu {args.num_gpu}: DataParallel is not used here; run `torchrun --nproc_per_node '
+                     f'{args.num_gpu} validate.py ...` (one process a GPU, every image counted once)')
+    if args.amp and args.model_dtype not in (None, 'float32'):
+        parser.error(f'--amp needs a float32 model, not --model-dtype {args.model_dtype}')
     if args.use_ema and not args.checkpoint:
         parser.error('--use-ema needs --checkpoint')
+    if args.crop_mode not in (None, 'center', 'squash', 'border'):
+        parser.error(f"--crop-mode must be 'center', 'squash' or 'border', got '{args.crop_mode}'")
     if args.results_format is None:
         args.results_format = 'json' if args.results_file.endswith('.json') else 'csv'
+    if args.in_chans is None and args.input_size is not None:
+        args.in_chans = args.input_size[0]
+    # timm: without a checkpoint the pretrained weights are validated; a checkpoint replaces them, so none
+    # are fetched then
+    args.pretrained_ignored = args.pretrained and bool(args.checkpoint)
+    args.pretrained = not args.checkpoint
     # what the shared model builder reads besides these flags, at train.py's defaults
-    for key, value in dict(drop=0., drop_path=None, gp=None, in_chans=None, initial_checkpoint='',
-                           grad_checkpointing=False).items():
+    for key, value in dict(drop=0., drop_path=None, initial_checkpoint='', grad_checkpointing=False).items():
         setattr(args, key, value)
     return args
 
@@ -141,58 +245,212 @@ def write_results(rows: List[Dict[str, Any]], path: str, fmt: str) -> None:
             json.dump(rows, f, indent=2)
             f.write('\n')
         else:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
-    """The rows as an aligned text table."""
-    cells = [list(COLUMNS)] + [[str(r[c]) for c in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    """The rows as an aligned text table (columns of the first row)."""
+    columns = list(rows[0])
+    cells = [columns] + [[str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return '\n'.join('  '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in cells)
+
+
+def setup_runtime(args: argparse.Namespace) -> None:
+    """timm's global switches: seed, TorchScript fuser, fast norm layers."""
+    random_seed(args.seed)
+    if args.fuser:
+        try:
+            set_jit_fuser(args.fuser)
+        except (AssertionError, RuntimeError) as e:
+            raise ConfigError(f'--fuser {args.fuser}: {e}') from None
+    if args.fast_norm:
+        set_fast_norm()
+
+
+def dataset_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """timm's `create_dataset` arguments from the dataset flags."""
+    in_chans = args.in_chans or 3
+    return dict(download=args.dataset_download, num_samples=args.num_samples, input_key=args.input_key,
+                target_key=args.target_key, input_img_mode=args.input_img_mode or ('RGB' if in_chans == 3 else 'L'),
+                trust_remote_code=args.dataset_trust_remote_code, load_bytes=args.tf_preprocessing)
+
+
+def read_valid_labels(path: str) -> torch.Tensor:
+    """The class indices of --valid-labels (one integer a line)."""
+    try:
+        with open(path) as f:
+            return torch.tensor([int(line) for line in f if line.strip()], dtype=torch.long)
+    except OSError as e:
+        raise ConfigError(f"--valid-labels '{path}': {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"--valid-labels '{path}': not one integer a line ({e})") from None
+
+
+def compile_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """--torchscript, --torchcompile [--torchcompile-mode] or --aot-autograd, as timm's validate.py does."""
+    if args.torchscript:
+        return torch.jit.script(model)
+    if args.torchcompile:
+        return torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+    if args.aot_autograd:
+        from functorch.compile import memory_efficient_fusion
+        return memory_efficient_fusion(model)
+    return model
+
+
+def read_real_labels(dataset, path: str) -> RealLabelsImagenet:
+    """timm's ReaL evaluator for the split's files, which must be ImageNet's val files that `path` lists."""
+    try:
+        real = RealLabelsImagenet(dataset.filenames(basename=True), real_json=path)
+    except OSError as e:
+        raise ConfigError(f"--real-labels '{path}': {e.strerror}") from None
+    except AssertionError:
+        raise ConfigError(f"--real-labels '{path}' lists another number of images than the split "
+                          f"has ({len(dataset)})") from None
+    unknown = [f for f in real.filenames if f not in real.real_labels]
+    if unknown:
+        raise ConfigError(f"--real-labels '{path}': '{unknown[0]}' is not an ImageNet val file name "
+                          f"(ILSVRC2012_val_NNNNNNNN.JPEG)")
+    return real
+
+
+class OutputRecorder:
+    """Collects what --real-labels and --metrics-avg need from each batch's logits."""
+
+    def __init__(self, real_labels: Optional[RealLabelsImagenet], metrics_avg: Optional[str]) -> None:
+        self.real_labels, self.metrics_avg = real_labels, metrics_avg
+        self.predictions: List[torch.Tensor] = []
+        self.targets: List[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.real_labels is not None:
+            self.real_labels.add_result(logits)
+        if self.metrics_avg:
+            self.predictions.append(logits.argmax(dim=1).cpu())
+            self.targets.append(targets.cpu())
+
+    def results(self) -> Dict[str, float]:
+        """ReaL top-1/top-5 replacing the plain ones, and precision/recall/F1 over all ranks (%)."""
+        out: Dict[str, float] = {}
+        if self.real_labels is not None:
+            out.update(top1=self.real_labels.get_accuracy(k=1), top5=self.real_labels.get_accuracy(k=5))
+        if self.metrics_avg:
+            pairs = [(torch.cat(self.predictions), torch.cat(self.targets))]
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                gathered = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(gathered, pairs[0])
+                pairs = gathered
+            predictions = torch.cat([p for p, _ in pairs]).numpy()
+            targets = torch.cat([t for _, t in pairs]).numpy()
+            avg = self.metrics_avg
+            for name, score in (('precision', precision_score), ('recall', recall_score), ('f1_score', f1_score)):
+                out[f'{avg}_{name}'] = round(100 * score(targets, predictions, average=avg, zero_division=0), 4)
+        return out
+
+
+def evaluate_with_retry(run: Callable[[int], Dict[str, Any]], batch_size: int, retry: bool) -> Dict[str, Any]:
+    """run(batch_size); with --retry, an out-of-memory error retries with timm's smaller batch steps."""
+    while True:
+        try:
+            return run(batch_size)
+        except RuntimeError as e:
+            if not retry or not check_batch_size_retry(str(e)) or decay_batch_step(batch_size) < 1:
+                raise
+            batch_size = decay_batch_step(batch_size)
+            _logger.warning(f'"{e}" while validating; retrying with batch size {batch_size}')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if not is_model(args.model):
+        raise ConfigError(f"--model {args.model}: unknown timm model (timm's bulk validation of 'all', wildcards or "
+                          f"a file of names is not supported here: validate one model at a time)")
+    if args.tf_preprocessing and importlib.util.find_spec('tensorflow') is None:
+        raise ConfigError('--tf-preprocessing needs TensorFlow, which is not installed (pip install tensorflow-cpu)')
+    if args.metrics_avg and not has_sklearn:
+        raise ConfigError('--metrics-avg needs scikit-learn, which is not installed')
     device = init_device(args)
     setup_logging(is_primary(args))
-    dataset = build_dataset(args, args.split, '--split', is_training=False)
+    setup_runtime(args)
+    if args.pretrained_ignored:
+        _logger.info("--pretrained ignored: the weights of --checkpoint are validated")
+    dataset = build_dataset(args, args.split, '--split', is_training=False, **dataset_kwargs(args))
     found = num_dataset_classes(dataset)
-    if args.num_classes and found and found > args.num_classes:
-        raise ConfigError(f'--num-classes {args.num_classes} is less than the {found} classes of --split {args.split}')
-    num_classes = args.num_classes or found
-    if num_classes is None:
-        raise ConfigError('--num-classes is required for this dataset (it does not list its classes)')
-    model = build_student(args, num_classes)
-    data_config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct), model=model)
+    valid_labels = read_valid_labels(args.valid_labels) if args.valid_labels else None
+    if valid_labels is not None:
+        if found is not None and found != len(valid_labels):
+            raise ConfigError(f"--valid-labels '{args.valid_labels}' lists {len(valid_labels)} classes, the split "
+                              f"{args.split} has {found}")
+        num_classes = args.num_classes  # the model's own unless given: the subset indexes its classes
+    else:
+        if args.num_classes and found and found > args.num_classes:
+            raise ConfigError(f'--num-classes {args.num_classes} is less than the {found} classes of --split '
+                              f'{args.split}')
+        num_classes = args.num_classes or found
+        if num_classes is None:
+            raise ConfigError('--num-classes is required for this dataset (it does not list its classes)')
+    if args.real_labels and args.distributed:
+        raise ConfigError('--real-labels needs one process (it follows the image order of the whole split)')
+    with set_layer_config(scriptable=args.torchscript or None):
+        try:
+            model = build_student(args, num_classes)
+        except (RuntimeError, OSError) as e:
+            if not args.pretrained:
+                raise
+            raise ConfigError(f"--model {args.model}: timm's pretrained weights are not available ({e}); pass "
+                              f"--checkpoint") from None
+    if valid_labels is not None and int(valid_labels.max()) >= model.num_classes:
+        raise ConfigError(f"--valid-labels '{args.valid_labels}' has class {int(valid_labels.max())}, the model "
+                          f"only {model.num_classes} classes")
+    data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size,
+                                      verbose=is_primary(args))
     patch = args.patch_size or patch_size_of(model) or 16
     height, width = data_config['input_size'][-2:]
     if height % patch or width % patch:
         raise ConfigError(f'--patch-size {patch} does not divide the input size {height}x{width} (--img-size)')
     amp_dtype = (torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16) if args.amp else None
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
     sources = checkpoint_files(args.checkpoint) if args.checkpoint else ['pretrained']
     rows = []
     for source in sources:
         if args.checkpoint:
             load_weights(model, source, args.use_ema)
-        model.to(device)
+        net = reparameterize_model(model) if args.reparam else model
+        test_time_pool = False
+        if args.test_pool:
+            net, test_time_pool = apply_test_time_pool(net, data_config)
+        crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
+        net = net.to(device=device, dtype=model_dtype)
         if args.channels_last:
-            model.to(memory_format=torch.channels_last)
+            net = net.to(memory_format=torch.channels_last)
+        net = compile_model(net, args)
         for ratio in args.occlusion:
             images = dataset
             if ratio > 0:
                 masks = occlusion_masks(len(dataset), (height // patch, width // patch), ratio,
                                         args.occlusion_mode, seed=args.seed * 1000 + round(ratio * 1000))
                 images = OccludedDataset(dataset, masks, patch)
-            loader = build_eval_loader(images, data_config, args.batch_size, args.workers, args.distributed,
-                                       device=device, use_prefetcher=False)
+            recorder = OutputRecorder(read_real_labels(dataset, args.real_labels) if args.real_labels else None,
+                                      args.metrics_avg)
             label = f'{os.path.basename(source)} occlusion {ratio:g}'
-            result = evaluate(model, Progress(loader, label, args.log_interval, args.world_size), device,
-                              amp_dtype=amp_dtype)
+
+            def run(batch_size: int) -> Dict[str, Any]:
+                loader = build_eval_loader(
+                    images, dict(data_config, crop_pct=crop_pct), batch_size, args.workers, args.distributed,
+                    device=device, use_prefetcher=not args.no_prefetcher and ratio == 0, pin_memory=args.pin_mem,
+                    crop_border_pixels=args.crop_border_pixels, tf_preprocessing=args.tf_preprocessing)
+                return evaluate(net, Progress(loader, label, args.log_freq, args.world_size), device,
+                                amp_dtype=amp_dtype, input_dtype=model_dtype, class_subset=valid_labels,
+                                on_output=recorder)
+
+            result = dict(evaluate_with_retry(run, args.batch_size, args.retry), **recorder.results())
             rows.append(dict(model=args.model, checkpoint=source + (' (EMA)' if args.use_ema else ''),
                              occlusion=ratio, top1=round(result['top1'], 3), top5=round(result['top5'], 3),
-                             images=result['count'], seconds=round(result['seconds'], 2)))
+                             images=result['count'], seconds=round(result['seconds'], 2),
+                             **{k: v for k, v in result.items() if k.startswith(str(args.metrics_avg))}))
     if is_primary(args):
         print(format_table(rows))
         if args.results_file:

@@ -7,14 +7,15 @@
 #   OUTPUT_DIR   runs go to OUTPUT_DIR/<row>, all rows to OUTPUT_DIR/results.csv (default: output/imagenet)
 # Environment:
 #   PER_GPU_BATCH=128  images per GPU per step; the global batch stays 1024 via --grad-accum-steps
-#   PYTHON=python3     interpreter for train.py / validate.py
+#   PYTHON             interpreter for train.py / validate.py (default: the active virtualenv, else .venv,
+#                      else the active conda environment; scripts/python_env.sh)
 #   OCCLUSION="0 0.25 0.5 0.75"  shares of 16 px patches dropped at validation (0 = clean)
 #   DRY_RUN=1          print the commands instead of running them
 # A row whose OUTPUT_DIR/<row>/summary.csv already lists every epoch is not trained again (only validated).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python3}"
+source "$REPO/scripts/python_env.sh"
 PER_GPU_BATCH="${PER_GPU_BATCH:-128}"
 OCCLUSION="${OCCLUSION:-0 0.25 0.5 0.75}"
 GLOBAL_BATCH=1024

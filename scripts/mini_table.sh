@@ -8,7 +8,7 @@
 #   --quick   tiny data (30 train / 10 val images a class), 1 seed, 1 epoch: checks every column in ~1-2 minutes
 #   --out     working folder (default: output/mini_table, or output/mini_table_quick with --quick); it holds
 #             data/, teacher/, runs/<method>-s<seed>/ and table.md. Finished runs (validate.csv present) are reused.
-# Environment: PYTHON (default: .venv/bin/python when present, else python3), SEEDS (default "0 1 2"; quick: "0"),
+# Environment: PYTHON (default: the active virtualenv, else .venv, else conda; scripts/python_env.sh), SEEDS (default "0 1 2"; quick: "0"),
 #   EPOCHS (student epochs; default: configs/mini/vit_student.yaml's 13; quick: 1).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,9 +22,8 @@ while [ $# -gt 0 ]; do
            exit 2 ;;
     esac
 done
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
-fi
+REPO=$HERE
+source "$HERE/scripts/python_env.sh"
 if [ "$QUICK" = 1 ]; then
     OUT=${OUT:-output/mini_table_quick}
     SEEDS=${SEEDS:-0}

@@ -118,8 +118,11 @@ def _flag(args: Any, name: str, default: Any = None) -> Any:
 
 
 def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
-                  class_to_idx: Optional[Dict[str, int]] = None):
-    """The dataset of one split via timm's `create_dataset`, checked first when it is a plain image folder."""
+                  class_to_idx: Optional[Dict[str, int]] = None, **dataset_kwargs: Any):
+    """The dataset of one split via timm's `create_dataset`, checked first when it is a plain image folder.
+
+    `dataset_kwargs` go to `create_dataset` as they are (download, input_key, target_key, num_samples, ...).
+    """
     class_map: Any = args.class_map
     if class_map and not os.path.isfile(class_map):
         raise ConfigError(f"--class-map '{class_map}': no such file")
@@ -136,12 +139,13 @@ def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
     channels = _flag(args, 'in_chans') or (input_size[0] if input_size else 3)
     extra = dict(num_samples=_flag(args, 'train_num_samples'), repeats=_flag(args, 'epoch_repeats', 0)) \
         if is_training else dict(num_samples=_flag(args, 'val_num_samples'))
+    options = dict(download=_flag(args, 'dataset_download', False),
+                   input_img_mode=_flag(args, 'input_img_mode') or ('L' if channels == 1 else 'RGB'),
+                   trust_remote_code=_flag(args, 'dataset_trust_remote_code', False), **keys, **extra)
+    options.update(dataset_kwargs)
     try:
-        dataset = create_dataset(
-            args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=class_map,
-            download=_flag(args, 'dataset_download', False), batch_size=args.batch_size, seed=args.seed,
-            input_img_mode=_flag(args, 'input_img_mode') or ('L' if channels == 1 else 'RGB'),
-            trust_remote_code=_flag(args, 'dataset_trust_remote_code', False), **keys, **extra)
+        dataset = create_dataset(args.dataset, root=args.data_dir, split=split, is_training=is_training,
+                                 class_map=class_map, batch_size=args.batch_size, seed=args.seed, **options)
     except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found. You can use download=True"
         raise ConfigError(f"--dataset {args.dataset} ({flag} '{split}'): {e}") from None
     if len(dataset) == 0:

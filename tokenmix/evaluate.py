@@ -19,6 +19,7 @@ from timm.data import create_loader
 __all__ = ['ShardedDataset', 'build_eval_loader', 'evaluate']
 
 InputTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OutputHook = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 class ShardedDataset(Dataset):
@@ -50,8 +51,12 @@ class ShardedDataset(Dataset):
 
 def build_eval_loader(dataset: Dataset, data_config: Dict[str, Any], batch_size: int, workers: int,
                       distributed: bool, *, device: Optional[torch.device] = None, use_prefetcher: bool = True,
-                      pin_memory: bool = False):
-    """timm's eval loader (resize, centre crop, normalise per `data_config`) over this rank's shard."""
+                      pin_memory: bool = False, crop_border_pixels: Optional[int] = None,
+                      tf_preprocessing: bool = False):
+    """timm's eval loader (resize, centre crop, normalise per `data_config`) over this rank's shard.
+
+    `crop_border_pixels` and `tf_preprocessing` have the meaning of timm's validate.py flags of those names.
+    """
     if distributed:
         dataset = ShardedDataset(dataset, dist.get_rank(), dist.get_world_size())
     return create_loader(
@@ -65,6 +70,8 @@ def build_eval_loader(dataset: Dataset, data_config: Dict[str, Any], batch_size:
         num_workers=workers,
         crop_pct=data_config['crop_pct'],
         crop_mode=data_config.get('crop_mode'),
+        crop_border_pixels=crop_border_pixels,
+        tf_preprocessing=tf_preprocessing,
         pin_memory=pin_memory,
         device=device if device is not None else torch.device('cpu'),
         use_prefetcher=use_prefetcher,
@@ -73,11 +80,15 @@ def build_eval_loader(dataset: Dataset, data_config: Dict[str, Any], batch_size:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
-             input_transform: Optional[InputTransform] = None) -> Dict[str, float]:
+             input_transform: Optional[InputTransform] = None, input_dtype: Optional[torch.dtype] = None,
+             class_subset: Optional[torch.Tensor] = None, on_output: Optional[OutputHook] = None) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over every image the loaders of all ranks yield.
 
     `model` must not be DDP-wrapped (ranks run different numbers of batches). `input_transform(images, targets)`
-    returns the images to classify. Returns dict(top1, top5, loss, count, seconds); all but `seconds` are global.
+    returns the images to classify; `input_dtype` casts them (a model in another dtype). `class_subset` keeps
+    only those logit columns, in that order, so targets index the subset (timm's --valid-labels).
+    `on_output(logits, targets)` sees each batch's (subset) logits. Returns dict(top1, top5, loss, count,
+    seconds); all but `seconds` are global.
     """
     start = time.perf_counter()
     was_training = model.training
@@ -85,12 +96,16 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp_dtype:
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct top-1, correct top-5, loss, images
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
+        images, targets = images.to(device, dtype=input_dtype), targets.to(device)
         if input_transform is not None:
             images = input_transform(images, targets)
         with autocast():
             logits = model(images)
         logits = logits.float()
+        if class_subset is not None:
+            logits = logits[:, class_subset.to(device)]
+        if on_output is not None:
+            on_output(logits, targets)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top.eq(targets.view(-1, 1))
