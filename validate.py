@@ -271,11 +271,8 @@ def setup_runtime(args: argparse.Namespace) -> None:
 
 
 def dataset_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """timm's `create_dataset` arguments from the dataset flags."""
-    in_chans = args.in_chans or 3
-    return dict(download=args.dataset_download, num_samples=args.num_samples, input_key=args.input_key,
-                target_key=args.target_key, input_img_mode=args.input_img_mode or ('RGB' if in_chans == 3 else 'L'),
-                trust_remote_code=args.dataset_trust_remote_code, load_bytes=args.tf_preprocessing)
+    """The `create_dataset` arguments of validate.py's own flags (the shared ones are read by `build_dataset`)."""
+    return dict(num_samples=args.num_samples, load_bytes=args.tf_preprocessing)
 
 
 def read_valid_labels(path: str) -> torch.Tensor:
