@@ -29,6 +29,7 @@ from tokenmix.logger import RunLogger, add_log_file, setup_logging
 from tokenmix.mixing import build_criterion, build_mixer, build_teacher_from_args, mixer_generator
 from tokenmix.model import build_student, check_input_size, patch_size_of
 from tokenmix.precision import setup_precision
+from tokenmix.teacher_maps import wrap_train_dataset
 
 _logger = logging.getLogger('train')
 
@@ -74,6 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     token_size = args.tokenmix_patch_size or patch_size_of(model) or 16
     check_input_size(model, data_config['input_size'], token_size if args.tokenmix else None)
     teacher = build_teacher_from_args(args, num_classes, data_config['mean'], data_config['std'], device)
+    train_dataset = wrap_train_dataset(args, train_dataset, data_config['input_size'], token_size)
 
     model.to(device)
     if args.channels_last:
