@@ -23,7 +23,7 @@ from torchvision import transforms
 
 from conftest import ROOT, TINY_TEACHER, load_script
 from mixup_ext import TokenMix, crop_map, own_class_maps, own_map_from_topk, truncate_to_topk
-from models import Teacher
+from models import Teacher, build_teacher
 from tokenmix.errors import ConfigError
 from tokenmix.teacher_maps import (FORMAT, MANIFEST, AuthorsMapStore, MapStore, StoredMapDataset, StoredMapsMixer,
                                    map_box, open_map_store, write_json_atomic, write_shard)
@@ -229,3 +229,122 @@ def test_stored_maps_match_online_teacher(tool, smooth_data, pointwise_checkpoin
     assert gap.mean() < 0.005 and gap.max() < 0.05, gap
     # the weights are far from area weights: the agreement is not that of two maps that say nothing
     assert (with_teacher.last_weights - area.last_weights).abs()[usable].mean() > 10 * gap.mean()
+
+
+def _precompute_argv(data: str, checkpoint: str, out: str, size: int = 32, shard: int = 4):
+    return ['--data-dir', data, '--teacher-model', TINY_TEACHER, '--teacher-checkpoint', checkpoint, '--out', out,
+            '--img-size', str(size), '--shard-size', str(shard), '--workers', '0', '-b', '2']
+
+
+def _read_store(path: str):
+    store = MapStore(path)
+    return {key: store.read(key) for key in store.index}
+
+
+@pytest.fixture(scope='module')
+def tiny_store(tool, tiny_data, teacher_checkpoint, tmp_path_factory) -> str:
+    """The tiny CNN teacher's top-5 maps of the tiny train split, written by one process."""
+    out = str(tmp_path_factory.mktemp('store') / 'maps')
+    assert tool.main(_precompute_argv(tiny_data, teacher_checkpoint, out)) == 0
+    return out
+
+
+def _children(pid: int):
+    """Process ids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                if entry.isdigit() and int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir('/proc'),
+                    reason='needs torch.distributed and /proc')
+def test_precompute_two_processes_killed_then_resumed(tool, tiny_store, tiny_data, teacher_checkpoint, tmp_path):
+    out = str(tmp_path / 'maps')
+    argv = _precompute_argv(tiny_data, teacher_checkpoint, out, size=160, shard=2)  # 30 shards of 2 images
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(ROOT, 'tools', 'precompute_teacher_maps.py'), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:  # kill both workers (SIGKILL, no clean-up) as soon as a first shard is complete
+        deadline = time.monotonic() + 180
+        while not (os.path.isdir(out) and any(f.startswith('shard') and f.endswith('.json') for f in os.listdir(out))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.01)
+    finally:  # torchrun starts each worker in a session of its own: kill the workers, then torchrun
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+    log = proc.stdout.read().decode()
+    assert '[rank 1/2]' in log, log[-2000:]  # a second process, with every other shard
+    done = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)
+            if f.startswith('shard') and f.endswith('.json')}
+    assert 0 < len(done) < 30
+    with pytest.raises(ConfigError, match='incomplete store'):  # a killed run is never taken for a store
+        MapStore(out)
+
+    assert tool.main(argv) == 0  # resumed by one process: shards do not depend on the number of processes
+    for f, mtime in done.items():  # finished shards are not redone
+        assert os.stat(os.path.join(out, f)).st_mtime_ns == mtime
+    names = os.listdir(out)
+    assert len(names) == 61 and not [f for f in names if '.tmp-' in f]  # manifest + 30 x (data, keys)
+
+    # each entry: the teacher's top-5 scores and classes of the whole image resized to 160 x 160
+    stored = _read_store(out)
+    assert len(stored) == 60
+    teacher = build_teacher(TINY_TEACHER, checkpoint=teacher_checkpoint, num_classes=10)
+    for key in ('0/00000.png', '7/00003.png'):
+        image = Image.open(os.path.join(tiny_data, 'train', key)).convert('RGB').resize((160, 160), Image.BILINEAR)
+        x = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(transforms.functional.to_tensor(image))
+        values, indices = teacher(x[None])[0].topk(5, dim=0)
+        assert stored[key][0].shape == (5, 20, 20)
+        assert torch.allclose(stored[key][0], values, rtol=1e-3, atol=1e-3)
+        assert torch.equal(stored[key][1], indices)
+    with open(os.path.join(out, MANIFEST)) as f:
+        manifest = json.load(f)
+    assert (manifest['teacher'], manifest['topk'], manifest['map_size'], manifest['img_size'], manifest['split'],
+            manifest['classes'], manifest['coverage']) == (
+        TINY_TEACHER, 5, [20, 20], 160, 'train', [str(c) for c in range(10)], 'whole')
+
+
+def test_precompute_refuses_other_settings_in_the_same_store(tool, tiny_store, tiny_data, teacher_checkpoint, capsys):
+    argv = _precompute_argv(tiny_data, teacher_checkpoint, tiny_store)
+    assert tool.main(argv) == 0  # a complete store: nothing to redo
+    assert tool.run_cli(tool.main, 'precompute_teacher_maps.py', argv + ['--topk', '3']) == 2
+    assert 'holds a store made with other settings (topk)' in capsys.readouterr().err
+
+
+def test_train_from_stored_maps_with_workers_and_resume(train_script, train_argv, tiny_store, tmp_path):
+    argv = train_argv('--tokenmix', '--mixup', '0.8', '--cutmix', '1.0', '--teacher-maps', tiny_store,
+                      '--teacher-topk', '3', '--teacher-model', TINY_TEACHER, '--aa', 'rand-m9-mstd0.5-inc1',
+                      '--workers', '2', '--epochs', '1', '--checkpoint-hist', '1')
+    assert train_script.run_main(argv) == 0
+    run = tmp_path / 'out' / 'run'
+    assert train_script.run_main(argv[:-4] + ['--epochs', '2', '--resume', str(run / 'last.pth.tar'),
+                                              '--experiment', 'resumed']) == 0
+    log = (tmp_path / 'out' / 'resumed' / 'log.txt').read_text()
+    assert 'eval epoch 1: top-1' in log and 'eval epoch 0' not in log
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(teacher='resnet50'), "made by teacher 'resnet50', not --teacher-model 'tokenmix_cnn_teacher_64'"),
+    (dict(classes=[str(c) for c in range(9)]), 'made for 9 classes that differ'),
+    (dict(split='val', split_folder='val'), "holds split 'val', the train split is 'train'"),
+    (dict(topk=2), '--teacher-topk 3: .* keeps only the top 2'),
+])
+def test_stored_maps_mismatch_errors(train_script, train_argv, tiny_store, tmp_path, capsys, change, message):
+    store = tmp_path / 'maps'
+    shutil.copytree(tiny_store, store)
+    manifest = json.loads((store / MANIFEST).read_text())
+    (store / MANIFEST).write_text(json.dumps(dict(manifest, **change)))
+    argv = train_argv('--tokenmix', '--cutmix', '1.0', '--teacher-maps', str(store), '--teacher-topk', '3',
+                      '--teacher-model', TINY_TEACHER)
+    assert train_script.run_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and __import__('re').search(message, err), err
