@@ -348,3 +348,18 @@ def test_stored_maps_mismatch_errors(train_script, train_argv, tiny_store, tmp_p
     assert train_script.run_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and __import__('re').search(message, err), err
+
+
+@pytest.mark.parametrize('maps', ['', '/maps/authors'])
+def test_teacher_table_precomputes_the_store_then_trains_from_it(maps):
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'ablation_teacher.sh'), '8', '/data', '/runs'],
+                          capture_output=True, text=True, env=dict(os.environ, DRY_RUN='1', PYTHON='py',
+                                                                   TEACHER_MAPS=maps))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if 'stored_maps' in line or 'precompute' in line]
+    store = maps or '/runs/teacher_maps/dm_nfnet_f6_576'
+    assert ('precompute_teacher_maps.py' in lines[0]) == (not maps)
+    if not maps:
+        assert '--nproc_per_node 8' in lines[0] and f'--out {store}' in lines[0] and '--img-size 576' in lines[0]
+    train = next(line for line in lines if 'distributed_train.sh' in line)
+    assert train.endswith(f'--teacher-maps {store}')
