@@ -138,6 +138,20 @@ def stored_batches(batches: List[tuple], grid: tuple) -> List[tuple]:
     return out
 
 
+def mixer_cost(mixer, batches: List[tuple], repeats: int) -> float:
+    """Seconds per batch of the mixer call alone, the minimum over `repeats` calls (robust on a shared machine)."""
+    best = float('inf')
+    for i in range(repeats):
+        images, targets = batches[i % len(batches)]
+        images = images.clone()
+        synchronize(images.device)
+        start = time.perf_counter()
+        mixer(images, targets)
+        synchronize(images.device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def map_cut_cost(grid: tuple, map_size: int = 18, k: int = 5, repeats: int = 2000) -> float:
     """Microseconds per sample to turn a stored top-k entry into its crop's map on the grid (loader-worker work)."""
     values, indices = torch.randn(k, map_size, map_size), torch.randint(0, 1000, (k, map_size, map_size))
@@ -204,6 +218,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         pairs = [s / a for s, a in zip(results['tokenmix-stored'], results['tokenmix-area'])]
         print(f'tokenmix-stored / tokenmix-area, same round: median {statistics.median(pairs):.3f} '
               f'(rounds {", ".join(f"{p:.3f}" for p in pairs)}; goal >= 0.98)')
+        area_mix = mixer_cost(mixers['tokenmix-area'], batches, 4 * args.steps)
+        stored_mix = mixer_cost(mixers['tokenmix-stored'], stored, 4 * args.steps)
+        step = args.batch_size / max(results['tokenmix-area'])  # the best round's step: the least disturbed
+        print(f'mixer alone (min of {4 * args.steps} calls): area {area_mix * 1e3:.2f} ms, stored '
+              f'{stored_mix * 1e3:.2f} ms a batch; the difference is {(stored_mix - area_mix) / step:+.4f} of a '
+              f'best-round area step, i.e. stored at {step / (step + stored_mix - area_mix):.3f}x area')
     if 'tokenmix-teacher' in mixers:
         teacher = mixers['tokenmix-teacher'].teacher
         teacher_rate = teacher_cost(teacher, SyntheticLoader(batches, args.steps + args.warmup_steps),
