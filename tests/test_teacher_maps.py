@@ -365,3 +365,28 @@ def test_teacher_table_precomputes_the_store_then_trains_from_it(maps):
         assert '--nproc_per_node 8' in lines[0] and f'--out {store}' in lines[0] and '--img-size 576' in lines[0]
     train = next(line for line in lines if 'distributed_train.sh' in line)
     assert train.endswith(f'--teacher-maps {store}')
+
+
+@pytest.mark.parametrize('mode', ['batch', 'pair', 'elem'])
+def test_stored_maps_mixer_equals_tokenmix_with_those_maps(mode):
+    """Every mask mode: the maps a batch carries give the weights a teacher returning those maps would give."""
+    torch.manual_seed(0)
+    x, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    own = torch.rand(8, 4, 4) * (torch.rand(8, 4, 4) > 0.5)
+    full = torch.zeros(8, 5, 4, 4)
+    full[torch.arange(8), labels] = own
+    kwargs = dict(mixup_alpha=0.8, cutmix_alpha=1., num_classes=5, patch_size=4, mode=mode, target_norm='sum',
+                  min_tokens=1)
+    teacher = TokenMix(**kwargs, teacher=lambda _: full, generator=torch.Generator().manual_seed(3))
+    stored = StoredMapsMixer(TokenMix(**kwargs, generator=torch.Generator().manual_seed(3)))
+    token_batches = 0
+    for _ in range(6):  # Mixup and token batches
+        mixed_t, target_t = teacher(x.clone(), labels)
+        mixed_s, target_s = stored(x.clone(), torch.cat([labels.float()[:, None], own.flatten(1)], dim=1))
+        assert torch.equal(mixed_t, mixed_s) and torch.allclose(target_t, target_s)
+        token_batches += stored.last_mask is not None
+    assert token_batches >= 2
+    stored.mixup_enabled = False  # --mixup-off-epoch reaches the wrapped TokenMix
+    assert not stored.tokenmix.mixup_enabled
+    with pytest.raises(ValueError, match=r'stored-map targets must be B x \(1 \+ 4 \* 4\)'):
+        stored(x.clone(), labels)
