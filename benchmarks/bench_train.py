@@ -205,25 +205,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     print(f'{args.model} @ {args.img_size}px, teacher {args.teacher_model}, batch {args.batch_size}, '
           f'{args.steps} steps x {args.rounds} rounds, amp {args.amp_dtype or "off"}, {where}')
-    print(f'{"configuration":<24}{"img/s (median)":>16}{"ratio":>8}{"min..max":>20}' +
+    mix_ms = {name: 1e3 * mixer_cost(mixer, stored if name == 'tokenmix-stored' else batches, 4 * args.steps)
+              for name, mixer in mixers.items()}
+    print(f'{"configuration":<24}{"img/s (median)":>16}{"ratio":>8}{"min..max":>20}{"mixer ms (min)":>16}' +
           (f'{"peak GiB":>10}' if peak else ''))
     for name, values in results.items():
         median = statistics.median(values)
         spread = f'{min(values):.1f}..{max(values):.1f}'
-        line = f'{name:<24}{median:>16.1f}{median / base:>8.2f}{spread:>20}'
+        line = f'{name:<24}{median:>16.1f}{median / base:>8.2f}{spread:>20}{mix_ms[name]:>16.2f}'
         print(line + (f'{peak[name]:>10.2f}' if peak else ''))
-    print(f'stored maps: cutting one image\'s 18 x 18 top-5 entry to its crop on the {grid[0]} x {grid[1]} grid '
-          f'takes {map_cut_cost(grid):.0f} us on one CPU thread (in the loader workers, not in the rows above)')
     if {'tokenmix-area', 'tokenmix-stored'} <= set(results):
         pairs = [s / a for s, a in zip(results['tokenmix-stored'], results['tokenmix-area'])]
         print(f'tokenmix-stored / tokenmix-area, same round: median {statistics.median(pairs):.3f} '
               f'(rounds {", ".join(f"{p:.3f}" for p in pairs)}; goal >= 0.98)')
-        area_mix = mixer_cost(mixers['tokenmix-area'], batches, 4 * args.steps)
-        stored_mix = mixer_cost(mixers['tokenmix-stored'], stored, 4 * args.steps)
-        step = args.batch_size / max(results['tokenmix-area'])  # the best round's step: the least disturbed
-        print(f'mixer alone (min of {4 * args.steps} calls): area {area_mix * 1e3:.2f} ms, stored '
-              f'{stored_mix * 1e3:.2f} ms a batch; the difference is {(stored_mix - area_mix) / step:+.4f} of a '
-              f'best-round area step, i.e. stored at {step / (step + stored_mix - area_mix):.3f}x area')
+        step_ms = 1e3 * args.batch_size / max(results['tokenmix-area'])  # the best round: the least disturbed
+        extra = mix_ms['tokenmix-stored'] - mix_ms['tokenmix-area']
+        print(f'from the mixers alone (min of {4 * args.steps} calls): stored costs {extra:+.2f} ms a batch over area, '
+              f'{extra / step_ms:+.4f} of a best-round area step, i.e. stored at {step_ms / (step_ms + extra):.3f}x')
+    print(f'stored maps: cutting one image\'s 18 x 18 top-5 entry to its crop on the {grid[0]} x {grid[1]} grid '
+          f'takes {map_cut_cost(grid):.0f} us on one CPU thread (in the loader workers, not in the rows above)')
     if 'tokenmix-teacher' in mixers:
         teacher = mixers['tokenmix-teacher'].teacher
         teacher_rate = teacher_cost(teacher, SyntheticLoader(batches, args.steps + args.warmup_steps),
