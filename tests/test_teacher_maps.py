@@ -25,6 +25,7 @@ from torchvision import transforms
 from conftest import ROOT, TINY_TEACHER, load_script
 from mixup_ext import TokenMix, crop_map, own_class_maps, own_map_from_topk, truncate_to_topk
 from models import Teacher, build_teacher
+from tokenmix.args import parse_args
 from tokenmix.errors import ConfigError
 from tokenmix.teacher_maps import (FORMAT, MANIFEST, AuthorsMapStore, MapStore, StoredMapDataset, StoredMapsMixer,
                                    map_box, open_map_store, write_json_atomic, write_shard)
@@ -391,3 +392,24 @@ def test_stored_maps_mixer_equals_tokenmix_with_those_maps(mode):
     assert not stored.tokenmix.mixup_enabled
     with pytest.raises(ValueError, match=r'stored-map targets must be B x \(1 \+ 4 \* 4\)'):
         stored(x.clone(), labels)
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--tokenmix', '--cutmix', '1', '--teacher-maps', 'm', '--teacher-checkpoint', 't.pth'],
+     '--teacher-checkpoint is for an online teacher; --teacher-maps reads stored maps'),
+    (['--cutmix', '1', '--teacher-maps', 'm'], '--teacher-maps gives TokenMix its label weights'),
+    (['--tokenmix', '--cutmix', '1', '--teacher-maps', 'm', '--tokenmix-target', 'area'],
+     '--teacher-maps gives TokenMix its label weights'),
+    (['--tokenmix', '--cutmix', '1', '--teacher-maps', 'm', '--skip-bad-images'], '--skip-bad-images loads the next'),
+    (['--tokenmix', '--cutmix', '1', '--teacher-topk', '5'], '--teacher-topk needs --teacher-model'),
+    (['--tokenmix', '--cutmix', '1', '--teacher-maps', 'm', '--teacher-topk', '-1'], '--teacher-topk must be >= 0'),
+])
+def test_stored_map_flag_errors(extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(['--data-dir', 'd', *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_store_is_one_line(train_script, train_argv, tmp_path, capsys):
+    assert train_script.run_main(train_argv('--tokenmix', '--cutmix', '1', '--teacher-maps', str(tmp_path / 'no'))) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--teacher-maps '{tmp_path / 'no'}' is not a directory")

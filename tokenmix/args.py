@@ -344,7 +344,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error('--teacher-maps gives TokenMix its label weights: add --tokenmix (and --cutmix > 0) '
                          'without --tokenmix-target area')
     elif not args.teacher_model:
-        for dest, flag in teacher_flags.items():
+        for dest, flag in dict(teacher_flags, teacher_topk='--teacher-topk').items():
             if getattr(args, dest):
                 parser.error(f'{flag} needs --teacher-model')
         if args.tokenmix_target == 'teacher':
