@@ -114,10 +114,6 @@ class MapStore:
             raise ConfigError(f"map store '{root}': {MANIFEST} is not a {FORMAT} manifest")
         return manifest
 
-    @property
-    def teacher(self) -> Optional[str]:
-        return self.manifest['teacher']
-
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
@@ -138,7 +134,6 @@ class AuthorsMapStore:
     """The authors' layout, ``ROOT/<class folder>/<image stem>.pt`` with fp16 ``[2, K, h, w]`` (centre square)."""
 
     coverage = 'centre'
-    teacher = None
 
     def __init__(self, root: str) -> None:
         self.root = root
@@ -148,7 +143,6 @@ class AuthorsMapStore:
                 self.files.update(f'{entry.name}/{name}' for name in os.listdir(entry.path) if name.endswith('.pt'))
         if not self.files:
             raise ConfigError(f"--teacher-maps '{root}': neither a {MANIFEST} nor <class>/<image>.pt files")
-        self.topk = None  # read from the first file used
 
     @staticmethod
     def _file(key: str) -> str:
