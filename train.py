@@ -30,6 +30,7 @@ from tokenmix.logger import RunLogger, add_log_file, import_wandb, setup_logging
 from tokenmix.mixing import build_criterion, build_mixer, build_teacher_from_args, mixer_generator
 from tokenmix.model import build_student, check_input_size, patch_size_of
 from tokenmix.precision import setup_precision
+from tokenmix.teacher_maps import wrap_train_dataset
 
 _logger = logging.getLogger('train')
 
@@ -90,6 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for size in [data_config['input_size']] + [(size, size) for size in args.train_img_sizes or ()]:
         check_input_size(model, size, token_size if args.tokenmix else None)
     teacher = build_teacher_from_args(args, num_classes, data_config['mean'], data_config['std'], device)
+    train_dataset = wrap_train_dataset(args, train_dataset, data_config['input_size'], token_size)
 
     model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
     model.to(device=device, dtype=model_dtype)

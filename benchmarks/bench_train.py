@@ -3,13 +3,16 @@
 
 Each configuration runs the training loop of train.py (`tokenmix.engine.train_one_epoch`: mixing on the
 device, forward, backward, optimiser step) on synthetic batches already on the device, so data loading is left
-out. Configurations are measured in interleaved rounds and the median is reported, with the ratio to timm's
-Mixup/CutMix measured in the same run:
+out. Configurations are measured in interleaved rounds (turn about: every other round backwards) and the median is
+reported, with the ratio to the first configuration (timm's Mixup/CutMix unless --configs says otherwise):
 
   timm-mixup-cutmix   timm.data.Mixup, mixup 0.8 / CutMix 1.0, switch prob 0.5 (the DeiT recipe)
   tokenmix-area       TokenMix, token branch with area (token count) targets
   tokenmix-teacher    TokenMix with the frozen teacher at the student's resolution
   tokenmix-teacher-lo TokenMix with the teacher at --teacher-img-size (reduced resolution)
+  tokenmix-teacher-top5  TokenMix with the teacher, own-class maps truncated to the top 5 (--teacher-topk 5)
+  tokenmix-stored     TokenMix with stored maps (--teacher-maps): the batch carries each image's map on the token
+                      grid (cut to its crop in the loader workers, timed apart below), no teacher runs
 
 CPU defaults use the demo's tiny models; benchmarks/gpu_check.sh runs DeiT-S + ResNet-50 at 224 px.
 Figures on a shared machine are noisy: compare ratios from one run, not absolute numbers across runs.
@@ -28,9 +31,10 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ParseKwargs
 
 import models  # noqa: F401  registers the tiny models
-from mixup_ext import TokenMix
+from mixup_ext import TokenMix, crop_map, own_map_from_topk
 from models import Teacher
 from tokenmix.engine import Training, train_one_epoch
+from tokenmix.teacher_maps import StoredMapsMixer
 from tokenmix.model import patch_size_of
 
 
@@ -65,6 +69,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
                         help='autocast dtype for student and teacher (default: float32)')
     parser.add_argument('--channels-last', action='store_true', default=False)
+    parser.add_argument('--configs', nargs='+', default=None, metavar='NAME',
+                        help='measure only these configurations (default: all; the first is the ratios\' base)')
     args = parser.parse_args(argv)
     if args.batch_size % 2:
         parser.error(f'-b/--batch-size must be even for mixing, got {args.batch_size}')
@@ -91,6 +97,8 @@ def build_mixers(args: argparse.Namespace, student: torch.nn.Module, device: tor
         'tokenmix-area': TokenMix(**common, **token, target='area'),
         'tokenmix-teacher': TokenMix(**common, **token, teacher=teacher(None)),
         f'tokenmix-teacher-{low}px': TokenMix(**common, **token, teacher=teacher(low)),
+        'tokenmix-teacher-top5': TokenMix(**common, **token, teacher=teacher(None), teacher_topk=5),
+        'tokenmix-stored': StoredMapsMixer(TokenMix(**common, **token)),
     }
 
 
@@ -121,6 +129,40 @@ def teacher_cost(teacher: Teacher, loader: SyntheticLoader, warmup: int) -> floa
     return (len(loader) - warmup) * loader.batches[0][0].shape[0] / (time.perf_counter() - start)
 
 
+def stored_batches(batches: List[tuple], grid: tuple) -> List[tuple]:
+    """The same batches with the targets a --teacher-maps loader gives: label, then the map on the token grid."""
+    out = []
+    for images, labels in batches:
+        maps = torch.rand(labels.shape[0], grid[0] * grid[1], device=labels.device)
+        out.append((images, torch.cat([labels.float()[:, None], maps], dim=1)))
+    return out
+
+
+def mixer_cost(mixer, batches: List[tuple], repeats: int) -> float:
+    """Seconds per batch of the mixer call alone: the minimum (robust on a shared machine) over the calls that took
+    the region / token branch (all calls for a mixer that does not say which branch it took)."""
+    times = {True: [], False: []}
+    for i in range(repeats):
+        images, targets = batches[i % len(batches)]
+        images = images.clone()
+        synchronize(images.device)
+        start = time.perf_counter()
+        mixer(images, targets)
+        synchronize(images.device)
+        times[getattr(mixer, 'last_mask', True) is not None].append(time.perf_counter() - start)
+    return min(times[True] or times[False])
+
+
+def map_cut_cost(grid: tuple, map_size: int = 18, k: int = 5, repeats: int = 2000) -> float:
+    """Microseconds per sample to turn a stored top-k entry into its crop's map on the grid (loader-worker work)."""
+    values, indices = torch.randn(k, map_size, map_size), torch.randint(0, 1000, (k, map_size, map_size))
+    start = time.perf_counter()
+    for i in range(repeats):
+        own = own_map_from_topk(values, indices, i % 1000)
+        crop_map(own, (1.5, 2.0, 15.0, 14.5), grid, hflip=bool(i % 2))
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -131,40 +173,64 @@ def main(argv: Optional[List[str]] = None) -> int:
         student.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(student, 'adamw', lr=1e-5, weight_decay=0.05)
     mixers = build_mixers(args, student, device)
+    if args.configs:
+        unknown = [c for c in args.configs if c not in mixers]
+        if unknown:
+            raise SystemExit(f'--configs: unknown {unknown}; choose from {list(mixers)}')
+        mixers = {name: mixers[name] for name in args.configs}
     batches = [(torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device),
                 torch.randint(0, args.num_classes, (args.batch_size,), device=device)) for _ in range(4)]
     loader, warmup = SyntheticLoader(batches, args.steps), SyntheticLoader(batches, args.warmup_steps)
+    patch = patch_size_of(student) or 16
+    grid = (args.img_size // patch, args.img_size // patch)
+    stored = stored_batches(batches, grid)
+    stored_loaders = SyntheticLoader(stored, args.steps), SyntheticLoader(stored, args.warmup_steps)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     results: Dict[str, List[float]] = {name: [] for name in mixers}
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     peak: Dict[str, float] = {}
-    for _ in range(args.rounds):
-        for name, mixer in mixers.items():
+    for round_index in range(args.rounds):  # turn about: every other round runs the configurations backwards
+        order = list(mixers.items())
+        for name, mixer in (order if round_index % 2 == 0 else order[::-1]):
             run = Training(model=student, optimizer=optimizer, criterion=SoftTargetCrossEntropy(), device=device,
                            mixer=mixer, amp_dtype=amp_dtype, channels_last=args.channels_last,
                            log_interval=10 ** 9)
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats(device)
-            results[name].append(measure(run, loader, warmup))
+            results[name].append(measure(run, *(stored_loaders if name == 'tokenmix-stored' else (loader, warmup))))
             if device.type == 'cuda':
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2 ** 30)
     name0 = next(iter(results))
     base = statistics.median(results[name0])
-    teacher = mixers['tokenmix-teacher'].teacher
-    teacher_rate = teacher_cost(teacher, SyntheticLoader(batches, args.steps + args.warmup_steps), args.warmup_steps)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     print(f'{args.model} @ {args.img_size}px, teacher {args.teacher_model}, batch {args.batch_size}, '
           f'{args.steps} steps x {args.rounds} rounds, amp {args.amp_dtype or "off"}, {where}')
-    print(f'{"configuration":<24}{"img/s (median)":>16}{"ratio":>8}{"min..max":>20}' +
+    mix_ms = {name: 1e3 * mixer_cost(mixer, stored if name == 'tokenmix-stored' else batches, 8 * args.steps)
+              for name, mixer in mixers.items()}
+    print(f'{"configuration":<24}{"img/s (median)":>16}{"ratio":>8}{"min..max":>20}{"token-batch mixer ms":>22}' +
           (f'{"peak GiB":>10}' if peak else ''))
     for name, values in results.items():
         median = statistics.median(values)
         spread = f'{min(values):.1f}..{max(values):.1f}'
-        line = f'{name:<24}{median:>16.1f}{median / base:>8.2f}{spread:>20}'
+        line = f'{name:<24}{median:>16.1f}{median / base:>8.2f}{spread:>20}{mix_ms[name]:>22.2f}'
         print(line + (f'{peak[name]:>10.2f}' if peak else ''))
-    print(f'teacher maps alone: {teacher_rate:.1f} img/s, i.e. {base / teacher_rate:.2f} of a baseline training '
-          f'step\'s time (the goal of >= 0.9x assumes about 1/3)')
+    if {'tokenmix-area', 'tokenmix-stored'} <= set(results):
+        pairs = [s / a for s, a in zip(results['tokenmix-stored'], results['tokenmix-area'])]
+        print(f'tokenmix-stored / tokenmix-area, same round: median {statistics.median(pairs):.3f} '
+              f'(rounds {", ".join(f"{p:.3f}" for p in pairs)}; goal >= 0.98)')
+        step_ms = 1e3 * args.batch_size / max(results['tokenmix-area'])  # the best round: the least disturbed
+        extra = mix_ms['tokenmix-stored'] - mix_ms['tokenmix-area']
+        print(f'from the mixers alone (min over token batches): stored costs {extra:+.2f} ms a batch over area, '
+              f'{extra / step_ms:+.4f} of a best-round area step, i.e. stored at {step_ms / (step_ms + extra):.3f}x')
+    print(f'stored maps: cutting one image\'s 18 x 18 top-5 entry to its crop on the {grid[0]} x {grid[1]} grid '
+          f'takes {map_cut_cost(grid):.0f} us on one CPU thread (in the loader workers, not in the rows above)')
+    if 'tokenmix-teacher' in mixers:
+        teacher = mixers['tokenmix-teacher'].teacher
+        teacher_rate = teacher_cost(teacher, SyntheticLoader(batches, args.steps + args.warmup_steps),
+                                    args.warmup_steps)
+        print(f'teacher maps alone: {teacher_rate:.1f} img/s, i.e. {base / teacher_rate:.2f} of a baseline training '
+              f'step\'s time (the goal of >= 0.9x assumes about 1/3)')
     return 0
 
 

@@ -4,6 +4,9 @@
 # bfloat16 autocast, 3 interleaved rounds of 60 timed steps per configuration. Prints images/s, the ratio to
 # the timm baseline measured in the same run, and peak GPU memory per configuration.
 # Goal (teacher about a third of the student's cost): tokenmix-teacher at >= 0.9x timm-mixup-cutmix.
+# Also measured: tokenmix-teacher-top5 (--teacher-topk 5: the full B x 1000 x h x w maps instead of the label rows)
+# and tokenmix-stored (--teacher-maps: 14 x 14 maps carried by the batch, no teacher; goal >= 0.98x tokenmix-area,
+# printed as a same-round ratio). Not run on a GPU yet.
 # Usage: benchmarks/gpu_check.sh [extra bench_train.py flags, e.g. -b 256 --steps 100]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from ._rng import host_rng
+from .maps import truncate_to_topk
 from .masks import block_token_masks, masks_to_pixels, num_partner_tokens, random_token_masks, token_grid
 from .targets import (TARGET_NORMS, area_weights, check_label_range, mixed_targets, normalise_weights, own_class_maps,
                       teacher_weights)
@@ -34,6 +35,9 @@ class TokenMix:
     mass of its image's own-class activation map that stays visible (`teacher` is any callable
     images -> B x num_classes x h x w; one offering `own_class_maps(images, labels) -> B x h x w` is asked
     for just those channels), 'area' by token counts; 'auto' is 'teacher' when a teacher is given.
+    `teacher_topk = K > 0` zeroes the own-class map wherever that class is outside the teacher's top K there
+    (the authors' top-5 maps); 0 keeps the whole channel. Maps computed elsewhere (a map store cut to each crop)
+    can be passed per call as `own_maps`; they then replace the teacher unless the target is 'area'.
     With `cutmix_minmax`, the pasted share of a token batch is drawn like timm's min-max box area instead of
     from `lam_mode`. `correct_lam=False` keeps the drawn lam for area weights instead of the mask's token share.
 
@@ -61,6 +65,7 @@ class TokenMix:
             teacher: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
             target: str = 'auto',
             target_norm: str = 'none',
+            teacher_topk: int = 0,
             generator: Optional[torch.Generator] = None,
     ) -> None:
         if multi_label:
@@ -81,6 +86,8 @@ class TokenMix:
             raise ValueError(f'num_classes must be >= 2, got {num_classes}')
         if min_tokens < 0:
             raise ValueError(f'min_tokens must be >= 0, got {min_tokens}')
+        if teacher_topk < 0:
+            raise ValueError(f'teacher_topk must be >= 0 (0 = whole own-class map), got {teacher_topk}')
         if patch_size <= 0:
             raise ValueError(f'patch_size must be positive, got {patch_size}')
         self.mixup_alpha = mixup_alpha
@@ -101,6 +108,7 @@ class TokenMix:
         if self.target == 'teacher' and teacher is None:
             raise ValueError("target='teacher' needs a teacher")
         self.target_norm = _choice('target_norm', target_norm, TARGET_NORMS)
+        self.teacher_topk = teacher_topk
         self.generator = generator
         self.mixup_enabled = True
         self.last_mask: Optional[torch.Tensor] = None
@@ -164,12 +172,17 @@ class TokenMix:
         """Own-class activation maps (B x h x w) of the unmixed batch, without gradients."""
         with torch.no_grad():
             own = getattr(self.teacher, 'own_class_maps', None)
-            if own is not None:
+            if own is not None and not self.teacher_topk:
                 return own(x, labels)
-            return own_class_maps(self.teacher(x), labels, self.num_classes)
+            maps = self.teacher(x)
+            return truncate_to_topk(own_class_maps(maps, labels, self.num_classes), maps, self.teacher_topk)
 
-    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Mix `x` in place with its flipped batch and return (x, soft targets B x num_classes on x's device)."""
+    def __call__(self, x: torch.Tensor, target: torch.Tensor,
+                 own_maps: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mix `x` in place with its flipped batch and return (x, soft targets B x num_classes on x's device).
+
+        `own_maps` (B x h x w): each image's own-class map for this very crop, used instead of the teacher's.
+        """
         grid = self._check_inputs(x, target)
         batch_size, device = x.shape[0], x.device
         labels = target.to(device=device, dtype=torch.long)
@@ -180,7 +193,10 @@ class TokenMix:
         self.last_mask = None
         if use_token.any():
             mask = self._masks(lam, use_token, mask_index, grid).to(device)
-            maps = self._teacher_own_maps(x, labels) if self.uses_teacher else None
+            if own_maps is not None and self.target != 'area':
+                maps = own_maps
+            else:
+                maps = self._teacher_own_maps(x, labels) if self.uses_teacher else None
             self._mix_pixels(x, lam_rows, token_rows, mask)
             area = area_weights(mask) if self.correct_lam else weights
             token_weights = area if maps is None else teacher_weights(maps.to(device), mask)

@@ -64,7 +64,7 @@ run_row() {
     [ -f "$cfg" ] || die "no config $cfg"
     local model epochs
     model=$(config_value "$cfg" model)
-    epochs=$(config_value "$cfg" epochs)
+    epochs=$(($(config_value "$cfg" epochs) + $(config_value "$cfg" cooldown_epochs | grep . || echo 0)))
     if [ -f "$dir/summary.csv" ] && [ "$(($(wc -l < "$dir/summary.csv") - 1))" -ge "$epochs" ]; then
         echo "$name: $dir/summary.csv lists all $epochs epochs, not training again"
     else

@@ -32,7 +32,8 @@ ROW_NAMES = {
     'deit_small_cutmix_mixup_400ep', 'deit_tiny_tokenmix_300ep', 'deit_small_tokenmix_300ep',
     'deit_base_tokenmix_300ep', 'deit_small_tokenmix_400ep', 'deit_small_tokenmix_random_300ep',
     'deit_small_tokenmix_area_300ep', 'deit_small_tokenmix_weak_teacher_300ep',
-    'swin_tiny_cutmix_mixup_300ep', 'swin_tiny_tokenmix_300ep',
+    'swin_tiny_cutmix_mixup_300ep', 'swin_tiny_tokenmix_300ep', 'deit_small_cutmix_mixup_bce_300ep',
+    'deit_small_tokenmix_stored_maps_300ep',
 }
 DEIT_CONFIGS = [c for c in CONFIGS if os.path.basename(c).startswith('deit_')]
 SWIN_CONFIGS = [c for c in CONFIGS if os.path.basename(c).startswith('swin_')]
@@ -57,6 +58,8 @@ def test_config_is_the_authors_recipe(cfg, tmp_path):
     size = name.split('_')[1]
     assert args.model == f'deit_{size}_patch16_224' and args.img_size == 224
     assert args.epochs == (400 if name.endswith('400ep') else 300)
+    # the authors' script adds 10 cooldown epochs; so does the BCE baseline that is trained like it
+    assert args.cooldown_epochs == (10 if 'tokenmix' in name or 'bce' in name else 0)
     assert (args.batch_size, args.grad_accum_steps) == (128, 1)
     assert resolve_lr(args, world_size=8) == pytest.approx(1e-3)  # 5e-4 x 1024 / 512
     assert (args.opt, args.weight_decay, args.sched) == ('adamw', 0.05, 'cosine')
@@ -72,11 +75,16 @@ def test_config_is_the_authors_recipe(cfg, tmp_path):
         assert args.tokenmix_mask == ('random' if 'random' in name else 'block')
         if 'area' in name:
             assert args.tokenmix_target == 'area' and not args.teacher_model
+        elif 'stored_maps' in name:  # F6 maps from a store (--teacher-maps), top 5 as the authors'
+            assert (args.tokenmix_target, args.teacher_model, args.teacher_pretrained, args.teacher_topk) == \
+                ('teacher', 'dm_nfnet_f6.dm_in1k', False, 5)
+            assert _parse(cfg, tmp_path, '--teacher-maps', str(tmp_path)).teacher_maps == str(tmp_path)
         else:
             expected = 'resnet18.tv_in1k' if 'weak_teacher' in name else 'dm_nfnet_f0.dm_in1k'
-            assert (args.tokenmix_target, args.teacher_model, args.teacher_pretrained) == ('teacher', expected, True)
+            assert (args.tokenmix_target, args.teacher_model, args.teacher_pretrained, args.teacher_topk) == \
+                ('teacher', expected, True, 5)
     else:
-        assert not args.tokenmix and not args.bce_loss and not args.teacher_model
+        assert not args.tokenmix and not args.teacher_model and args.bce_loss == ('bce' in name)
 
 
 @pytest.mark.parametrize('cfg', SWIN_CONFIGS, ids=_name)
@@ -94,7 +102,7 @@ def test_swin_config_is_the_swin_recipe(cfg, tmp_path):
     if 'tokenmix' in _name(cfg):
         assert args.tokenmix and args.bce_loss and args.tokenmix_target_norm == 'none'
         assert (args.tokenmix_patch_size, args.tokenmix_min_tokens, args.tokenmix_mask) == (32, 4, 'block')
-        assert (args.tokenmix_target, args.teacher_model) == ('teacher', 'dm_nfnet_f0.dm_in1k')
+        assert (args.tokenmix_target, args.teacher_model, args.teacher_topk) == ('teacher', 'dm_nfnet_f0.dm_in1k', 5)
         # 7 x 7 cells at 224 px: lam 0.5 takes the DeiT rows' partner share (98 + 14 of 196 tokens)
         half = torch.tensor(0.5)
         assert int(num_partner_tokens(half, 49, args.tokenmix_min_tokens)) / 49 == \
@@ -128,7 +136,7 @@ def test_global_batch_kept_with_fewer_gpus(tmp_path):
     assert resolve_lr(args, world_size=4) == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize('name', ['dm_nfnet_f0.dm_in1k', 'resnet18.tv_in1k'])
+@pytest.mark.parametrize('name', ['dm_nfnet_f0.dm_in1k', 'resnet18.tv_in1k', 'dm_nfnet_f6.dm_in1k'])
 def test_teachers_have_pretrained_weights_and_class_maps(name):
     assert getattr(get_pretrained_cfg(name), 'hf_hub_id', None)  # timm can fetch them (no download here)
     with torch.device('meta'):

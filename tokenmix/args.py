@@ -315,6 +315,12 @@ def _add_tokenmix_args(parser: argparse.ArgumentParser) -> None:
                        help='resize the teacher\'s input to N px (cheaper targets; default: the student\'s size)')
     group.add_argument('--teacher-amp', action=BOOL, default=False,
                        help='run the teacher under autocast with --amp-dtype')
+    group.add_argument('--teacher-topk', type=int, default=0, metavar='K',
+                       help='zero the own-class map where the class is outside the teacher\'s top K (authors: 5; '
+                            'default: 0 = whole map)')
+    group.add_argument('--teacher-maps', default='', type=str, metavar='DIR',
+                       help='stored teacher maps (tools/precompute_teacher_maps.py, or the authors\' per-image .pt '
+                            'folder) instead of an online teacher; with --teacher-model, that name is checked')
 
 
 def _add_misc_args(parser: argparse.ArgumentParser) -> None:
@@ -545,8 +551,20 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error('--tokenmix needs --cutmix > 0 (the token branch) and/or --mixup > 0')
     teacher_flags = dict(teacher_checkpoint='--teacher-checkpoint', teacher_pretrained='--teacher-pretrained',
                          teacher_img_size='--teacher-img-size', teacher_amp='--teacher-amp')
-    if not args.teacher_model:
+    if args.teacher_topk < 0:
+        parser.error(f'--teacher-topk must be >= 0 (0 = whole map), got {args.teacher_topk}')
+    if args.teacher_maps:
         for dest, flag in teacher_flags.items():
+            if getattr(args, dest):
+                parser.error(f'{flag} is for an online teacher; --teacher-maps reads stored maps')
+        if args.skip_bad_images:
+            parser.error('--skip-bad-images loads the next image in place of a bad one, whose stored map the '
+                         'loader cannot tell: fix the images or drop --teacher-maps')
+        if not args.tokenmix or args.tokenmix_target == 'area':
+            parser.error('--teacher-maps gives TokenMix its label weights: add --tokenmix (and --cutmix > 0) '
+                         'without --tokenmix-target area')
+    elif not args.teacher_model:
+        for dest, flag in dict(teacher_flags, teacher_topk='--teacher-topk').items():
             if getattr(args, dest):
                 parser.error(f'{flag} needs --teacher-model')
         if args.tokenmix_target == 'teacher':

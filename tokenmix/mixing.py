@@ -15,10 +15,11 @@ from models import Teacher, build_teacher
 
 from .args import mixing_enabled
 from .errors import ConfigError
+from .teacher_maps import StoredMapsMixer
 
 __all__ = ['build_teacher_from_args', 'build_mixer', 'build_criterion', 'mixer_generator']
 
-Mixer = Union[TokenMix, Mixup]
+Mixer = Union[TokenMix, Mixup, StoredMapsMixer]
 
 
 def mixer_generator(seed: int, rank: int) -> torch.Generator:
@@ -30,7 +31,7 @@ def mixer_generator(seed: int, rank: int) -> torch.Generator:
 def build_teacher_from_args(args: Any, num_classes: int, mean: Sequence[float], std: Sequence[float],
                             device: torch.device) -> Optional[Teacher]:
     """The frozen teacher of --teacher-model on `device` (None without one); bad flags become ConfigError."""
-    if not args.teacher_model:
+    if not args.teacher_model or args.teacher_maps:
         return None
     try:
         teacher = build_teacher(
@@ -55,9 +56,11 @@ def build_mixer(args: Any, num_classes: int, token_size: int, teacher: Optional[
     try:
         if not args.tokenmix:
             return Mixup(**common)
-        return TokenMix(**common, mask_type=args.tokenmix_mask, min_tokens=args.tokenmix_min_tokens,
-                        lam_mode=args.tokenmix_lam, patch_size=token_size, teacher=teacher,
-                        target=args.tokenmix_target, target_norm=args.tokenmix_target_norm, generator=generator)
+        mixer = TokenMix(**common, mask_type=args.tokenmix_mask, min_tokens=args.tokenmix_min_tokens,
+                         lam_mode=args.tokenmix_lam, patch_size=token_size, teacher=teacher,
+                         target='auto' if args.teacher_maps else args.tokenmix_target,
+                         target_norm=args.tokenmix_target_norm, teacher_topk=args.teacher_topk, generator=generator)
+        return StoredMapsMixer(mixer) if args.teacher_maps else mixer
     except ValueError as e:
         raise ConfigError(f'mixing flags (--mixup/--cutmix/--tokenmix-*): {e}') from None
 

@@ -1,0 +1,415 @@
+"""Top-k maps, the map store and training from stored maps: alignment with the online teacher, orientation,
+precompute with one and two processes (killed once, resumed), the authors' per-image layout, clear errors."""
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from torchvision import transforms
+
+from conftest import ROOT, TINY_TEACHER, load_script
+from mixup_ext import TokenMix, crop_map, own_class_maps, own_map_from_topk, truncate_to_topk
+from models import Teacher, build_teacher
+from tokenmix.args import parse_args
+from tokenmix.errors import ConfigError
+from tokenmix.teacher_maps import (FORMAT, MANIFEST, AuthorsMapStore, MapStore, StoredMapDataset, StoredMapsMixer,
+                                   map_box, open_map_store, write_json_atomic, write_shard)
+
+GEOMETRIC = ['Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel']
+IMAGE_W, IMAGE_H = 48, 40
+FILL = (123, 115, 103)  # one step under ImageNet's mean in each channel
+
+
+@register_model
+def tokenmix_test_pointwise_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A translation-equivariant teacher: 1 px patches, no blocks, no position embedding: a per-pixel linear map."""
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(('pretrained_cfg', 'cache_dir'))}
+    kwargs.setdefault('num_classes', 4)
+    model = VisionTransformer(img_size=IMAGE_W, patch_size=1, embed_dim=4, depth=0, num_heads=1, class_token=False,
+                              global_pool='avg', pos_embed='none', dynamic_img_size=True, **kwargs)
+    model.fc_norm = torch.nn.Identity()
+    return model
+
+
+@pytest.fixture(scope='module')
+def tool():
+    return load_script(os.path.join('tools', 'precompute_teacher_maps.py'))
+
+
+@pytest.fixture(scope='module')
+def smooth_data(tmp_path_factory) -> str:
+    """4 classes x 3 images of 48 x 40 px: colour blobs on gradients (smooth, so resampling orders barely differ)."""
+    root = tmp_path_factory.mktemp('smooth')
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:IMAGE_H, 0:IMAGE_W].astype(np.float32)
+    for c in range(4):
+        os.makedirs(root / 'train' / f'c{c}')
+        for i in range(3):
+            img = 0.3 + 0.3 * (xx / IMAGE_W)[..., None] * rng.uniform(0, 1, 3)
+            for _ in range(2):
+                cx, cy, s = rng.uniform(8, 40), rng.uniform(8, 32), rng.uniform(5, 9)
+                blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
+                img = img + rng.uniform(-0.5, 0.6, 3) * blob[..., None]
+            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(root / 'train' / f'c{c}' / f'{i}.png')
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def pointwise_checkpoint(tmp_path_factory) -> str:
+    """Class c < 3 reads colour channel c, class 3 green minus red; no biases. The fill of the geometric ops
+    (`FILL`, just under the mean) then scores <= 0 for every class, as the zero the stored maps are filled with."""
+    model = tokenmix_test_pointwise_vit()
+    with torch.no_grad():
+        model.patch_embed.proj.weight.zero_()
+        model.patch_embed.proj.weight[:3, :, 0, 0] = torch.eye(3)
+        model.patch_embed.proj.bias.zero_()
+        model.head.weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [-1., 1., 0, 0]]))
+        model.head.bias.zero_()
+    path = str(tmp_path_factory.mktemp('pointwise') / 'pointwise.pth')
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_truncate_to_topk_zeroes_positions_outside_the_top_k():
+    maps = torch.tensor([[[[5., 1.]], [[4., 3.]], [[1., 2.]]]])  # 1 image, 3 classes, 1 x 2 positions
+    own = own_class_maps(maps, torch.tensor([1]), 3)  # class 1: [4, 3]
+    assert torch.equal(truncate_to_topk(own, maps, 1), torch.tensor([[[0., 3.]]]))  # top-1: class 0, then class 1
+    assert torch.equal(truncate_to_topk(own, maps, 2), torch.tensor([[[4., 3.]]]))
+    assert torch.equal(truncate_to_topk(own, maps, 0), own)
+    values, indices = maps[0].topk(2, dim=0)
+    assert torch.equal(own_map_from_topk(values, indices, 1), torch.tensor([[4., 3.]]))
+    assert torch.equal(own_map_from_topk(values, indices, 1, k=1), torch.tensor([[0., 3.]]))
+    assert torch.equal(own_map_from_topk(values, indices, 2), torch.tensor([[0., 2.]]))
+
+
+def test_tokenmix_teacher_topk_weights():
+    # image 0 (class 0) is seen on the left, but class 1 wins at its right half: top-1 keeps only the left
+    maps = torch.zeros(2, 2, 2, 2)
+    maps[0, 0] = torch.tensor([[1., 1.], [1., 1.]])
+    maps[0, 1] = torch.tensor([[0., 3.], [0., 3.]])
+    maps[1, 1] = 1.
+    kwargs = dict(mixup_alpha=0., cutmix_alpha=1., label_smoothing=0., num_classes=2, patch_size=1,
+                  mask_type='random', min_tokens=0)
+    x, labels = torch.zeros(2, 3, 2, 2), torch.tensor([0, 1])
+    full = TokenMix(**kwargs, teacher=lambda _: maps, generator=torch.Generator().manual_seed(0))
+    top1 = TokenMix(**kwargs, teacher=lambda _: maps, teacher_topk=1, generator=torch.Generator().manual_seed(0))
+    full(x.clone(), labels)
+    top1(x.clone(), labels)
+    mask = top1.last_mask[0]
+    assert torch.equal(full.last_mask, top1.last_mask)
+    kept_full = (~mask).float().mean().item()
+    kept_left = (~mask[:, 0]).float().sum().item() / 2
+    assert full.last_weights[0, 0].item() == pytest.approx(kept_full)
+    assert top1.last_weights[0, 0].item() == pytest.approx(kept_left)
+
+
+def test_crop_map_orientation_whole_and_centre():
+    grid = torch.arange(64.).view(8, 8)  # value = 8 * row + col
+    tr = crop_map(grid, (4, 0, 8, 4), (2, 2))  # top-right quadrant on a 2 x 2 grid: its four 2 x 2 block means
+    assert torch.allclose(tr, torch.tensor([[8.5, 10.5], [24.5, 26.5]]))
+    assert torch.allclose(crop_map(grid, (4, 0, 8, 4), (2, 2), hflip=True), tr.flip(-1))
+    assert torch.allclose(crop_map(grid, (4, 0, 8, 4), (2, 2), vflip=True), tr.flip(-2))
+    # an image of 80 x 64 px (width x height) with an 8 x 8 map; the crop is its top-right 40 x 32 px
+    assert map_box((0, 40, 32, 40), (80, 64), (8, 8), 'whole') == (4.0, 0.0, 8.0, 4.0)
+    # centre coverage: the map spans x in [8, 72) px; the same crop starts at x = 32 px = map column 4
+    assert map_box((0, 40, 32, 40), (80, 64), (8, 8), 'centre') == (4.0, 0.0, 9.0, 4.0)
+
+
+def _write_pattern_stores(root, k=2):
+    """One image (class 1 of 2, 80 x 64 px) in both layouts; class 1's map value = 8 * row + col, class 0 ranks
+    first everywhere and class 1 second."""
+    os.makedirs(root / 'data' / 'train' / 'a')
+    os.makedirs(root / 'data' / 'train' / 'b')
+    Image.new('RGB', (80, 64)).save(root / 'data' / 'train' / 'b' / 'img.png')
+    Image.new('RGB', (80, 64)).save(root / 'data' / 'train' / 'a' / 'other.png')
+    values = torch.stack([torch.full((8, 8), 100.), torch.arange(64.).view(8, 8)])
+    indices = torch.stack([torch.zeros(8, 8), torch.ones(8, 8)])
+    entry = torch.stack([values, indices]).half()  # [2, K, h, w]
+    store = root / 'store'
+    os.makedirs(store)
+    write_shard(str(store), 0, np.stack([np.zeros_like(entry.numpy()), entry.numpy()]), ['a/other.png', 'b/img.png'])
+    write_json_atomic(str(store / MANIFEST), dict(format=FORMAT, teacher='t', topk=k, num_shards=1, classes=['a', 'b'],
+                                                 split='train', split_folder='train'))
+    os.makedirs(root / 'authors' / 'b')
+    torch.save(entry, root / 'authors' / 'b' / 'img.pt')
+    return ImageDataset(str(root / 'data' / 'train'))
+
+
+def test_stored_map_orientation_both_layouts(tmp_path):
+    dataset = _write_pattern_stores(tmp_path)
+    index = [dataset.reader.filename(i) for i in range(len(dataset))].index('b/img.png')
+    ours = StoredMapDataset(dataset, open_map_store(str(tmp_path / 'store')), (2, 2))
+    assert isinstance(ours.store, MapStore)
+    # a crop of the image's top-right 40 x 32 px reads the top-right quadrant of the map
+    ours.log.crop, ours.log.image_size = (0, 40, 32, 40), (80, 64)
+    expected = torch.tensor([[8.5, 10.5], [24.5, 26.5]])
+    assert torch.allclose(ours.own_map(index, 1), expected)
+    ours.log.hflip = True
+    assert torch.allclose(ours.own_map(index, 1), expected.flip(-1))  # mirrored
+    ours.topk = 1  # class 1 is second everywhere: outside the top 1
+    assert torch.equal(ours.own_map(index, 1), torch.zeros(2, 2))
+
+    dataset_b = ImageDataset(str(tmp_path / 'data' / 'train'))
+    with pytest.raises(ConfigError, match="no maps for 1 of 2 train images .*'a/other.png'"):
+        StoredMapDataset(dataset_b, open_map_store(str(tmp_path / 'authors')), (2, 2))
+    os.makedirs(tmp_path / 'authors' / 'a')
+    torch.save(torch.zeros(2, 2, 8, 8).half(), tmp_path / 'authors' / 'a' / 'other.pt')
+    authors = StoredMapDataset(dataset_b, open_map_store(str(tmp_path / 'authors')), (2, 2))
+    assert isinstance(authors.store, AuthorsMapStore)
+    # their map covers the centre 64 x 64 px square, x in [8, 72) px: its top-right 32 x 32 px is x in [40, 72)
+    authors.log.crop, authors.log.image_size = (0, 40, 32, 32), (80, 64)
+    assert torch.allclose(authors.own_map(index, 1), expected)
+
+
+def _geometric_transform(size: int) -> transforms.Compose:
+    """The train pipeline without photometric ops (the stored maps cannot know colours): crop, flip, geometric RA."""
+    hparams = dict(translate_const=int(size * 0.45), interpolation=Image.BILINEAR, img_mean=FILL)
+    ra = rand_augment_transform('rand-n2-m9-mstd0.5', hparams, transforms=GEOMETRIC)
+    return transforms.Compose([RandomResizedCropAndInterpolation(size, scale=(0.2, 1.0), interpolation='bilinear'),
+                               transforms.RandomHorizontalFlip(0.5), ra, MaybeToTensor(),
+                               transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+@pytest.mark.parametrize('geometric_ra', [False, True])
+def test_stored_maps_match_online_teacher(tool, smooth_data, pointwise_checkpoint, tmp_path, geometric_ra):
+    store = str(tmp_path / 'store')
+    assert tool.main(['--data-dir', smooth_data, '--teacher-model', 'tokenmix_test_pointwise_vit',
+                      '--teacher-checkpoint', pointwise_checkpoint, '--out', store, '--img-size', str(IMAGE_W),
+                      '--topk', '2', '--shard-size', '5', '--workers', '0', '-b', '4']) == 0
+    size, patch = 32, 8
+    dataset = StoredMapDataset(ImageDataset(os.path.join(smooth_data, 'train')), open_map_store(store), (4, 4))
+    dataset.transform = _geometric_transform(size) if geometric_ra else transforms.Compose(
+        _geometric_transform(size).transforms[:2] + _geometric_transform(size).transforms[3:])
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    items = [dataset[i % len(dataset)] for i in range(48)]  # 4 passes: 48 different crops
+    images = torch.stack([img for img, _ in items])
+    packed = torch.stack([target for _, target in items])
+    labels = packed[:, 0].long()
+
+    model = tokenmix_test_pointwise_vit()
+    model.load_state_dict(torch.load(pointwise_checkpoint))
+    teacher = Teacher(model)
+    full = teacher(images)  # B x 4 x 32 x 32: the teacher on the augmented crops themselves
+    online = truncate_to_topk(own_class_maps(full, labels, 4), full, 2)
+    online = F.adaptive_avg_pool2d(online[:, None], (4, 4))[:, 0].clamp(min=0)
+    stored = packed[:, 1:].view(-1, 4, 4).clamp(min=0)
+    dist = [m / m.flatten(1).sum(1).clamp(min=1e-9).view(-1, 1, 1) for m in (online, stored)]
+    has_mass = online.flatten(1).sum(1) > 0.05
+    assert has_mass.sum() >= 30
+    map_error = (dist[0] - dist[1]).abs().flatten(1).sum(1)[has_mass]  # L1 distance of the two distributions
+    # measured: median 0.004 / 0.015, max 0.11 / 0.14 (without / with geometric RandAugment ops)
+    assert map_error.median() < 0.03 and map_error.max() < 0.25, map_error
+
+    kwargs = dict(mixup_alpha=0., cutmix_alpha=1., label_smoothing=0., num_classes=4, patch_size=patch, mode='elem',
+                  target_norm='sum')
+    with_teacher = TokenMix(**kwargs, teacher=teacher, teacher_topk=2, generator=torch.Generator().manual_seed(1))
+    with_store = StoredMapsMixer(TokenMix(**kwargs, generator=torch.Generator().manual_seed(1)))
+    with_teacher(images.clone(), labels)
+    with_store(images.clone(), packed)
+    area = TokenMix(**kwargs, target='area', generator=torch.Generator().manual_seed(1))
+    area(images.clone(), labels)
+    usable = has_mass & has_mass.flip(0)
+    gap = (with_teacher.last_weights - with_store.last_weights).abs()[usable]
+    # measured: mean 0.0004 / 0.0011, max 0.009 / 0.023; area weights differ by 0.047 / 0.075 on average
+    assert gap.mean() < 0.005 and gap.max() < 0.05, gap
+    # the weights are far from area weights: the agreement is not that of two maps that say nothing
+    assert (with_teacher.last_weights - area.last_weights).abs()[usable].mean() > 10 * gap.mean()
+
+
+def _precompute_argv(data: str, checkpoint: str, out: str, size: int = 32, shard: int = 4):
+    return ['--data-dir', data, '--teacher-model', TINY_TEACHER, '--teacher-checkpoint', checkpoint, '--out', out,
+            '--img-size', str(size), '--shard-size', str(shard), '--workers', '0', '-b', '2']
+
+
+def _read_store(path: str):
+    store = MapStore(path)
+    return {key: store.read(key) for key in store.index}
+
+
+@pytest.fixture(scope='module')
+def tiny_store(tool, tiny_data, teacher_checkpoint, tmp_path_factory) -> str:
+    """The tiny CNN teacher's top-5 maps of the tiny train split, written by one process."""
+    out = str(tmp_path_factory.mktemp('store') / 'maps')
+    assert tool.main(_precompute_argv(tiny_data, teacher_checkpoint, out)) == 0
+    return out
+
+
+def _children(pid: int):
+    """Process ids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                if entry.isdigit() and int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir('/proc'),
+                    reason='needs torch.distributed and /proc')
+def test_precompute_two_processes_killed_then_resumed(tool, tiny_store, tiny_data, teacher_checkpoint, tmp_path):
+    out = str(tmp_path / 'maps')
+    argv = _precompute_argv(tiny_data, teacher_checkpoint, out, size=96, shard=2)  # 30 shards of 2 images
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(ROOT, 'tools', 'precompute_teacher_maps.py'), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    def finished():
+        names = os.listdir(out) if os.path.isdir(out) else []
+        return {int(f[6:11]) for f in names if f.startswith('shard-') and f.endswith('.json')}
+
+    try:  # kill both workers (SIGKILL, no clean-up) once each has finished a shard: rank 0 even ones, rank 1 odd
+        deadline = time.monotonic() + 180
+        while len({s % 2 for s in finished()}) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.01)
+    finally:  # torchrun starts each worker in a session of its own: kill the workers, then torchrun
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+    done = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)
+            if f.startswith('shard') and f.endswith('.json')}
+    assert 0 < len(done) < 30
+    with pytest.raises(ConfigError, match='incomplete store'):  # a killed run is never taken for a store
+        MapStore(out)
+
+    assert tool.main(argv) == 0  # resumed by one process: shards do not depend on the number of processes
+    for f, mtime in done.items():  # finished shards are not redone
+        assert os.stat(os.path.join(out, f)).st_mtime_ns == mtime
+    names = os.listdir(out)
+    assert len(names) == 61 and not [f for f in names if '.tmp-' in f]  # manifest + 30 x (data, keys)
+
+    # each entry: the teacher's top-5 scores and classes of the whole image resized to 96 x 96
+    stored = _read_store(out)
+    assert len(stored) == 60
+    teacher = build_teacher(TINY_TEACHER, checkpoint=teacher_checkpoint, num_classes=10)
+    for key in ('0/00000.png', '7/00003.png'):
+        image = Image.open(os.path.join(tiny_data, 'train', key)).convert('RGB').resize((96, 96), Image.BILINEAR)
+        x = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(transforms.functional.to_tensor(image))
+        values, indices = teacher(x[None])[0].topk(5, dim=0)
+        assert stored[key][0].shape == (5, 12, 12)
+        assert torch.allclose(stored[key][0], values, rtol=1e-3, atol=1e-3)
+        assert torch.equal(stored[key][1], indices)
+    with open(os.path.join(out, MANIFEST)) as f:
+        manifest = json.load(f)
+    assert (manifest['teacher'], manifest['topk'], manifest['map_size'], manifest['img_size'], manifest['split'],
+            manifest['classes'], manifest['coverage']) == (
+        TINY_TEACHER, 5, [12, 12], 96, 'train', [str(c) for c in range(10)], 'whole')
+
+
+def test_precompute_refuses_other_settings_in_the_same_store(tool, tiny_store, tiny_data, teacher_checkpoint, capsys):
+    argv = _precompute_argv(tiny_data, teacher_checkpoint, tiny_store)
+    assert tool.main(argv) == 0  # a complete store: nothing to redo
+    assert tool.run_cli(tool.main, 'precompute_teacher_maps.py', argv + ['--topk', '3']) == 2
+    assert 'holds a store made with other settings (topk)' in capsys.readouterr().err
+
+
+def test_train_from_stored_maps_with_workers_and_resume(train_script, train_argv, tiny_store, tmp_path):
+    argv = train_argv('--tokenmix', '--mixup', '0.8', '--cutmix', '1.0', '--teacher-maps', tiny_store,
+                      '--teacher-topk', '3', '--teacher-model', TINY_TEACHER, '--aa', 'rand-m9-mstd0.5-inc1',
+                      '--workers', '2', '--epochs', '1', '--checkpoint-hist', '1')
+    assert train_script.run_main(argv) == 0
+    run = tmp_path / 'out' / 'run'
+    assert train_script.run_main(argv[:-4] + ['--epochs', '2', '--resume', str(run / 'last.pth.tar'),
+                                              '--experiment', 'resumed']) == 0
+    log = (tmp_path / 'out' / 'resumed' / 'log.txt').read_text()
+    assert 'eval epoch 1: top-1' in log and 'eval epoch 0' not in log
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(teacher='resnet50'), "made by teacher 'resnet50', not --teacher-model 'tokenmix_cnn_teacher_64'"),
+    (dict(classes=[str(c) for c in range(9)]), 'made for 9 classes that differ'),
+    (dict(split='val', split_folder='val'), "holds split 'val', the train split is 'train'"),
+    (dict(topk=2), '--teacher-topk 3: .* keeps only the top 2'),
+])
+def test_stored_maps_mismatch_errors(train_script, train_argv, tiny_store, tmp_path, capsys, change, message):
+    store = tmp_path / 'maps'
+    shutil.copytree(tiny_store, store)
+    manifest = json.loads((store / MANIFEST).read_text())
+    (store / MANIFEST).write_text(json.dumps(dict(manifest, **change)))
+    argv = train_argv('--tokenmix', '--cutmix', '1.0', '--teacher-maps', str(store), '--teacher-topk', '3',
+                      '--teacher-model', TINY_TEACHER)
+    assert train_script.run_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+@pytest.mark.parametrize('maps', ['', '/maps/authors'])
+def test_teacher_table_precomputes_the_store_then_trains_from_it(maps):
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'ablation_teacher.sh'), '8', '/data', '/runs'],
+                          capture_output=True, text=True, env=dict(os.environ, DRY_RUN='1', PYTHON='py',
+                                                                   TEACHER_MAPS=maps))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if 'stored_maps' in line or 'precompute' in line]
+    store = maps or '/runs/teacher_maps/dm_nfnet_f6_576'
+    assert ('precompute_teacher_maps.py' in lines[0]) == (not maps)
+    if not maps:
+        assert '--nproc_per_node 8' in lines[0] and f'--out {store}' in lines[0] and '--img-size 576' in lines[0]
+    train = next(line for line in lines if 'distributed_train.sh' in line)
+    assert train.endswith(f'--teacher-maps {store}')
+
+
+@pytest.mark.parametrize('mode', ['batch', 'pair', 'elem'])
+def test_stored_maps_mixer_equals_tokenmix_with_those_maps(mode):
+    """Every mask mode: the maps a batch carries give the weights a teacher returning those maps would give."""
+    torch.manual_seed(0)
+    x, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    own = torch.rand(8, 4, 4) * (torch.rand(8, 4, 4) > 0.5)
+    full = torch.zeros(8, 5, 4, 4)
+    full[torch.arange(8), labels] = own
+    kwargs = dict(mixup_alpha=0.8, cutmix_alpha=1., num_classes=5, patch_size=4, mode=mode, target_norm='sum',
+                  min_tokens=1)
+    teacher = TokenMix(**kwargs, teacher=lambda _: full, generator=torch.Generator().manual_seed(3))
+    stored = StoredMapsMixer(TokenMix(**kwargs, generator=torch.Generator().manual_seed(3)))
+    token_batches = 0
+    for _ in range(6):  # Mixup and token batches
+        mixed_t, target_t = teacher(x.clone(), labels)
+        mixed_s, target_s = stored(x.clone(), torch.cat([labels.float()[:, None], own.flatten(1)], dim=1))
+        assert torch.equal(mixed_t, mixed_s) and torch.allclose(target_t, target_s)
+        token_batches += stored.last_mask is not None
+    assert token_batches >= 2
+    stored.mixup_enabled = False  # --mixup-off-epoch reaches the wrapped TokenMix
+    assert not stored.tokenmix.mixup_enabled
+    with pytest.raises(ValueError, match=r'stored-map targets must be B x \(1 \+ 4 \* 4\)'):
+        stored(x.clone(), labels)
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--tokenmix', '--cutmix', '1', '--teacher-maps', 'm', '--teacher-checkpoint', 't.pth'],
+     '--teacher-checkpoint is for an online teacher; --teacher-maps reads stored maps'),
+    (['--cutmix', '1', '--teacher-maps', 'm'], '--teacher-maps gives TokenMix its label weights'),
+    (['--tokenmix', '--cutmix', '1', '--teacher-maps', 'm', '--tokenmix-target', 'area'],
+     '--teacher-maps gives TokenMix its label weights'),
+    (['--tokenmix', '--cutmix', '1', '--teacher-maps', 'm', '--skip-bad-images'], '--skip-bad-images loads the next'),
+    (['--tokenmix', '--cutmix', '1', '--teacher-topk', '5'], '--teacher-topk needs --teacher-model'),
+    (['--tokenmix', '--cutmix', '1', '--teacher-maps', 'm', '--teacher-topk', '-1'], '--teacher-topk must be >= 0'),
+])
+def test_stored_map_flag_errors(extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(['--data-dir', 'd', *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_store_is_one_line(train_script, train_argv, tmp_path, capsys):
+    assert train_script.run_main(train_argv('--tokenmix', '--cutmix', '1', '--teacher-maps', str(tmp_path / 'no'))) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--teacher-maps '{tmp_path / 'no'}' is not a directory")

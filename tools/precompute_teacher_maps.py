@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Run a teacher once over a dataset split and store each image's top-k class maps for `train.py --teacher-maps`.
+
+    python tools/precompute_teacher_maps.py --data-dir DIR --split train --teacher-model NAME \\
+        (--teacher-checkpoint FILE | --teacher-pretrained) --out STORE [--img-size N] [--topk K] [-b N] [--workers N]
+    torchrun --nproc_per_node 8 tools/precompute_teacher_maps.py ...   # each process takes every 8th shard
+
+Each image is resized whole to img_size x img_size (aspect not kept, nothing cropped away), so every
+RandomResizedCrop box of training has a map under it. Per image and map position the teacher's top-k scores and
+class indices are stored in fp16 (see tokenmix/teacher_maps.py for the layout), with a manifest naming the
+teacher, sizes, k, split and class list. Shards are written to a temporary file and renamed, their key list last:
+a killed run is resumed by running the same command again, which skips every finished shard.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from timm.data import ImageDataset, resolve_model_data_config
+from torchvision import transforms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from models import build_teacher  # noqa: E402
+from tokenmix.data import check_image_folder, split_folder  # noqa: E402
+from tokenmix.errors import ConfigError, run_cli  # noqa: E402
+from tokenmix.teacher_maps import (FORMAT, MANIFEST, MapStore, shard_done, shard_name, write_json_atomic,  # noqa: E402
+                                   write_shard)
+
+_logger = logging.getLogger('precompute_teacher_maps')
+MAX_FP16_INDEX = 2048  # fp16 holds every integer up to 2048 exactly
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--data-dir', required=True, metavar='DIR', help='dataset root (ImageFolder splits)')
+    parser.add_argument('--split', default='train', help='split folder to run over (default: train)')
+    parser.add_argument('--teacher-model', required=True, metavar='NAME', help='timm name of the teacher')
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument('--teacher-checkpoint', default='', metavar='FILE', help='teacher weights file')
+    weights.add_argument('--teacher-pretrained', action='store_true', help="timm's pretrained weights")
+    parser.add_argument('--num-classes', type=int, default=None,
+                        help="teacher classifier size (default: the split's class count)")
+    parser.add_argument('--out', required=True, metavar='STORE', help='output folder of the map store')
+    parser.add_argument('--img-size', type=int, default=None,
+                        help="teacher input size, whole image resized to N x N (default: the teacher's own)")
+    parser.add_argument('--topk', type=int, default=5, help='classes kept per map position (default: 5)')
+    parser.add_argument('-b', '--batch-size', type=int, default=64)
+    parser.add_argument('--workers', type=int, default=4, help='data loader processes per rank')
+    parser.add_argument('--shard-size', type=int, default=10000, help='images per shard file (default: 10000)')
+    parser.add_argument('--device', default=None, help='default: cuda:LOCAL_RANK when available, else cpu')
+    parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+                        help='run the teacher under autocast (scores are stored in fp16 either way)')
+    args = parser.parse_args(argv)
+    for name in ('topk', 'batch_size', 'shard_size'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.workers < 0:
+        parser.error(f'--workers must be >= 0, got {args.workers}')
+    return args
+
+
+def manifest_for(args: argparse.Namespace, classes: Sequence[str], split_dir: str, num_images: int,
+                 map_size: Sequence[int], topk: int) -> dict:
+    checkpoint = args.teacher_checkpoint
+    return dict(
+        format=FORMAT, teacher=args.teacher_model,
+        weights=('pretrained' if args.teacher_pretrained else
+                 dict(file=os.path.basename(checkpoint), bytes=os.path.getsize(checkpoint))),
+        img_size=args.img_size, map_size=list(map_size), topk=topk, coverage='whole', resize='square',
+        split=args.split, split_folder=os.path.basename(os.path.normpath(split_dir)), classes=list(classes),
+        num_images=num_images, shard_size=args.shard_size, num_shards=-(-num_images // args.shard_size))
+
+
+def write_or_check_manifest(out: str, manifest: dict) -> None:
+    """A new store gets its manifest; a store being resumed must have been started with the same settings."""
+    path = os.path.join(out, MANIFEST)
+    if os.path.exists(path):
+        old = MapStore.read_manifest(out)
+        changed = [k for k in manifest if old.get(k) != manifest[k]]
+        if changed:
+            raise ConfigError(f"--out '{out}' holds a store made with other settings ({', '.join(changed)}); "
+                              'use another --out or the same flags to resume it')
+        return
+    write_json_atomic(path, manifest)
+
+
+@torch.no_grad()
+def topk_maps(teacher, images: torch.Tensor, k: int) -> np.ndarray:
+    """fp16 [B, 2, k, h, w]: the teacher's k best class scores per position and their class indices."""
+    values, indices = teacher(images).topk(k, dim=1)
+    return torch.stack([values, indices.to(values.dtype)], dim=1).half().cpu().numpy()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device(args.device or (f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'))
+
+    split_dir = split_folder(args.data_dir, args.split, '--split')
+    class_to_idx = check_image_folder(split_dir)
+    classes = [c for c, _ in sorted(class_to_idx.items(), key=lambda item: item[1])]
+    num_classes = args.num_classes or len(classes)
+    if num_classes > MAX_FP16_INDEX:
+        raise ConfigError(f'--num-classes {num_classes}: class indices are stored in fp16, exact up to '
+                          f'{MAX_FP16_INDEX} classes')
+    if args.teacher_checkpoint and not os.path.isfile(args.teacher_checkpoint):
+        raise ConfigError(f"--teacher-checkpoint '{args.teacher_checkpoint}': no such file")
+    try:
+        teacher = build_teacher(args.teacher_model, checkpoint=args.teacher_checkpoint or None,
+                                pretrained=args.teacher_pretrained, num_classes=num_classes,
+                                amp_dtype=args.amp_dtype).to(device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f'--teacher-model {args.teacher_model}: {e}') from None
+    data_config = resolve_model_data_config(teacher.model)
+    args.img_size = args.img_size or data_config['input_size'][-1]
+    dataset = ImageDataset(split_dir, class_map=class_to_idx, transform=transforms.Compose([
+        transforms.Resize((args.img_size, args.img_size), interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.ToTensor(), transforms.Normalize(data_config['mean'], data_config['std'])]))
+    topk = min(args.topk, num_classes)
+    map_size = teacher(torch.zeros(1, 3, args.img_size, args.img_size, device=device)).shape[-2:]
+    os.makedirs(args.out, exist_ok=True)
+    manifest = manifest_for(args, classes, split_dir, len(dataset), map_size, topk)
+    write_or_check_manifest(args.out, manifest)
+
+    num_shards = manifest['num_shards']
+    todo = [s for s in range(rank, num_shards, world) if not shard_done(args.out, s)]
+    _logger.info(f'[rank {rank}/{world}] {len(dataset)} images in {num_shards} shards of {args.shard_size}; '
+                 f'{len(todo)} of this rank\'s shards to do; maps {map_size[0]}x{map_size[1]}, top-{topk}, {device}')
+    start = time.perf_counter()
+    done_images = 0
+    for count, shard in enumerate(todo, 1):
+        first = shard * args.shard_size
+        indices = range(first, min(first + args.shard_size, len(dataset)))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size,
+                                             num_workers=args.workers, pin_memory=device.type == 'cuda')
+        parts = [topk_maps(teacher, images.to(device, non_blocking=True), topk) for images, _ in loader]
+        write_shard(args.out, shard, np.concatenate(parts), [dataset.reader.filename(i) for i in indices])
+        done_images += len(indices)
+        rate = done_images / (time.perf_counter() - start)
+        _logger.info(f'[rank {rank}] {shard_name(shard)} written ({count}/{len(todo)}), {rate:.1f} img/s, '
+                     f'about {(len(todo) - count) * args.shard_size / rate:.0f} s left')
+    finished = sum(shard_done(args.out, s) for s in range(num_shards))
+    _logger.info(f'[rank {rank}] done; store {finished}/{num_shards} shards complete')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run_cli(main, 'precompute_teacher_maps.py'))
