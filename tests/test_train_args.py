@@ -177,6 +177,15 @@ def test_command_line_weights_win_over_the_yaml_with_a_note(tmp_path, capsys):
     assert parse_args(['-c', str(cfg)]).teacher_pretrained is True
 
 
+def test_teacher_maps_on_the_command_line_replace_the_yaml_teacher_weights(tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('data_dir: /d\ntokenmix: true\ncutmix: 1.0\nteacher_model: resnet18\nteacher_pretrained: true\n')
+    args, _, notes = parse_train_args(['-c', str(cfg), '--teacher-maps', 'store'])
+    assert args.teacher_maps == 'store' and args.teacher_pretrained is False
+    assert notes == [('info', 'teacher weights: --teacher-maps on the command line replaces "teacher_pretrained" of '
+                              'the config file')]
+
+
 def test_timm_defaults_yaml_loads_without_notes():
     """tests/data/timm_train_defaults_args.yaml: timm's own parser defaults (tools/timm_parity.py yaml)."""
     args, text, notes = parse_train_args(['-c', os.path.join(DATA, 'timm_train_defaults_args.yaml'),

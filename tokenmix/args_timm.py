@@ -21,7 +21,7 @@ IGNORED_KEYS = OLD_TIMM_KEYS | RUN_STATE_KEYS
 # model -> the flags that each give it weights; one given on the command line switches off the others from -c
 WEIGHT_SOURCES: Dict[str, Tuple[str, ...]] = {
     'student': ('initial_checkpoint', 'pretrained'),
-    'teacher': ('teacher_checkpoint', 'teacher_pretrained'),
+    'teacher': ('teacher_checkpoint', 'teacher_pretrained', 'teacher_maps'),
 }
 
 # dest -> (flag, why it cannot apply here); the run stops when the flag is set to anything but its no-op value
