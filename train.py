@@ -147,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _logger.info(f'*** best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]})')
     except NonFiniteLossError as e:
         last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
-        kept = f'; last good checkpoint kept: {last}' if last and os.path.exists(last) else ''
+        kept = f'; last good checkpoint kept: {last}' if last and os.path.exists(last) else '; no checkpoint saved'
         _logger.error(f'{e}{kept}')
         return 1
     finally:

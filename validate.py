@@ -3,7 +3,8 @@
 --checkpoint PATH [--occlusion 0 0.25 0.5]`.
 
 Checkpoints: this repo's and timm's `*.pth.tar` (model or `--use-ema`), DeiT-style (`model`, `model_ema`), bare
-state dicts and `.safetensors`; `--checkpoint DIR` validates every checkpoint file in DIR. Under torchrun each
+state dicts and `.safetensors`; `--checkpoint DIR` validates every checkpoint file in DIR (an unreadable one is a
+row with its error, and the exit code is 2 once the table and results file are written). Under torchrun each
 process takes a disjoint shard of the split and every image is counted exactly once, so the numbers equal a
 single-process run. Bad input is one line on stderr and exit code 2.
 """
@@ -33,7 +34,8 @@ from tokenmix.progress import Progress
 _logger = logging.getLogger('validate')
 
 CHECKPOINT_PATTERNS = ('*.pth.tar', '*.pth', '*.safetensors')
-COLUMNS = ('model', 'checkpoint', 'occlusion', 'top1', 'top5', 'images', 'seconds')
+PARTIAL_FILES = ('tmp.pth.tar', 'recovery_tmp.pth.tar')  # timm's names for a save in progress
+COLUMNS = ('model', 'checkpoint', 'occlusion', 'top1', 'top5', 'images', 'seconds', 'error')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,12 +113,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def checkpoint_files(path: str) -> List[str]:
-    """`path` itself, or every checkpoint file in the folder `path` (sorted)."""
+    """`path` itself, or every checkpoint file in the folder `path` (sorted; timm's temporary files left out)."""
     if not os.path.isdir(path):
         if not os.path.isfile(path):
             raise ConfigError(f"--checkpoint '{path}': no such file or folder")
         return [path]
-    files = sorted({f for pattern in CHECKPOINT_PATTERNS for f in glob.glob(os.path.join(path, pattern))})
+    files = sorted({f for pattern in CHECKPOINT_PATTERNS for f in glob.glob(os.path.join(glob.escape(path), pattern))
+                    if os.path.basename(f) not in PARTIAL_FILES})
     if not files:
         raise ConfigError(f"--checkpoint '{path}': the folder holds no {' / '.join(CHECKPOINT_PATTERNS)} files")
     return files
@@ -172,10 +175,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f'--patch-size {patch} does not divide the input size {height}x{width} (--img-size)')
     amp_dtype = (torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16) if args.amp else None
     sources = checkpoint_files(args.checkpoint) if args.checkpoint else ['pretrained']
-    rows = []
+    folder = bool(args.checkpoint) and os.path.isdir(args.checkpoint)
+    rows, unreadable = [], []
     for source in sources:
         if args.checkpoint:
-            load_weights(model, source, args.use_ema)
+            try:
+                load_weights(model, source, args.use_ema)
+            except ConfigError as e:
+                if not folder:
+                    raise
+                unreadable.append(os.path.basename(source))
+                rows.append(dict(model=args.model, checkpoint=source, occlusion='', top1='', top5='', images=0,
+                                 seconds=0, error=str(e)))
+                continue
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -192,11 +204,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               amp_dtype=amp_dtype)
             rows.append(dict(model=args.model, checkpoint=source + (' (EMA)' if args.use_ema else ''),
                              occlusion=ratio, top1=round(result['top1'], 3), top5=round(result['top5'], 3),
-                             images=result['count'], seconds=round(result['seconds'], 2)))
+                             images=result['count'], seconds=round(result['seconds'], 2), error=''))
     if is_primary(args):
         print(format_table(rows))
         if args.results_file:
             write_results(rows, args.results_file, args.results_format)
+    if unreadable:
+        raise ConfigError(f"--checkpoint '{args.checkpoint}': {len(unreadable)} of {len(sources)} checkpoint files "
+                          f"could not be validated ({', '.join(unreadable)}); see the error column")
     return 0
 
 
