@@ -17,8 +17,12 @@ def _load(path):
         return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def test_resume_matches_uninterrupted_run(train_script, train_argv, teacher_checkpoint, tmp_path, monkeypatch):
-    teacher = ['--teacher-model', 'tokenmix_cnn_teacher_64', '--teacher-checkpoint', teacher_checkpoint]
+@pytest.mark.parametrize('workers', [0, 1])
+def test_resume_matches_uninterrupted_run(train_script, train_argv, teacher_checkpoint, tmp_path, monkeypatch,
+                                          workers):
+    """Bit-identical with loader workers too: each epoch's workers are seeded from the restored RNG state."""
+    teacher = ['--teacher-model', 'tokenmix_cnn_teacher_64', '--teacher-checkpoint', teacher_checkpoint,
+               '--workers', str(workers), '--color-jitter', '0.4', '--reprob', '0.25']
     assert train_script.run_main(train_argv(*TOKENMIX, *teacher, experiment='straight')) == 0
 
     class Stop(Exception):

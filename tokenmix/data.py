@@ -136,7 +136,12 @@ def num_dataset_classes(dataset) -> Optional[int]:
 
 
 def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: torch.device):
-    """timm's training loader (augmentation per timm flags); mixing is left to the caller, on the device."""
+    """timm's training loader (augmentation per timm flags); mixing is left to the caller, on the device.
+
+    Workers are started afresh each epoch (not persistent, as timm's default would keep them): their random
+    streams then come from the main process's RNG at the start of the epoch, which a checkpoint restores, so
+    a resumed run draws the same augmentations as an uninterrupted one.
+    """
     return create_loader(
         dataset,
         input_size=data_config['input_size'],
@@ -160,4 +165,5 @@ def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: 
         pin_memory=args.pin_mem,
         device=device,
         use_prefetcher=not args.no_prefetcher,
+        persistent_workers=False,
     )

@@ -76,19 +76,16 @@ def _check_finite(first_bad: torch.Tensor, epoch: int, num_batches: int) -> None
             f'try a lower --lr, --clip-grad or --amp-dtype bfloat16')
 
 
-def _non_finite_tensors(module: torch.nn.Module) -> list:
-    """Names of the floating-point parameters and buffers of `module` that hold a NaN or an infinity."""
-    return [name for name, t in unwrap_model(module).state_dict().items()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
 def _check_diverged(run: Training, epoch: int, eval_loss: float) -> None:
     """Stop before saving when the eval loss or any weight is not finite (every rank sees the same values)."""
     found = [] if math.isfinite(eval_loss) else [f'eval loss {eval_loss}']
     for label, module in (('weights', run.model), ('EMA weights', run.model_ema)):
-        names = _non_finite_tensors(module) if module is not None else []
-        if names:
-            found.append(f"{label} ({len(names)} tensors, first '{names[0]}')")
+        if module is None:
+            continue
+        tensors = [(n, t) for n, t in unwrap_model(module).state_dict().items() if t.is_floating_point()]
+        bad = [n for n, t in tensors if not bool(torch.isfinite(t).all())]
+        if bad:
+            found.append(f"{label} ({len(bad)} of {len(tensors)} tensors, first '{bad[0]}')")
     if found:
         raise NonFiniteLossError(f'the run diverged at epoch {epoch}: non-finite {" and ".join(found)}; nothing of '
                                  f'this epoch is saved; try a lower --lr, --clip-grad or --amp-dtype bfloat16')
