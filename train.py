@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.resume:
         resumed = resume(args.resume, model, optimizer=None if args.no_resume_opt else optimizer,
                          scheduler=scheduler, loss_scaler=loss_scaler, model_ema=model_ema,
-                         rank=args.rank, world_size=args.world_size)
+                         rank=args.rank, world_size=args.world_size, workers=args.workers)
     start_epoch = args.start_epoch if args.start_epoch is not None else resumed['start_epoch']
     if scheduler is not None and start_epoch > 0:
         scheduler.step(start_epoch)

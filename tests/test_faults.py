@@ -283,44 +283,49 @@ def _on_disk_epochs(folder):
 
 # --- kills at random moments of a real run ------------------------------------------------------------------------
 
-def _train_cmd(data: str, out: str, *extra: str) -> list:
-    return [sys.executable, 'train.py', '--data-dir', data, *TINY_STUDENT, '-b', '8', '--epochs', '4', '--opt',
-            'adamw', '--lr', '1e-3', '--warmup-epochs', '0', '--workers', '0', '--seed', '0', '--log-interval', '50',
-            '--checkpoint-hist', '2', '--output', out, *extra]
+def _saved_since(path, inode) -> bool:
+    """Whether `path` exists as another file than `inode` (every save renames a new file over it)."""
+    try:
+        return os.stat(path).st_ino != inode
+    except FileNotFoundError:
+        return False
 
 
-def test_kills_at_random_moments_leave_loadable_files_and_resume_to_the_same_result(tiny_data, tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
-    out = str(tmp_path / 'out')
-    subprocess.run(_train_cmd(tiny_data, out, '--experiment', 'straight'), cwd=ROOT, env=env, check=True,
-                   capture_output=True)
-    run = os.path.join(out, 'killed')
+def test_kills_at_random_moments_leave_loadable_files_and_resume_to_the_same_result(train_script, train_argv,
+                                                                                   tmp_path):
+    """Two runs are killed at a random moment after their first save (in the next epoch or save), then resumed."""
+    extra = ('--epochs', '4', '--checkpoint-hist', '2', '--log-interval', '50')
+    assert train_script.run_main(train_argv(*extra, experiment='straight')) == 0
+    run = tmp_path / 'out' / 'killed'
+    last = run / 'last.pth.tar'
+    env = dict(os.environ, PYTHONPATH=ROOT)
     rng = random.Random(0)
     kills = 0
     while True:
-        resume = ['--resume', os.path.join(run, 'last.pth.tar')] if os.path.exists(os.path.join(run, 'last.pth.tar')) \
-            else []
-        proc = subprocess.Popen(_train_cmd(tiny_data, out, '--experiment', 'killed', *resume), cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        resume = ('--resume', str(last)) if last.exists() else ()
+        inode = os.stat(last).st_ino if last.exists() else None
+        proc = subprocess.Popen([sys.executable, 'train.py', *train_argv(*extra, *resume, experiment='killed')],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            if kills < 3:
-                time.sleep(rng.uniform(2.0, 7.0))
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGKILL)
-                    kills += 1
+            while kills < 2 and proc.poll() is None and not _saved_since(last, inode):
+                time.sleep(0.01)
+            if kills < 2 and proc.poll() is None:
+                time.sleep(rng.uniform(0., 0.25))
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
             assert proc.wait(timeout=120) in (0, -signal.SIGKILL)
         finally:
             proc.kill()
-        for path in glob.glob(os.path.join(run, '*.pth.tar')):
+        for path in glob.glob(str(run / '*.pth.tar')):
             torch.load(path)  # every file a reader would pick up loads
         if proc.returncode == 0:
             break
-    assert kills == 3
-    straight, killed = (torch.load(os.path.join(out, name, 'last.pth.tar')) for name in ('straight', 'killed'))
+    assert kills == 2
+    straight, killed = (torch.load(tmp_path / 'out' / name / 'last.pth.tar') for name in ('straight', 'killed'))
     assert straight['epoch'] == killed['epoch'] == 3
     for name, tensor in straight['state_dict'].items():
         assert torch.equal(tensor, killed['state_dict'][name]), name
-    # the same files, no temporary file left over
-    assert sorted(os.listdir(run)) == sorted(os.listdir(os.path.join(out, 'straight')))
-    best = (torch.load(os.path.join(out, name, 'model_best.pth.tar')) for name in ('straight', 'killed'))
+    # the same files, no temporary file left over, the same best
+    assert sorted(os.listdir(run)) == sorted(os.listdir(tmp_path / 'out' / 'straight'))
+    best = (torch.load(tmp_path / 'out' / name / 'model_best.pth.tar') for name in ('straight', 'killed'))
     assert len({(b['epoch'], b['metric']) for b in best}) == 1

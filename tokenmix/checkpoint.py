@@ -27,7 +27,7 @@ from models import CheckpointError, read_checkpoint
 
 from .errors import ConfigError
 
-__all__ = ['AtomicCheckpointSaver', 'TEMP_SUFFIX', 'plain_data', 'capture_rng_state', 'restore_rng_state',
+__all__ = ['AtomicCheckpointSaver', 'TEMP_SUFFIX', 'plain_data', 'numerics', 'capture_rng_state', 'restore_rng_state',
            'gather_rng_states', 'load_training_checkpoint', 'resume', 'continue_history']
 
 _logger = logging.getLogger(__name__)
@@ -54,6 +54,15 @@ def plain_data(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(plain_data(v) for v in value)
     return str(value)
+
+
+def numerics(model: torch.nn.Module) -> Dict[str, Any]:
+    """What sets the last bits of results besides the seeds: the device type, and on CPU the thread count and
+    the vector kernels torch picked for this CPU (measured: either one changed alone gives other weights)."""
+    device = next(model.parameters()).device.type
+    if device != 'cpu':
+        return dict(device=device)
+    return dict(device=device, threads=torch.get_num_threads(), cpu_kernels=torch.backends.cpu.get_cpu_capability())
 
 
 def _fsync_file(path: str) -> None:
@@ -130,6 +139,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         }
         if self.args is not None:
             state['args'] = plain_data(vars(self.args))
+        state['numerics'] = numerics(self.model)
         if self.model_ema is not None:
             state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
         if self.amp_scaler is not None:
@@ -198,10 +208,34 @@ def load_training_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any
     return checkpoint
 
 
+def _inexact_reasons(checkpoint: Dict[str, Any], model: torch.nn.Module, world_size: int,
+                     workers: Optional[int]) -> List[str]:
+    """Why a run resumed from `checkpoint` cannot continue bit for bit like the uninterrupted run."""
+    states = checkpoint.get('rng_states')
+    reasons = []
+    if not isinstance(states, list):
+        reasons.append('the checkpoint holds no RNG states, so random streams are reseeded')
+    elif len(states) != world_size:
+        reasons.append(f'it holds the RNG states of {len(states)} processes, this run has {world_size}, so '
+                       f'random streams are reseeded')
+    saved_args = checkpoint.get('args')
+    saved_workers = (saved_args if isinstance(saved_args, Mapping) else vars(saved_args)).get('workers') \
+        if saved_args is not None else None
+    if workers is not None and saved_workers is not None and saved_workers != workers:
+        reasons.append(f'--workers {workers}, the checkpoint was written with {saved_workers}')
+    saved, now = checkpoint.get('numerics', {}), numerics(model)
+    for key, what in (('device', 'device'), ('threads', 'CPU threads'), ('cpu_kernels', 'CPU kernels')):
+        if key in saved and key in now and saved[key] != now[key]:
+            reasons.append(f'{what} {now[key]}, the checkpoint was written with {saved[key]}')
+    return reasons
+
+
 def resume(path: str, model: torch.nn.Module, *, optimizer=None, scheduler=None, loss_scaler=None,
-           model_ema=None, rank: int = 0, world_size: int = 1) -> Dict[str, Any]:
+           model_ema=None, rank: int = 0, world_size: int = 1, workers: Optional[int] = None) -> Dict[str, Any]:
     """Load a training checkpoint into the run's objects; return where and how to continue.
 
+    A resume that cannot continue bit for bit like the uninterrupted run (other process count, --workers,
+    thread count, CPU kernels, or no saved RNG states) is logged as a warning that says why.
     Pass `optimizer=None` to keep a fresh optimiser (--no-resume-opt). The RNG states are applied later, by
     the caller, once everything that draws random numbers while being built exists. Returns
     dict(start_epoch, rng_state, saver_state): rng_state is this rank's saved state (None when the checkpoint
@@ -227,9 +261,10 @@ def resume(path: str, model: torch.nn.Module, *, optimizer=None, scheduler=None,
     start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
     states = checkpoint.get('rng_states')
     rng_state = states[rank] if isinstance(states, list) and len(states) == world_size else None
-    if states is not None and rng_state is None:
-        _logger.warning(f'checkpoint holds RNG states of {len(states)} ranks, this run has {world_size}: '
-                        f'random streams are reseeded, so the resumed run differs from an uninterrupted one')
+    reasons = _inexact_reasons(checkpoint, model, world_size, workers)
+    if reasons:
+        _logger.warning(f"resuming '{path}' will not continue bit for bit like an uninterrupted run: "
+                        + '; '.join(reasons))
     _logger.info(f"resumed '{path}' (epoch {checkpoint.get('epoch')}), starting at epoch {start_epoch}")
     return dict(start_epoch=start_epoch, rng_state=rng_state, saver_state=checkpoint.get('saver'))
 

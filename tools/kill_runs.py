@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Kill a training run with SIGKILL at random moments, resume it each time, and check what is on disk.
+
+    python tools/kill_runs.py --out DIR --kills 50 -- -c configs/demo_tokenmix.yaml --data-dir DATA ...
+
+Runs `train.py ARGS` once uninterrupted (DIR/straight), then again in DIR/killed: started, killed after a random
+delay, resumed from its `last.pth.tar` (or restarted when it has none), `--kills` times, then left to finish.
+After every kill it loads each `*.pth.tar` a reader would pick up with a plain `torch.load` and checks that no
+best epoch was lost (`model_best` is at least as good as every checkpoint on disk). At the end it compares the
+killed run's files with the uninterrupted run's. Prints the counts; exit code 1 when any check failed. A manual
+robustness check, not part of `make test`.
+"""
+import argparse
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', required=True, help='folder for the two runs')
+    parser.add_argument('--kills', type=int, default=50, help='number of kills (default: 50)')
+    parser.add_argument('--min-delay', type=float, default=2.0, help='shortest time before a kill, s')
+    parser.add_argument('--max-delay', type=float, default=15.0, help='longest time before a kill, s')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the kill delays')
+    parser.add_argument('train_args', nargs=argparse.REMAINDER, help='-- then the arguments of train.py')
+    args = parser.parse_args(argv)
+    args.train_args = [a for a in args.train_args if a != '--']
+    return args
+
+
+def checkpoints_on_disk(folder: str) -> Dict[str, dict]:
+    """Every file a reader globs, loaded with a plain torch.load (an unreadable one raises)."""
+    return {os.path.basename(p): torch.load(p) for p in sorted(glob.glob(os.path.join(folder, '*.pth.tar')))}
+
+
+def check_folder(folder: str, higher_is_better: bool) -> List[str]:
+    """What is wrong on disk after a kill: unloadable files, or a model_best worse than a kept checkpoint."""
+    try:
+        files = checkpoints_on_disk(folder)
+    except Exception as e:  # any failure of torch.load is what this tool looks for
+        return [f'unloadable checkpoint: {e}']
+    metrics = [c['metric'] for c in files.values() if c.get('metric') is not None]
+    best = files.get('model_best.pth.tar', {}).get('metric')
+    if metrics and (best is None or (max(metrics) > best if higher_is_better else min(metrics) < best)):
+        return [f'best lost: model_best {best}, checkpoints {metrics}']
+    return []
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    train = [sys.executable, os.path.join(ROOT, 'train.py'), *args.train_args, '--output', args.out]
+    start = time.time()
+    subprocess.run(train + ['--experiment', 'straight'], env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    straight_seconds = time.time() - start
+    run = os.path.join(args.out, 'killed')
+    last = os.path.join(run, 'last.pth.tar')
+    rng = random.Random(args.seed)
+    higher_is_better = '--eval-metric' not in args.train_args or 'loss' not in args.train_args
+    kills = in_save = before_first = 0
+    problems: List[str] = []
+    start = time.time()
+    while True:
+        resume = ['--resume', last] if os.path.exists(last) else []
+        proc = subprocess.Popen(train + ['--experiment', 'killed', *resume], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        if kills < args.kills:
+            try:
+                proc.wait(timeout=rng.uniform(args.min_delay, args.max_delay))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        code = proc.wait()
+        if code not in (0, -signal.SIGKILL):
+            problems.append(f'train.py exited with {code}')
+            break
+        if code == -signal.SIGKILL:
+            temps = glob.glob(os.path.join(run, '.*.tmp'))
+            in_save += bool(temps)
+            before_first += not os.path.exists(last)
+            problems += [f'kill {kills}: {p}' for p in check_folder(run, higher_is_better)]
+            print(f'kill {kills}: last epoch {torch.load(last)["epoch"] if os.path.exists(last) else None}'
+                  f'{", inside a save" if temps else ""}', flush=True)
+        if code == 0:
+            break
+    killed_seconds = time.time() - start
+    a, b = checkpoints_on_disk(os.path.join(args.out, 'straight')), checkpoints_on_disk(run)
+    differing = [name for name in a['last.pth.tar']['state_dict']
+                 if not torch.equal(a['last.pth.tar']['state_dict'][name], b['last.pth.tar']['state_dict'][name])]
+    if sorted(a) != sorted(b):
+        problems.append(f'other checkpoint files: {sorted(a)} vs {sorted(b)}')
+    if sorted(os.listdir(run)) != sorted(os.listdir(os.path.join(args.out, 'straight'))):
+        problems.append(f'other files: {sorted(os.listdir(run))}')
+    best = [(c['model_best.pth.tar']['epoch'], c['model_best.pth.tar']['metric']) for c in (a, b)]
+    if best[0] != best[1]:
+        problems.append(f'model_best differs: {best[0]} uninterrupted vs {best[1]} killed')
+    print(f'uninterrupted run: {straight_seconds:.0f} s; killed run: {kills} kills ({in_save} inside a save, '
+          f'{before_first} before the first checkpoint), {killed_seconds:.0f} s in all')
+    print(f'final last.pth.tar: {len(differing)} of {len(a["last.pth.tar"]["state_dict"])} tensors differ from '
+          f'the uninterrupted run; model_best (epoch, metric): {best[1]} vs {best[0]} uninterrupted')
+    print('problems: ' + ('; '.join(problems) if problems else 'none'))
+    return 1 if problems or differing else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
