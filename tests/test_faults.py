@@ -138,6 +138,19 @@ def test_a_kill_before_any_file_operation_of_a_save_loses_nothing(tmp_path, monk
         assert sorted(os.listdir(folder)) == sorted(_expected_after(len(METRICS) - 1)), fail_at
 
 
+def test_a_resume_keeps_a_better_model_best_found_on_disk(tmp_path):
+    """Resumed from before its best epoch, a run whose rerun of that epoch scores lower keeps the better file."""
+    saver = _saver(tmp_path)
+    for epoch, metric in enumerate([1.0, 5.0]):
+        saver.save(epoch, metric, {})
+    resumed = _saver(tmp_path)
+    earlier = tmp_path / 'checkpoint-0.pth.tar'
+    continue_history(resumed, str(earlier), torch.load(earlier)['saver'])
+    assert resumed.save(1, 3.0, {}) == (5.0, 1)
+    assert (torch.load(tmp_path / 'model_best.pth.tar')['metric'], torch.load(tmp_path / 'last.pth.tar')['metric']) \
+        == (5.0, 3.0)
+
+
 # --- corrupt files on every load path ----------------------------------------------------------------------------
 
 def _corrupt(kind: str, good: str, folder) -> tuple:
