@@ -38,7 +38,8 @@ class Killed(BaseException):
 def _inject(monkeypatch, fail_at: float) -> list:
     """Make file operation number `fail_at` (0-based) die before it acts; returns the log of operations done.
 
-    A dying `torch.save` first writes the start of an archive, as a process killed while writing would.
+    A dying `torch.save` or `shutil.copy2` first writes the start of an archive, as a process killed while
+    writing would.
     """
     done = []
 
@@ -49,6 +50,9 @@ def _inject(monkeypatch, fail_at: float) -> list:
             if len(done) == fail_at:
                 if name == 'save':
                     args[1].write(b'PK\x03\x04 the first bytes of a checkpoint')
+                if name == 'copy2':
+                    with open(args[1], 'wb') as f:
+                        f.write(b'PK\x03\x04 the first bytes of a copy')
                 raise Killed(name)
             done.append(name)
             return real(*args, **kwargs)
@@ -59,11 +63,13 @@ def _inject(monkeypatch, fail_at: float) -> list:
     return done
 
 
-def _saver(folder) -> AtomicCheckpointSaver:
+def _saver(folder, hardlink: bool = True) -> AtomicCheckpointSaver:
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return AtomicCheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=str(folder),
-                                 recovery_dir=str(folder), max_history=HISTORY)
+    saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=str(folder),
+                                  recovery_dir=str(folder), max_history=HISTORY)
+    saver.can_hardlink = hardlink  # False: copies, as on a file system without hard links
+    return saver
 
 
 def _kept_after(epoch: int) -> set:
@@ -88,8 +94,8 @@ def _expected_after(epoch: int) -> dict:
     return files
 
 
-def _count_ops(tmp_path, monkeypatch, epoch: int) -> int:
-    saver = _saver(tmp_path)
+def _count_ops(tmp_path, monkeypatch, epoch: int, hardlink: bool) -> int:
+    saver = _saver(tmp_path, hardlink)
     for e in range(epoch):
         saver.save(e, METRICS[e], {})
     with monkeypatch.context() as m:
@@ -100,14 +106,15 @@ def _count_ops(tmp_path, monkeypatch, epoch: int) -> int:
     return len(done)
 
 
+@pytest.mark.parametrize('hardlink', [True, False])
 @pytest.mark.parametrize('epoch', range(len(METRICS)))
-def test_a_kill_before_any_file_operation_of_a_save_loses_nothing(tmp_path, monkeypatch, epoch):
-    num_ops = _count_ops(tmp_path, monkeypatch, epoch)
+def test_a_kill_before_any_file_operation_of_a_save_loses_nothing(tmp_path, monkeypatch, epoch, hardlink):
+    num_ops = _count_ops(tmp_path, monkeypatch, epoch, hardlink)
     assert num_ops >= 3  # at least: write, fsync, rename over last
     for fail_at in range(num_ops):
         folder = tmp_path / f'kill{fail_at}'
         folder.mkdir()
-        saver = _saver(folder)
+        saver = _saver(folder, hardlink)
         for e in range(epoch):
             saver.save(e, METRICS[e], {})
         with monkeypatch.context() as m:

@@ -27,7 +27,7 @@ from models import CheckpointError, read_checkpoint
 
 from .errors import ConfigError
 
-__all__ = ['AtomicCheckpointSaver', 'TEMP_SUFFIX', 'plain_data', 'numerics', 'capture_rng_state', 'restore_rng_state',
+__all__ = ['AtomicCheckpointSaver', 'plain_data', 'numerics', 'capture_rng_state', 'restore_rng_state',
            'gather_rng_states', 'load_training_checkpoint', 'resume', 'continue_history']
 
 _logger = logging.getLogger(__name__)
