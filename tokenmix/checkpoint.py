@@ -10,6 +10,7 @@ when the next saver starts in that folder. `args` is stored as plain data, so a 
 `torch.load(path)`. Checkpoints also hold the LR scheduler and every rank's random number generator states, so
 `resume()` restores model, EMA, optimiser, scheduler, loss scaler, epoch and RNG. The teacher is never saved.
 """
+import argparse
 import glob
 import logging
 import os
@@ -219,11 +220,12 @@ def _inexact_reasons(checkpoint: Dict[str, Any], model: torch.nn.Module, world_s
         reasons.append(f'it holds the RNG states of {len(states)} processes, this run has {world_size}, so '
                        f'random streams are reseeded')
     saved_args = checkpoint.get('args')
-    saved_workers = (saved_args if isinstance(saved_args, Mapping) else vars(saved_args)).get('workers') \
-        if saved_args is not None else None
+    saved_args = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args
+    saved_workers = saved_args.get('workers') if isinstance(saved_args, Mapping) else None
     if workers is not None and saved_workers is not None and saved_workers != workers:
         reasons.append(f'--workers {workers}, the checkpoint was written with {saved_workers}')
-    saved, now = checkpoint.get('numerics', {}), numerics(model)
+    saved, now = checkpoint.get('numerics'), numerics(model)
+    saved = saved if isinstance(saved, Mapping) else {}
     for key, what in (('device', 'device'), ('threads', 'CPU threads'), ('cpu_kernels', 'CPU kernels')):
         if key in saved and key in now and saved[key] != now[key]:
             reasons.append(f'{what} {now[key]}, the checkpoint was written with {saved[key]}')

@@ -4,7 +4,8 @@
     python tools/kill_runs.py --out DIR --kills 50 -- -c configs/demo_tokenmix.yaml --data-dir DATA ...
 
 Runs `train.py ARGS` once uninterrupted (DIR/straight), then again in DIR/killed: started, killed after a random
-delay, resumed from its `last.pth.tar` (or restarted when it has none), `--kills` times, then left to finish.
+delay (counted from the moment the run writes its log, i.e. once start-up is over), resumed from its
+`last.pth.tar` (or restarted when it has none), `--kills` times, then left to finish.
 After every kill it loads each `*.pth.tar` a reader would pick up with a plain `torch.load` and checks that no
 best epoch was lost (`model_best` is at least as good as every checkpoint on disk). At the end it compares the
 killed run's files with the uninterrupted run's. Prints the counts; exit code 1 when any check failed. A manual
@@ -29,13 +30,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', required=True, help='folder for the two runs')
     parser.add_argument('--kills', type=int, default=50, help='number of kills (default: 50)')
-    parser.add_argument('--min-delay', type=float, default=2.0, help='shortest time before a kill, s')
-    parser.add_argument('--max-delay', type=float, default=15.0, help='longest time before a kill, s')
+    parser.add_argument('--min-delay', type=float, default=0.0, help='shortest time from start-up to a kill, s')
+    parser.add_argument('--max-delay', type=float, default=15.0, help='longest time from start-up to a kill, s')
     parser.add_argument('--seed', type=int, default=0, help='seed of the kill delays')
     parser.add_argument('train_args', nargs=argparse.REMAINDER, help='-- then the arguments of train.py')
     args = parser.parse_args(argv)
     args.train_args = [a for a in args.train_args if a != '--']
     return args
+
+
+def wait_for_start(proc: subprocess.Popen, log: str) -> None:
+    """Return once `log` has grown since the process was started, or the process has ended."""
+    size = os.path.getsize(log) if os.path.exists(log) else 0
+    while proc.poll() is None and (os.path.getsize(log) if os.path.exists(log) else 0) <= size:
+        time.sleep(0.05)
 
 
 def checkpoints_on_disk(folder: str) -> Dict[str, dict]:
@@ -76,6 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         proc = subprocess.Popen(train + ['--experiment', 'killed', *resume], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         if kills < args.kills:
+            wait_for_start(proc, os.path.join(run, 'log.txt'))
             try:
                 proc.wait(timeout=rng.uniform(args.min_delay, args.max_delay))
             except subprocess.TimeoutExpired:
