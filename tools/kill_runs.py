@@ -8,8 +8,8 @@ delay (counted from the moment the run writes its log, i.e. once start-up is ove
 `last.pth.tar` (or restarted when it has none), and so on until it finishes; then again from scratch until
 `--kills` kills are spent. After every kill it loads each `*.pth.tar` a reader would pick up with a plain
 `torch.load` and checks that no best epoch was lost (`model_best` is at least as good as every checkpoint on
-disk). Each finished killed run is compared with the uninterrupted one (weights bit for bit, files, best epoch). Prints the counts; exit code 1 when any check failed. A manual
-robustness check, not part of `make test`.
+disk). Each finished killed run is compared with the uninterrupted one (weights bit for bit, files, best
+epoch). Prints the counts; exit code 1 when any check failed. A manual robustness check, not part of `make test`.
 """
 import argparse
 import glob
