@@ -125,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.resume:
         resumed = resume(args.resume, model, optimizer=None if args.no_resume_opt else optimizer,
                          scheduler=scheduler, loss_scaler=loss_scaler, model_ema=model_ema,
-                         rank=args.rank, world_size=args.world_size)
+                         rank=args.rank, world_size=args.world_size, workers=args.workers)
     start_epoch = args.start_epoch if args.start_epoch is not None else resumed['start_epoch']
     if scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
@@ -182,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _logger.info(f'*** best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]})')
     except NonFiniteLossError as e:
         last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
-        kept = f'; last good checkpoint kept: {last}' if last and os.path.exists(last) else ''
+        kept = f'; last good checkpoint kept: {last}' if last and os.path.exists(last) else '; no checkpoint saved'
         _logger.error(f'{e}{kept}')
         return 1
     finally:

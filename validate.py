@@ -3,7 +3,8 @@
 --checkpoint PATH [--occlusion 0 0.25 0.5]`.
 
 Checkpoints: this repo's and timm's `*.pth.tar` (model or `--use-ema`), DeiT-style (`model`, `model_ema`), bare
-state dicts and `.safetensors`; `--checkpoint DIR` validates every checkpoint file in DIR. Under torchrun each
+state dicts and `.safetensors`; `--checkpoint DIR` validates every checkpoint file in DIR (an unreadable one is a
+row with its error, and the exit code is 2 once the table and results file are written). Under torchrun each
 process takes a disjoint shard of the split and every image is counted exactly once, so the numbers equal a
 single-process run. Bad input is one line on stderr and exit code 2.
 
@@ -47,6 +48,7 @@ from tokenmix.progress import Progress
 _logger = logging.getLogger('validate')
 
 CHECKPOINT_PATTERNS = ('*.pth.tar', '*.pth', '*.safetensors')
+PARTIAL_FILES = ('tmp.pth.tar', 'recovery_tmp.pth.tar')  # timm's names for a save in progress
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
@@ -215,12 +217,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def checkpoint_files(path: str) -> List[str]:
-    """`path` itself, or every checkpoint file in the folder `path` (sorted)."""
+    """`path` itself, or every checkpoint file in the folder `path` (sorted; timm's temporary files left out)."""
     if not os.path.isdir(path):
         if not os.path.isfile(path):
             raise ConfigError(f"--checkpoint '{path}': no such file or folder")
         return [path]
-    files = sorted({f for pattern in CHECKPOINT_PATTERNS for f in glob.glob(os.path.join(path, pattern))})
+    files = sorted({f for pattern in CHECKPOINT_PATTERNS for f in glob.glob(os.path.join(glob.escape(path), pattern))
+                    if os.path.basename(f) not in PARTIAL_FILES})
     if not files:
         raise ConfigError(f"--checkpoint '{path}': the folder holds no {' / '.join(CHECKPOINT_PATTERNS)} files")
     return files
@@ -245,15 +248,21 @@ def write_results(rows: List[Dict[str, Any]], path: str, fmt: str) -> None:
             json.dump(rows, f, indent=2)
             f.write('\n')
         else:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=result_columns(rows), restval='')
             writer.writeheader()
             writer.writerows(rows)
 
 
+def result_columns(rows: List[Dict[str, Any]]) -> List[str]:
+    """Every key of the rows in first-seen order, `error` last (a folder's unreadable file has no metrics)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return [c for c in columns if c != 'error'] + ['error'] * ('error' in columns)
+
+
 def format_table(rows: List[Dict[str, Any]]) -> str:
-    """The rows as an aligned text table (columns of the first row)."""
-    columns = list(rows[0])
-    cells = [columns] + [[str(r[c]) for c in columns] for r in rows]
+    """The rows as an aligned text table."""
+    columns = result_columns(rows)
+    cells = [columns] + [[str(r.get(c, '')) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return '\n'.join('  '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in cells)
 
@@ -411,10 +420,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     amp_dtype = (torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16) if args.amp else None
     model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
     sources = checkpoint_files(args.checkpoint) if args.checkpoint else ['pretrained']
-    rows = []
+    folder = bool(args.checkpoint) and os.path.isdir(args.checkpoint)
+    rows, unreadable = [], []
     for source in sources:
         if args.checkpoint:
-            load_weights(model, source, args.use_ema)
+            try:
+                load_weights(model, source, args.use_ema)
+            except ConfigError as e:
+                if not folder:
+                    raise
+                unreadable.append(os.path.basename(source))
+                rows.append(dict(model=args.model, checkpoint=source, occlusion='', top1='', top5='', images=0,
+                                 seconds=0, error=str(e)))
+                continue
         net = reparameterize_model(model) if args.reparam else model
         test_time_pool = False
         if args.test_pool:
@@ -447,11 +465,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append(dict(model=args.model, checkpoint=source + (' (EMA)' if args.use_ema else ''),
                              occlusion=ratio, top1=round(result['top1'], 3), top5=round(result['top5'], 3),
                              images=result['count'], seconds=round(result['seconds'], 2),
-                             **{k: v for k, v in result.items() if k.startswith(str(args.metrics_avg))}))
+                             **{k: v for k, v in result.items() if k.startswith(str(args.metrics_avg))}, error=''))
     if is_primary(args):
         print(format_table(rows))
         if args.results_file:
             write_results(rows, args.results_file, args.results_format)
+    if unreadable:
+        raise ConfigError(f"--checkpoint '{args.checkpoint}': {len(unreadable)} of {len(sources)} checkpoint files "
+                          f"could not be validated ({', '.join(unreadable)}); see the error column")
     return 0
 
 

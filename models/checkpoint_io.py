@@ -4,19 +4,25 @@ Accepted files: ``.pth`` / ``.pth.tar`` written by ``torch.save`` (timm's and De
 bare state dict) and ``.safetensors``. A torch checkpoint may keep its weights under ``state_dict`` /
 ``state_dict_ema`` (timm) or ``model`` / ``model_ema`` (DeiT, torchvision); the ``module.`` (DDP) and
 ``_orig_mod.`` (``torch.compile``) prefixes are removed with timm's ``clean_state_dict``.
+
+:func:`read_checkpoint` is the one place a checkpoint file is opened (resume, initial weights, the teacher,
+validation): whatever is wrong with a file (missing, a folder, empty, truncated, text, random bytes, pickled
+objects) comes out as one exception whose message names the file and the fault.
 """
 import argparse
 import errno
 import os
 import pickle
+import re
 from collections.abc import Mapping
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 from torch import nn
 from timm.models import clean_state_dict
 
-__all__ = ['load_state_dict_file', 'check_state_dict', 'load_checkpoint_weights', 'LoadReport']
+__all__ = ['CheckpointError', 'read_checkpoint', 'load_state_dict_file', 'check_state_dict', 'load_checkpoint_weights',
+           'LoadReport']
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,18 +36,61 @@ def _is_state_dict(obj: object) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _read_file(path: str) -> object:
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or holds nothing usable; the message names the file and the fault."""
+
+
+_ZIP_MAGIC = b'PK\x03\x04'  # torch.save writes a zip archive since torch 1.6
+
+
+def _what_is_wrong(path: str, error: Exception) -> str:
+    """Why torch.load failed on `path`, in words: refused objects, a damaged archive, text, or other bytes."""
+    cause = error.__context__ if isinstance(error, pickle.UnpicklingError) and error.__context__ else error
+    detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    refused = re.search(r'Unsupported global: GLOBAL (\S+)', detail)
+    if refused:
+        return (f'holds Python objects ({refused.group(1)}) that torch.load(weights_only=True) refuses to '
+                f'unpickle; re-save its weights as a plain state dict or .safetensors')
+    with open(path, 'rb') as f:
+        head = f.read(512)
+    if head.startswith(_ZIP_MAGIC):
+        return 'is truncated or damaged (an incomplete torch zip archive)'
+    try:
+        head.decode('utf-8')
+        return 'is a text file, not a torch checkpoint'
+    except UnicodeDecodeError:
+        return f'is not a torch checkpoint ({detail})'
+
+
+def read_checkpoint(path: PathLike) -> Any:
+    """Everything stored in a checkpoint file, read on the CPU without running pickled code.
+
+    ``.safetensors`` files are read with safetensors, anything else with ``torch.load(weights_only=True)``,
+    allowing the ``argparse.Namespace`` that timm, DeiT and older files of this project store as ``args``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: ``path`` is a folder, empty, or not a readable checkpoint (truncated, text, other bytes,
+            pickled objects that weights_only refuses); the message names the file and the fault.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, 'checkpoint file not found', path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint '{path}' is a folder, not a file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes)")
     if path.endswith('.safetensors'):
         import safetensors.torch  # a timm dependency
-        return safetensors.torch.load_file(path, device='cpu')
-    # weights_only: never run pickled code; timm and DeiT checkpoints store their args as an argparse.Namespace
-    torch.serialization.add_safe_globals([argparse.Namespace])
+        try:
+            return safetensors.torch.load_file(path, device='cpu')
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on bad bytes
+            raise CheckpointError(f"checkpoint '{path}' is not a readable .safetensors file ({e})") from None
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"checkpoint '{path}' holds Python objects that torch.load(weights_only=True) refuses to unpickle "
-            f"({e}); re-save its weights as a plain state dict or .safetensors") from e
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # on bad bytes torch.load raises OSError, EOFError, KeyError, UnpicklingError, ...
+        raise CheckpointError(f"checkpoint '{path}' {_what_is_wrong(path, e)}") from None
 
 
 def load_state_dict_file(path: PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -54,19 +103,18 @@ def load_state_dict_file(path: PathLike, use_ema: bool = False) -> dict[str, tor
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file holds no recognisable state dict, or no EMA weights when ``use_ema`` is set.
+        CheckpointError: an unreadable file (see :func:`read_checkpoint`), no recognisable state dict, or no EMA
+            weights when ``use_ema`` is set.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(errno.ENOENT, 'checkpoint file not found', path)
-    checkpoint = _read_file(path)
+    checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a state dict")
+        raise CheckpointError(f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a state dict")
 
     ema_key = next((k for k in _EMA_KEYS if checkpoint.get(k) is not None), None)
     if use_ema:
         if ema_key is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint '{path}' has no EMA weights (looked for {', '.join(_EMA_KEYS)}; "
                 f"top-level keys: {_list(checkpoint)}); load it without use_ema")
         state_dict = checkpoint[ema_key]
@@ -75,11 +123,11 @@ def load_state_dict_file(path: PathLike, use_ema: bool = False) -> dict[str, tor
         if model_key is not None:
             state_dict = checkpoint[model_key]
         elif ema_key is not None and not _is_state_dict(checkpoint):
-            raise ValueError(f"checkpoint '{path}' holds only EMA weights ('{ema_key}'); load it with use_ema")
+            raise CheckpointError(f"checkpoint '{path}' holds only EMA weights ('{ema_key}'); load it with use_ema")
         else:
             state_dict = checkpoint
     if not _is_state_dict(state_dict):
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint '{path}' holds no state dict of tensors (expected one of "
             f"{', '.join(_MODEL_KEYS + _EMA_KEYS)} or a bare state dict; top-level keys: {_list(checkpoint)})")
     return clean_state_dict(dict(state_dict))
@@ -120,12 +168,12 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *
         source: where the weights come from (a file name), used in messages.
 
     Raises:
-        ValueError: the classifier size differs from the model's ``num_classes``.
+        CheckpointError: the classifier size differs from the model's ``num_classes``.
     """
     own = model.state_dict()
     for name in _classifier_weight_names(model):
         if name in state_dict and state_dict[name].shape[0] != own[name].shape[0]:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint '{source}' has a classifier for {state_dict[name].shape[0]} classes ('{name}'), "
                 f"but the model was built with num_classes={own[name].shape[0]}")
     missing = [k for k in own if k not in state_dict]
@@ -154,7 +202,7 @@ def load_checkpoint_weights(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: unreadable file, no EMA weights when asked, classifier size differs from the model's
+        CheckpointError: unreadable file, no EMA weights when asked, classifier size differs from the model's
             (naming both numbers), shape mismatches, or (``strict``) missing / unexpected keys.
     """
     path = os.fspath(path)
@@ -168,7 +216,7 @@ def load_checkpoint_weights(
     if strict and report.unexpected:
         problems.append(f'{len(report.unexpected)} unexpected keys in the checkpoint: {_list(report.unexpected)}')
     if problems:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint '{path}' does not fit {type(model).__name__}: " + '; '.join(problems)
             + ' (is it for another architecture?)')
     model.load_state_dict(state_dict, strict=strict)

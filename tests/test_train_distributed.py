@@ -58,7 +58,7 @@ def test_torchrun_two_processes(tiny_data, teacher_checkpoint, tmp_path):
     assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
 
     # the all-reduced top-1 equals a single-process evaluation of the same weights on all 29 images
-    args = checkpoint['args']
+    args = argparse.Namespace(**checkpoint['args'])  # stored as plain data
     model = build_student(args, 10)
     model.load_state_dict(checkpoint['state_dict'])
     dataset = build_dataset(args, 'validation', '--val-split', is_training=False)

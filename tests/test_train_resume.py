@@ -1,8 +1,14 @@
-"""Checkpoints: resume continues bit for bit, writes are atomic, a non-finite loss keeps the last good one."""
+"""Checkpoints: resume continues bit for bit, writes are atomic, a non-finite loss keeps the last good one, and
+files load with a plain torch.load and with timm's loaders."""
+import argparse
 import os
+import subprocess
+import sys
 
 import pytest
+import timm
 import torch
+from timm.models import load_checkpoint, resume_checkpoint
 
 import tokenmix.engine as engine
 from tokenmix.checkpoint import AtomicCheckpointSaver
@@ -12,13 +18,15 @@ TOKENMIX = ['--tokenmix', '--mixup', '0.8', '--cutmix', '1.0', '--model-ema', '-
 
 
 def _load(path):
-    import argparse
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def test_resume_matches_uninterrupted_run(train_script, train_argv, teacher_checkpoint, tmp_path, monkeypatch):
-    teacher = ['--teacher-model', 'tokenmix_cnn_teacher_64', '--teacher-checkpoint', teacher_checkpoint]
+@pytest.mark.parametrize('workers', [0, 1])
+def test_resume_matches_uninterrupted_run(train_script, train_argv, teacher_checkpoint, tmp_path, monkeypatch,
+                                          workers, caplog):
+    """Bit-identical with loader workers too: each epoch's workers are seeded from the restored RNG state."""
+    teacher = ['--teacher-model', 'tokenmix_cnn_teacher_64', '--teacher-checkpoint', teacher_checkpoint,
+               '--workers', str(workers), '--color-jitter', '0.4', '--reprob', '0.25']
     assert train_script.run_main(train_argv(*TOKENMIX, *teacher, experiment='straight')) == 0
 
     class Stop(Exception):
@@ -39,6 +47,7 @@ def test_resume_matches_uninterrupted_run(train_script, train_argv, teacher_chec
     assert _load(stopped / 'last.pth.tar')['epoch'] == 1
     assert train_script.run_main(train_argv(*TOKENMIX, *teacher, '--resume', str(stopped / 'last.pth.tar'),
                                             experiment='stopped')) == 0
+    assert 'will not continue bit for bit' not in caplog.text
 
     a, b = _load(tmp_path / 'out' / 'straight' / 'last.pth.tar'), _load(stopped / 'last.pth.tar')
     assert a['epoch'] == b['epoch'] == 2
@@ -107,3 +116,39 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train_script, trai
     assert not (out / 'checkpoint-1.pth.tar').exists()
     with open(out / 'summary.csv') as f:
         assert len(f.read().splitlines()) == 2  # header + epoch 0
+
+
+def test_checkpoints_load_with_plain_torch_load_and_timm(train_script, train_argv, tmp_path, caplog):
+    assert train_script.run_main(train_argv('--epochs', '1', '--model-ema')) == 0
+    out = tmp_path / 'out' / 'run'
+    # a fresh Python, nothing of this project imported, torch.load's defaults (weights_only=True)
+    code = ("import sys, torch; c = torch.load(sys.argv[1]); "
+            "print(c['epoch'], type(c['args']).__name__, c['args']['model'], c['args']['model_kwargs'])")
+    shown = subprocess.run([sys.executable, '-c', code, str(out / 'model_best.pth.tar')], cwd=str(tmp_path),
+                           env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
+                           capture_output=True, text=True, check=True).stdout
+    assert shown.split() == ['0', 'dict', 'tokenmix_vit_tiny_p8_64', "{'embed_dim':", "32,", "'depth':", "1,",
+                             "'num_heads':", "2}"]
+    saved = _load(out / 'last.pth.tar')
+    model = timm.create_model('tokenmix_vit_tiny_p8_64', img_size=32, num_classes=10, embed_dim=32, depth=1,
+                              num_heads=2)
+    load_checkpoint(model, str(out / 'last.pth.tar'), use_ema=False)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved['state_dict'][name]), name
+    optimizer = timm.optim.create_optimizer_v2(model, 'adamw', weight_decay=2e-5)  # as train.py: two groups
+    assert resume_checkpoint(model, str(out / 'last.pth.tar'), optimizer=optimizer) == 1  # timm: the next epoch
+    assert optimizer.state_dict()['state'][0]['step'] == saved['optimizer']['state'][0]['step']
+
+    # an older file, with args stored as an argparse.Namespace, still resumes; what makes it inexact is named
+    saved['args'] = argparse.Namespace(**saved['args'])
+    threads = saved['numerics']['threads']
+    saved['numerics']['threads'] += 1
+    del saved['rng_states']
+    old = tmp_path / 'old.pth.tar'
+    torch.save(saved, old)
+    assert train_script.run_main(train_argv('--epochs', '2', '--model-ema', '--resume', str(old), '--workers', '1',
+                                            experiment='from_old')) == 0
+    assert _load(tmp_path / 'out' / 'from_old' / 'last.pth.tar')['epoch'] == 1
+    assert (f"resuming '{old}' will not continue bit for bit like an uninterrupted run: the checkpoint holds no RNG "
+            f"states, so random streams are reseeded; --workers 1, the checkpoint was written with 0; CPU threads "
+            f"{threads}, the checkpoint was written with {threads + 1}") in caplog.text

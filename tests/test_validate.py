@@ -91,7 +91,7 @@ def test_every_checkpoint_format_and_a_folder(validate, skewed_data, tmp_path, c
                      str(folder), '-j', '0', '--results-file', out_file)
     assert code == 0
     lines = open(out_file).read().splitlines()
-    assert lines[0] == 'model,checkpoint,occlusion,top1,top5,images,seconds'
+    assert lines[0] == 'model,checkpoint,occlusion,top1,top5,images,seconds,error'
     rows = [line.split(',') for line in lines[1:]]
     assert sorted(os.path.basename(r[1]) for r in rows) == ['bare.pth', 'deit.pth', 'st.safetensors', 'timm.pth.tar']
     assert all(float(r[3]) == 25.0 and r[5] == '12' for r in rows)

@@ -1,30 +1,69 @@
-"""Student checkpoints: atomic writes, bounded history, and a resume that continues bit for bit.
+"""Student checkpoints: saves that a kill cannot spoil, bounded history, and a resume that continues bit for bit.
 
-`AtomicCheckpointSaver` is timm's `CheckpointSaver` (same files: `last`, `model_best`, `checkpoint-N`) with
-every file written under a temporary name, synced, then renamed over the old one, so a run killed at any moment
-leaves loadable files (timm unlinks the old file before renaming and copies the history files in place). Its
-checkpoints also hold the LR scheduler and every rank's random number generator states, so `resume()` restores
-model, EMA, optimiser, scheduler, loss scaler, epoch and RNG. The teacher is never saved: only the student and
-its EMA are.
+`AtomicCheckpointSaver` writes timm's files (`last`, `model_best`, `checkpoint-N`, same contents and history
+bookkeeping as timm's `CheckpointSaver`) in an order that a kill at any instant cannot spoil: the new state goes
+to a hidden temporary file (`.last.pth.tar.tmp`, which no `*.pth.tar` glob matches), then becomes the new
+history file and, when it is a new best, `model_best` (each by link or copy to a hidden temporary name and an
+atomic rename), then `last`; only then is the history file it displaced deleted. So at every instant the
+newest complete `last`, the best so far and the kept history are on disk. Leftover temporary files are removed
+when the next saver starts in that folder. `args` is stored as plain data, so a file loads with a plain
+`torch.load(path)`. Checkpoints also hold the LR scheduler and every rank's random number generator states, so
+`resume()` restores model, EMA, optimiser, scheduler, loss scaler, epoch and RNG. The teacher is never saved.
 """
 import argparse
+import glob
 import logging
 import os
 import random
 import shutil
-from typing import Any, Dict, List, Optional
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from timm.utils import CheckpointSaver, get_state_dict, unwrap_model
 
+from models import CheckpointError, read_checkpoint
+
 from .errors import ConfigError
 
-__all__ = ['AtomicCheckpointSaver', 'capture_rng_state', 'restore_rng_state', 'gather_rng_states', 'resume',
-           'continue_history']
+__all__ = ['AtomicCheckpointSaver', 'plain_data', 'numerics', 'capture_rng_state', 'restore_rng_state',
+           'gather_rng_states', 'load_training_checkpoint', 'resume', 'continue_history']
 
 _logger = logging.getLogger(__name__)
+
+TEMP_SUFFIX = '.tmp'
+_LEGACY_TEMP = 'tmp.pth.tar'  # timm's (and this project's earlier) temporary name, which `*.pth.tar` matches
+
+
+def temp_path(path: str) -> str:
+    """The hidden temporary name `path` is written under before its rename: `DIR/.NAME.tmp`."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, '.' + name + TEMP_SUFFIX)
+
+
+def plain_data(value: Any) -> Any:
+    """`value` with every object that is not a builtin (dict, list, tuple, str, number, bool, None) as a string.
+
+    What `torch.load(weights_only=True)` reads without an allowlist; used for the run's `args`.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_data(v) for v in value)
+    return str(value)
+
+
+def numerics(model: torch.nn.Module) -> Dict[str, Any]:
+    """What sets the last bits of results besides the seeds: the device type, and on CPU the thread count and
+    the vector kernels torch picked for this CPU (measured: either one changed alone gives other weights)."""
+    device = next(model.parameters()).device.type
+    if device != 'cpu':
+        return dict(device=device)
+    return dict(device=device, threads=torch.get_num_threads(), cpu_kernels=torch.backends.cpu.get_cpu_capability())
 
 
 def _fsync_file(path: str) -> None:
@@ -33,30 +72,54 @@ def _fsync_file(path: str) -> None:
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's `CheckpointSaver` whose every write is temp file + fsync + `os.replace`.
+    """timm's `CheckpointSaver` whose saves keep `last`, the best and the history loadable at every instant.
 
     `save(epoch, metric, extra)` stores `extra` (scheduler state, RNG states, ...) beside timm's entries.
+    Constructing it removes the temporary files an interrupted save left in `checkpoint_dir`.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._extra: Dict[str, Any] = {}
+        leftovers = glob.glob(os.path.join(glob.escape(self.checkpoint_dir), '.*' + self.extension + TEMP_SUFFIX))
+        legacy = os.path.join(self.checkpoint_dir, _LEGACY_TEMP)
+        for path in leftovers + ([legacy] if os.path.isfile(legacy) else []):
+            os.remove(path)
+            _logger.warning(f"removed '{path}', the temporary file of an interrupted save")
 
-    def save(self, epoch: int, metric: Optional[float], extra: Dict[str, Any]):
-        """`save_checkpoint` with extra entries; returns (best_metric, best_epoch) as timm does."""
-        self._extra = extra
-        try:
-            return self.save_checkpoint(epoch, metric)
-        finally:
-            self._extra = {}
+    def _named(self, name: str) -> str:
+        return os.path.join(self.checkpoint_dir, name + self.extension)
 
-    def _replace(self, src: str, dst: str) -> None:
-        os.replace(src, dst)  # atomic on POSIX and Windows; never leaves `dst` missing
+    def save(self, epoch: int, metric: Optional[float], extra: Dict[str, Any]) -> Tuple[Any, Any]:
+        """Save this epoch as `last`, in the history when it earns a place, as `model_best` when it is the best.
 
-    def _duplicate(self, src: str, dst: str) -> None:
-        tmp = dst + '.tmp'
+        Same ranking and eviction as timm's `save_checkpoint`; returns (best_metric, best_epoch) as timm does.
+        """
+        last = self._named('last')
+        new = temp_path(last)
+        self._write(new, epoch, metric, extra)
+        worst = self.checkpoint_files[-1] if self.checkpoint_files else None
+        kept = (len(self.checkpoint_files) < self.max_history or worst[1] is None
+                or (metric is not None and self.cmp(metric, worst[1])))
+        history_path = self._checkpoint_path(epoch)
+        evicted = [f for f, _ in self.checkpoint_files[self.max_history - 1:] if f != history_path] if kept else []
+        if kept:
+            self._publish(new, history_path)
+        if metric is not None and (self.best_metric is None or self.cmp(metric, self.best_metric)):
+            self._publish(new, self._named('model_best'))
+        os.replace(new, last)  # atomic: `last` is the old file or the new one, never missing
+        for path in evicted:
+            os.remove(path)
+        if kept:
+            self.checkpoint_files = [c for c in self.checkpoint_files[:self.max_history - 1]
+                                     if c[0] != history_path]
+            self._track_checkpoint(history_path, epoch, metric, update_best_file=False)
+        return (None, None) if self.best_metric is None else (self.best_metric, self.best_epoch)
+
+    def _publish(self, src: str, dst: str) -> None:
+        """Make `dst` a complete copy of `src` in one atomic step (hard link, else copy, to a temporary name)."""
+        tmp = temp_path(dst)
         if os.path.lexists(tmp):
-            os.unlink(tmp)
+            os.remove(tmp)
         if self.can_hardlink:
             try:
                 os.link(src, tmp)
@@ -67,7 +130,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             _fsync_file(tmp)
         os.replace(tmp, dst)
 
-    def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
+    def _write(self, path: str, epoch: int, metric: Optional[float], extra: Dict[str, Any]) -> None:
         state: Dict[str, Any] = {
             'epoch': epoch,
             'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
@@ -76,16 +139,17 @@ class AtomicCheckpointSaver(CheckpointSaver):
             'version': 2,  # timm: the saved epoch is complete, resume starts at epoch + 1
         }
         if self.args is not None:
-            state['args'] = self.args
+            state['args'] = plain_data(vars(self.args))
+        state['numerics'] = numerics(self.model)
         if self.model_ema is not None:
             state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
         if self.amp_scaler is not None:
             state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
         if metric is not None:
             state['metric'] = metric
-        state.update(self._extra)
-        state['saver'] = self.state_dict(epoch, metric)
-        with open(save_path, 'wb') as f:
+        state.update(extra)
+        state['saver'] = self.state_dict(epoch, metric)  # timm's format: the history before this save + pending
+        with open(path, 'wb') as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -126,51 +190,105 @@ def gather_rng_states(generator: Optional[torch.Generator] = None) -> List[Dict[
     return states
 
 
-def load_training_checkpoint(path: str) -> Dict[str, Any]:
-    """A training checkpoint written by this package or timm (weights_only, argparse.Namespace allowed)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--resume '{path}': no such file")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
-        raise ConfigError(f"--resume '{path}' is not a training checkpoint (no 'state_dict')")
+def load_training_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any]:
+    """A training checkpoint written by this package or timm; any unreadable file is a ConfigError naming `flag`."""
+    try:
+        checkpoint = read_checkpoint(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} '{path}': no such file") from None
+    except CheckpointError as e:
+        raise ConfigError(f'{flag}: {e}') from None
+    state_dict = checkpoint.get('state_dict') if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        keys = ', '.join(repr(k) for k in list(checkpoint)[:5]) if isinstance(checkpoint, Mapping) \
+            else f'a {type(checkpoint).__name__}'
+        raise ConfigError(f"{flag}: checkpoint '{path}' is not a training checkpoint (no 'state_dict' of tensors; "
+                          f"it holds {keys or 'nothing'})")
+    if not isinstance(checkpoint.get('epoch', 0), int):
+        raise ConfigError(f"{flag}: checkpoint '{path}' has no integer 'epoch' ({checkpoint['epoch']!r})")
     return checkpoint
 
 
+def _inexact_reasons(checkpoint: Dict[str, Any], model: torch.nn.Module, world_size: int,
+                     workers: Optional[int]) -> List[str]:
+    """Why a run resumed from `checkpoint` cannot continue bit for bit like the uninterrupted run."""
+    states = checkpoint.get('rng_states')
+    reasons = []
+    if not isinstance(states, list):
+        reasons.append('the checkpoint holds no RNG states, so random streams are reseeded')
+    elif len(states) != world_size:
+        reasons.append(f'it holds the RNG states of {len(states)} processes, this run has {world_size}, so '
+                       f'random streams are reseeded')
+    saved_args = checkpoint.get('args')
+    saved_args = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args
+    saved_workers = saved_args.get('workers') if isinstance(saved_args, Mapping) else None
+    if workers is not None and saved_workers is not None and saved_workers != workers:
+        reasons.append(f'--workers {workers}, the checkpoint was written with {saved_workers}')
+    saved, now = checkpoint.get('numerics'), numerics(model)
+    saved = saved if isinstance(saved, Mapping) else {}
+    for key, what in (('device', 'device'), ('threads', 'CPU threads'), ('cpu_kernels', 'CPU kernels')):
+        if key in saved and key in now and saved[key] != now[key]:
+            reasons.append(f'{what} {now[key]}, the checkpoint was written with {saved[key]}')
+    return reasons
+
+
 def resume(path: str, model: torch.nn.Module, *, optimizer=None, scheduler=None, loss_scaler=None,
-           model_ema=None, rank: int = 0, world_size: int = 1) -> Dict[str, Any]:
+           model_ema=None, rank: int = 0, world_size: int = 1, workers: Optional[int] = None) -> Dict[str, Any]:
     """Load a training checkpoint into the run's objects; return where and how to continue.
 
+    A resume that cannot continue bit for bit like the uninterrupted run (other process count, --workers,
+    thread count, CPU kernels, or no saved RNG states) is logged as a warning that says why.
     Pass `optimizer=None` to keep a fresh optimiser (--no-resume-opt). The RNG states are applied later, by
     the caller, once everything that draws random numbers while being built exists. Returns
     dict(start_epoch, rng_state, saver_state): rng_state is this rank's saved state (None when the checkpoint
     has none for this world size), saver_state the checkpoint history for `continue_history`.
     """
     checkpoint = load_training_checkpoint(path)
-    try:
-        unwrap_model(model).load_state_dict(checkpoint['state_dict'])
-        if model_ema is not None and 'state_dict_ema' in checkpoint:
-            unwrap_model(model_ema).load_state_dict(checkpoint['state_dict_ema'])
-    except RuntimeError as e:
-        raise ConfigError(f"--resume '{path}' does not fit --model: {str(e).splitlines()[0]}") from None
+    parts = [('--model', lambda: unwrap_model(model).load_state_dict(checkpoint['state_dict']))]
+    if model_ema is not None and 'state_dict_ema' in checkpoint:
+        parts.append(('EMA (--model-ema)',
+                      lambda: unwrap_model(model_ema).load_state_dict(checkpoint['state_dict_ema'])))
     if optimizer is not None and 'optimizer' in checkpoint:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        parts.append(('optimizer (--opt)', lambda: optimizer.load_state_dict(checkpoint['optimizer'])))
     if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
-        loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+        parts.append(('loss scaler', lambda: loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])))
     if scheduler is not None and 'scheduler' in checkpoint:
-        scheduler.load_state_dict(checkpoint['scheduler'])
+        parts.append(('scheduler (--sched)', lambda: scheduler.load_state_dict(checkpoint['scheduler'])))
+    for part, load in parts:
+        try:
+            load()
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            detail = ' '.join(str(e).split())[:300] or type(e).__name__
+            raise ConfigError(f"--resume: checkpoint '{path}' does not fit this run's {part}: {detail}") from None
     start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
     states = checkpoint.get('rng_states')
-    rng_state = states[rank] if states is not None and len(states) == world_size else None
-    if states is not None and rng_state is None:
-        _logger.warning(f'checkpoint holds RNG states of {len(states)} ranks, this run has {world_size}: '
-                        f'random streams are reseeded, so the resumed run differs from an uninterrupted one')
+    rng_state = states[rank] if isinstance(states, list) and len(states) == world_size else None
+    reasons = _inexact_reasons(checkpoint, model, world_size, workers)
+    if reasons:
+        _logger.warning(f"resuming '{path}' will not continue bit for bit like an uninterrupted run: "
+                        + '; '.join(reasons))
     _logger.info(f"resumed '{path}' (epoch {checkpoint.get('epoch')}), starting at epoch {start_epoch}")
     return dict(start_epoch=start_epoch, rng_state=rng_state, saver_state=checkpoint.get('saver'))
 
 
 def continue_history(saver: AtomicCheckpointSaver, resume_path: str, saver_state: Optional[Dict[str, Any]]) -> None:
-    """Keep ranking and evicting checkpoints as before when the resumed run writes into the same folder."""
+    """Keep ranking and evicting checkpoints as before when the resumed run writes into the same folder.
+
+    The history is trimmed to `max_history` (a kill between a save's rename and its delete leaves one file too
+    many), and a `model_best` on disk that beats the recorded best (saved by a run killed before its `last`
+    was renamed, or a later epoch than the resumed one) stays the best.
+    """
     same_dir = os.path.abspath(os.path.dirname(resume_path)) == os.path.abspath(saver.checkpoint_dir)
-    if saver_state is not None and same_dir:
-        saver.load_state_dict(saver_state)
+    if saver_state is None or not same_dir:
+        return
+    saver.load_state_dict(saver_state)
+    saver._cleanup_checkpoints(0)
+    best_path = os.path.join(saver.checkpoint_dir, 'model_best' + saver.extension)
+    try:
+        best = read_checkpoint(best_path) if os.path.isfile(best_path) else {}
+    except CheckpointError as e:
+        _logger.warning(f'{e}; it is replaced at the next best epoch')
+        return
+    metric = best.get('metric') if isinstance(best, Mapping) else None
+    if isinstance(metric, (int, float)) and (saver.best_metric is None or saver.cmp(metric, saver.best_metric)):
+        saver.best_metric, saver.best_epoch = metric, best.get('epoch')

@@ -178,6 +178,9 @@ def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: 
 
     --aug-repeats uses timm's `RepeatAugSampler` on one process too (timm's loader has it only when
     distributed); --aug-splits wraps the dataset in timm's `AugMixDataset` (clean + augmented views).
+    Workers are started afresh each epoch (not persistent, as timm's default would keep them): their random
+    streams then come from the main process's RNG at the start of the epoch, which a checkpoint restores, so
+    a resumed run draws the same augmentations as an uninterrupted one.
     """
     if args.aug_splits > 1:
         dataset = AugMixDataset(dataset, num_splits=args.aug_splits)
@@ -224,6 +227,7 @@ def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: 
         batch_schedule_spread=args.train_size_schedule_spread,
         batch_schedule_random_mix=args.train_size_random_mix,
         num_batches=args.train_batches_per_epoch,
+        persistent_workers=False,
     )
     if repeats_here:
         loader = _with_sampler(loader, RepeatAugSampler(dataset, num_replicas=1, rank=0,

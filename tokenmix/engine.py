@@ -3,7 +3,9 @@
 Everything a step needs travels in one `Training` object, so the functions take a handful of arguments.
 The loss is checked for non-finite values without a host sync per step: the first bad step is recorded on
 the device and checked (across ranks) at each log interval and at the end of the epoch; the run then stops
-with `NonFiniteLossError` naming the step, before anything is saved, so the last good checkpoint is kept.
+with `NonFiniteLossError` naming the step, before anything is saved, so the last good checkpoint is kept. After
+each evaluation a non-finite eval loss or weight (model or EMA) stops the run the same way, so a diverged model
+never becomes `last` or `model_best`.
 """
 import logging
 import math
@@ -27,7 +29,7 @@ _logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the epoch and step."""
+    """The training loss, the eval loss or the weights became NaN or infinite; the message names epoch and culprit."""
 
 
 @dataclass
@@ -86,6 +88,21 @@ def _check_finite(first_bad: torch.Tensor, epoch: int, num_batches: int) -> None
         raise NonFiniteLossError(
             f'non-finite training loss at epoch {epoch}, step {int(bad)} (batch {int(bad) + 1} of {num_batches}); '
             f'try a lower --lr, --clip-grad or --amp-dtype bfloat16')
+
+
+def _check_diverged(run: Training, epoch: int, eval_loss: float) -> None:
+    """Stop before saving when the eval loss or any weight is not finite (every rank sees the same values)."""
+    found = [] if math.isfinite(eval_loss) else [f'eval loss {eval_loss}']
+    for label, module in (('weights', run.model), ('EMA weights', run.model_ema)):
+        if module is None:
+            continue
+        tensors = [(n, t) for n, t in unwrap_model(module).state_dict().items() if t.is_floating_point()]
+        bad = [n for n, t in tensors if not bool(torch.isfinite(t).all())]
+        if bad:
+            found.append(f"{label} ({len(bad)} of {len(tensors)} tensors, first '{bad[0]}')")
+    if found:
+        raise NonFiniteLossError(f'the run diverged at epoch {epoch}: non-finite {" and ".join(found)}; nothing of '
+                                 f'this epoch is saved; try a lower --lr, --clip-grad or --amp-dtype bfloat16')
 
 
 def _backward(run: Training, loss: torch.Tensor, need_update: bool) -> None:
@@ -219,6 +236,7 @@ def fit(run: Training, train_loader, eval_loader, saver: Optional[AtomicCheckpoi
             _logger.info(f'eval epoch {epoch} (EMA): top-1 {ema["top1"]:.2f} top-5 {ema["top5"]:.2f} '
                          f'loss {ema["loss"]:.4f}')
             eval_metrics = dict({k: ema[k] for k in eval_metrics}, **{f'raw_{k}': v for k, v in eval_metrics.items()})
+        _check_diverged(run, epoch, metrics['loss'])
         lr = run.optimizer.param_groups[0]['lr']
         if run.scheduler is not None:
             run.scheduler.step(epoch + 1, eval_metrics[eval_metric])

@@ -56,6 +56,8 @@ def build_eval_loader(dataset: Dataset, data_config: Dict[str, Any], batch_size:
     """timm's eval loader (resize, centre crop, normalise per `data_config`) over this rank's shard.
 
     `crop_border_pixels` and `tf_preprocessing` have the meaning of timm's validate.py flags of those names.
+    Not persistent: each pass draws its worker seed from the main RNG, every epoch alike, so an epoch after a
+    resume draws the same random numbers as in an uninterrupted run (see `build_train_loader`).
     """
     if distributed:
         dataset = ShardedDataset(dataset, dist.get_rank(), dist.get_world_size())
@@ -75,6 +77,7 @@ def build_eval_loader(dataset: Dataset, data_config: Dict[str, Any], batch_size:
         pin_memory=pin_memory,
         device=device if device is not None else torch.device('cpu'),
         use_prefetcher=use_prefetcher,
+        persistent_workers=False,
     )
 
 

@@ -11,7 +11,7 @@ from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from mixup_ext import TokenMix
-from models import Teacher, build_teacher
+from models import CheckpointError, Teacher, build_teacher
 
 from .args import mixing_enabled
 from .errors import ConfigError
@@ -40,6 +40,8 @@ def build_teacher_from_args(args: Any, num_classes: int, mean: Sequence[float], 
             amp_dtype=args.amp_dtype if args.teacher_amp else None, channels_last=args.channels_last)
     except FileNotFoundError as e:
         raise ConfigError(f"--teacher-checkpoint '{e.filename}': no such file") from None
+    except CheckpointError as e:
+        raise ConfigError(f'--teacher-checkpoint: {e}') from None
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f'--teacher-model {args.teacher_model}: {e}') from None
     return teacher.to(device)

@@ -77,7 +77,9 @@ def build_student(args: Any, num_classes: int) -> torch.nn.Module:
     if args.initial_checkpoint:
         try:
             load_checkpoint_weights(model, args.initial_checkpoint)
-        except (OSError, ValueError) as e:
+        except FileNotFoundError:
+            raise ConfigError(f"--initial-checkpoint '{args.initial_checkpoint}': no such file") from None
+        except ValueError as e:
             raise ConfigError(f'--initial-checkpoint: {e}') from None
     _init_head(model, flag('head_init_scale', None), flag('head_init_bias', None))
     if args.grad_checkpointing:
