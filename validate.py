@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group('Dataset')
     data.add_argument('--data-dir', metavar='DIR', help='dataset root (an ImageFolder with a split folder)')
     data.add_argument('--dataset', default='', metavar='NAME', help='timm dataset type (default: image folder)')
+    data.add_argument('--dataset-download', action='store_true', default=False,
+                      help='allow download of dataset for torch/ and tfds/ datasets that support it')
     data.add_argument('--split', default='validation', metavar='NAME',
                       help='split to validate (default: "validation", which also finds "val")')
     data.add_argument('--class-map', default='', metavar='FILE', help='class name to index map (timm format)')

@@ -22,6 +22,8 @@ def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
     group.add_argument('--dataset', metavar='NAME', default='',
                        help='dataset type + name ("<type>/<name>") (default: ImageFolder/ImageTar if empty)')
+    group.add_argument('--dataset-download', action='store_true', default=False,
+                       help='allow download of dataset for torch/ and tfds/ datasets that support it')
     group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
     group.add_argument('--val-split', metavar='NAME', default='validation',
                        help='dataset validation split (default: validation)')

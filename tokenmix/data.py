@@ -121,7 +121,8 @@ def build_dataset(args: Any, split: str, flag: str, *, is_training: bool,
     elif args.data_dir and not os.path.exists(args.data_dir):
         raise ConfigError(f"--data-dir '{args.data_dir}' does not exist")
     dataset = create_dataset(args.dataset, root=args.data_dir, split=split, is_training=is_training,
-                             class_map=class_map, batch_size=args.batch_size, seed=args.seed)
+                             class_map=class_map, batch_size=args.batch_size, seed=args.seed,
+                             download=args.dataset_download)
     if len(dataset) == 0:
         raise ConfigError(f"no images found for split '{split}' in '{args.data_dir}' ({flag})")
     if type(dataset) is ImageDataset:
