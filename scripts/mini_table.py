@@ -23,10 +23,15 @@ import statistics
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import matplotlib
 import numpy as np
 import torch
 from scipy import stats
 from timm.data import resolve_data_config
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -176,17 +181,16 @@ def build_table(results: Dict[str, RowResults], occlusions: Sequence[float]) -> 
 
 def plot_curves(results: Dict[str, RowResults], path: str) -> None:
     """Val top-1 per epoch per row: the mean over seeds as a line, lowest to highest seed as a band."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
     for key, res in results.items():
         epochs = min(len(c) for c in res.curves.values())
         curves = np.array([c[:epochs] for c in res.curves.values()])
         x = np.arange(1, epochs + 1)
-        line, = ax.plot(x, curves.mean(0), marker='.', label=f'{ROWS[key]} ({len(curves)} seeds)')
+        seeds = f'{len(curves)} seed' + ('s' if len(curves) > 1 else '')
+        line, = ax.plot(x, curves.mean(0), marker='.', label=f'{ROWS[key]} ({seeds})')
         ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel('val top-1 (%)')
     ax.set_title('Val top-1 per epoch: mean over seeds, band = lowest to highest seed')
     ax.grid(alpha=0.3)
@@ -198,9 +202,6 @@ def plot_curves(results: Dict[str, RowResults], path: str) -> None:
 
 def plot_fidelity(results: Dict[str, RowResults], path: str) -> None:
     """Target fidelity error per row: one dot per seed, the mean with its 95% interval as a bar."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     rows = [k for k, r in results.items() if r.fidelity]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
     for i, key in enumerate(rows):

@@ -52,9 +52,10 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 ALL_ROWS="a_mixup_cutmix b_mixup_cutmix_bce c_tokenmix_area d_tokenmix_teacher e_tokenmix_teacher_top5
 f_tokenmix_stored_maps g_tokenmix_random"
-ROWS=${ROWS:-$ALL_ROWS}
+ALL_ROWS=$(echo $ALL_ROWS)  # one line, names separated by single spaces
+ROWS=$(echo ${ROWS:-$ALL_ROWS})
 for row in $ROWS; do
-    [[ " $(echo $ALL_ROWS) " == *" $row "* ]] || die "ROWS: unknown row '$row' (rows: $(echo $ALL_ROWS))"
+    [[ " $ALL_ROWS " == *" $row "* ]] || die "ROWS: unknown row '$row' (rows: $ALL_ROWS)"
 done
 SUFFIX=$([ "$QUICK" = 1 ] && echo _quick || true)${DATASET:+_$DATASET}
 OUT=${OUT:-output/mini_table$SUFFIX}
