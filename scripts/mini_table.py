@@ -1,25 +1,37 @@
 #!/usr/bin/env python3
-"""The table of scripts/mini_table.sh: top-1 (clean, occluded) over seeds and target fidelity per method.
+"""The table and plots of scripts/mini_table.sh: per row, top-1 (clean, occluded), target fidelity and images/s over
+paired seeds, each as mean ± 95% t interval, with the paired difference to the Mixup + CutMix row.
 
-Reads OUT/runs/<method>-s<seed>/ (train.py's args.yaml, validate.py's validate.csv), measures each run's target
-fidelity on demo val images with the mixer its flags build, prints a Markdown table and writes it to OUT/table.md.
+Reads OUT/runs/<row>-s<seed>/ (train.py's args.yaml and summary.csv, validate.py's validate.csv) and writes
+OUT/table.md, OUT/top1_per_epoch.png and OUT/fidelity.png. Seeds are paired: seed s gives every row the same
+initial weights and data order (train.py), so the difference of two rows at one seed is the method's effect
+plus the mixing draws, and the interval of the mean difference over seeds is what says whether two rows differ.
 
 Target fidelity is measured on the region branch (CutMix boxes for timm Mixup, token masks for TokenMix; a Mixup
 blend has no paste mask): label weights, as the run's mixer computes them without label smoothing, against the
-true visible shares of the two digits from the saved pixel masks, both normalised to sum 1 (every row here
-trains with soft-target cross-entropy, whose targets sum to 1). Lower is better.
+true visible shares of the two digits from the saved pixel masks, both normalised to sum 1. Lower is better. It
+needs the demo data's object masks, so a CIFAR table has no fidelity column. A stored-maps run is measured with
+the online teacher the store was made from (--teacher-checkpoint): on uncropped val images its stored maps are
+that teacher's maps.
 """
 import argparse
 import copy
 import csv
+import math
 import os
 import statistics
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import matplotlib
 import numpy as np
 import torch
+from scipy import stats
 from timm.data import resolve_data_config
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -31,16 +43,78 @@ from tokenmix.fidelity import (fidelity_error, indicator_batch, load_demo_object
                                weights_from_indicator_targets)
 from tokenmix.mixing import build_mixer, build_teacher_from_args, mixer_generator  # noqa: E402
 from tokenmix.model import build_student, patch_size_of  # noqa: E402
+from tokenmix.teacher_maps import MapStore  # noqa: E402
 
-METHODS = {
-    'a_mixup_cutmix': '(a) timm Mixup + CutMix',
-    'b_tokenmix_area': '(b) TokenMix, area targets',
-    'c_tokenmix_teacher': '(c) TokenMix, teacher targets (block)',
-    'd_tokenmix_teacher_random': '(d) TokenMix, teacher targets (random)',
+ROWS = {
+    'a_mixup_cutmix': '(a) Mixup + CutMix, soft-target CE',
+    'b_mixup_cutmix_bce': '(b) Mixup + CutMix, BCE',
+    'c_tokenmix_area': '(c) TokenMix, area targets',
+    'd_tokenmix_teacher': '(d) TokenMix, teacher, online full maps',
+    'e_tokenmix_teacher_top5': '(e) TokenMix, teacher, top-5 maps',
+    'f_tokenmix_stored_maps': '(f) TokenMix, teacher, stored top-5 maps',
+    'g_tokenmix_random': '(g) TokenMix, random masks, teacher full maps',
 }
+BASELINE = 'a_mixup_cutmix'
+Interval = Tuple[float, float]  # mean, half-width of the 95% interval (nan for one value)
+Difference = Tuple[float, float, int]  # mean paired difference, its half-width, number of pairs
 
 
-def run_fidelity(run_dir: str, data_dir: str, images: int, batch_size: int) -> float:
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """Mean and half-width of the two-sided t confidence interval of the mean (half-width nan for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    sem = statistics.stdev(values) / math.sqrt(len(values))
+    return mean, float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * sem
+
+
+def paired_difference(row: Dict[int, float], base: Dict[int, float]) -> Optional[Difference]:
+    """row - base over the seeds both have, as (mean, 95% half-width, pairs); None without a common seed."""
+    seeds = sorted(set(row) & set(base))
+    if not seeds:
+        return None
+    return (*t_interval([row[s] - base[s] for s in seeds]), len(seeds))
+
+
+def interval_cell(values: Sequence[float], digits: int) -> str:
+    """'mean ± 95% half-width' (just the mean for one seed)."""
+    mean, half = t_interval(values)
+    return f'{mean:.{digits}f}' if math.isnan(half) else f'{mean:.{digits}f} ± {half:.{digits}f}'
+
+
+def difference_cell(diff: Optional[Difference]) -> str:
+    """'+mean ± half-width' of a paired difference in top-1 points; '—' when there is none."""
+    if diff is None:
+        return '—'
+    mean, half, _ = diff
+    return f'{mean:+.1f}' if math.isnan(half) else f'{mean:+.1f} ± {half:.1f}'
+
+
+def find_runs(runs_dir: str) -> Dict[str, Dict[int, str]]:
+    """Finished runs (validate.csv present) per row and seed, rows in table order."""
+    found: Dict[str, Dict[int, str]] = {}
+    for name in sorted(os.listdir(runs_dir)):
+        row, _, seed = name.rpartition('-s')
+        path = os.path.join(runs_dir, name)
+        if row in ROWS and seed.isdigit() and os.path.isfile(os.path.join(path, 'validate.csv')):
+            found.setdefault(row, {})[int(seed)] = path
+    return {row: found[row] for row in ROWS if row in found}
+
+
+def read_top1(run_dir: str) -> Dict[float, float]:
+    """validate.py's top-1 per occlusion ratio."""
+    with open(os.path.join(run_dir, 'validate.csv')) as f:
+        return {float(r['occlusion']): float(r['top1']) for r in csv.DictReader(f)}
+
+
+def read_summary(run_dir: str) -> Tuple[List[float], float]:
+    """summary.csv's eval top-1 per epoch and the mean training images/s over epochs."""
+    with open(os.path.join(run_dir, 'summary.csv')) as f:
+        rows = list(csv.DictReader(f))
+    return [float(r['eval_top1']) for r in rows], statistics.fmean(float(r['train_img_per_sec']) for r in rows)
+
+
+def run_fidelity(run_dir: str, data_dir: str, images: int, batch_size: int, teacher_checkpoint: str) -> float:
     """Target fidelity error of one run's mixer on `images` demo val images (mean over batches)."""
     args = parse_train_args(['-c', os.path.join(run_dir, 'args.yaml'), '--data-dir', data_dir])
     model = build_student(args, 10)
@@ -49,7 +123,11 @@ def run_fidelity(run_dir: str, data_dir: str, images: int, batch_size: int) -> f
     x_all, y_all, obj_all = load_demo_objects(data_dir, 'val', images, config['mean'], config['std'])
     probe = copy.copy(args)  # the region branch on every batch, weights without smoothing
     probe.mixup, probe.mixup_prob, probe.smoothing = 0.0, 1.0, 0.0
-    teacher = build_teacher_from_args(args, 10, config['mean'], config['std'], torch.device('cpu'))
+    if args.teacher_maps:  # the store's own teacher, online
+        manifest = MapStore.read_manifest(args.teacher_maps)
+        probe.teacher_maps, probe.teacher_model = '', manifest['teacher']
+        probe.teacher_checkpoint, probe.teacher_img_size = teacher_checkpoint, manifest['img_size']
+    teacher = build_teacher_from_args(probe, 10, config['mean'], config['std'], torch.device('cpu'))
     np.random.seed(args.seed)  # timm's Mixup draws from numpy's global generator
     errors = []
     for start in range(0, len(x_all) - batch_size + 1, batch_size):
@@ -68,50 +146,112 @@ def run_fidelity(run_dir: str, data_dir: str, images: int, batch_size: int) -> f
     return float(np.mean(errors))
 
 
-def read_top1(run_dir: str) -> Dict[float, float]:
-    with open(os.path.join(run_dir, 'validate.csv')) as f:
-        return {float(r['occlusion']): float(r['top1']) for r in csv.DictReader(f)}
+class RowResults:
+    """One row's measurements, each a dict seed -> value (curves: seed -> eval top-1 per epoch)."""
+
+    def __init__(self, runs: Dict[int, str], fidelity: Optional[Callable[[str], float]]) -> None:
+        self.top1 = {seed: read_top1(path) for seed, path in runs.items()}
+        summaries = {seed: read_summary(path) for seed, path in runs.items()}
+        self.curves = {seed: s[0] for seed, s in summaries.items()}
+        self.img_per_sec = {seed: s[1] for seed, s in summaries.items()}
+        self.fidelity = {seed: fidelity(path) for seed, path in runs.items()} if fidelity else {}
+
+    def clean(self) -> Dict[int, float]:
+        return {seed: t[0.0] for seed, t in self.top1.items()}
 
 
-def mean_spread(values: List[float], digits: int) -> str:
-    """'mean ± sample std' (just the value for one seed)."""
-    if len(values) == 1:
-        return f'{values[0]:.{digits}f}'
-    return f'{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}'
-
-
-def build_table(out: str, data_dir: str, images: int, batch_size: int, occlusions: Sequence[float]) -> str:
-    runs_dir = os.path.join(out, 'runs')
-    header = ['method', 'seeds', 'clean top-1'] + [f'top-1 occl. {r:g}' for r in occlusions] + ['fidelity error']
+def build_table(results: Dict[str, RowResults], occlusions: Sequence[float]) -> str:
+    """The Markdown table: one line per row, cells 'mean ± 95% half-width' over seeds."""
+    with_fidelity = any(r.fidelity for r in results.values())
+    header = (['method', 'seeds', 'clean top-1', 'vs (a)'] + [f'top-1 occl. {r:g}' for r in occlusions]
+              + (['fidelity error'] if with_fidelity else []) + ['img/s'])
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    for key, label in METHODS.items():
-        runs = sorted(d for d in os.listdir(runs_dir) if d.rsplit('-s', 1)[0] == key)
-        if not runs:
-            continue
-        top1 = [read_top1(os.path.join(runs_dir, r)) for r in runs]
-        fid = [run_fidelity(os.path.join(runs_dir, r), data_dir, images, batch_size) for r in runs]
-        cells = [label, str(len(runs)), mean_spread([t[0.0] for t in top1], 1)]
-        cells += [mean_spread([t[r] for t in top1], 1) for r in occlusions]
-        cells.append(mean_spread(fid, 3))
+    base = results[BASELINE].clean() if BASELINE in results else {}
+    for key, res in results.items():
+        clean = res.clean()
+        cells = [ROWS[key], str(len(clean)), interval_cell(list(clean.values()), 1),
+                 '—' if key == BASELINE else difference_cell(paired_difference(clean, base))]
+        cells += [interval_cell([t[r] for t in res.top1.values()], 1) for r in occlusions]
+        if with_fidelity:
+            cells.append(interval_cell(list(res.fidelity.values()), 3) if res.fidelity else '—')
+        cells.append(interval_cell(list(res.img_per_sec.values()), 0))
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+def plot_curves(results: Dict[str, RowResults], path: str) -> None:
+    """Val top-1 per epoch per row: the mean over seeds as a line, lowest to highest seed as a band."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, res in results.items():
+        epochs = min(len(c) for c in res.curves.values())
+        curves = np.array([c[:epochs] for c in res.curves.values()])
+        x = np.arange(1, epochs + 1)
+        seeds = f'{len(curves)} seed' + ('s' if len(curves) > 1 else '')
+        line, = ax.plot(x, curves.mean(0), marker='.', label=f'{ROWS[key]} ({seeds})')
+        ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_xlabel('epoch')
+    ax.set_xlim(0.5, max(len(c) for r in results.values() for c in r.curves.values()) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_ylabel('val top-1 (%)')
+    ax.set_title('Val top-1 per epoch: mean over seeds, band = lowest to highest seed')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fidelity(results: Dict[str, RowResults], path: str) -> None:
+    """Target fidelity error per row: one dot per seed, the mean with its 95% interval as a bar."""
+    rows = [k for k, r in results.items() if r.fidelity]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    for i, key in enumerate(rows):
+        values = list(results[key].fidelity.values())
+        mean, half = t_interval(values)
+        ax.barh(i, mean, xerr=None if math.isnan(half) else half, color='tab:blue', alpha=0.5, capsize=4)
+        ax.plot(values, [i] * len(values), 'k.', label='one seed' if i == 0 else None)
+    ax.set_yticks(range(len(rows)), [ROWS[k] for k in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel('target fidelity error (lower: label weights closer to the true visible shares)')
+    ax.set_title('Target fidelity per row: mean (bar), 95% interval, seeds (dots)')
+    ax.legend(fontsize=8, loc='lower right')
+    ax.grid(axis='x', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', required=True, help='the mini-table folder (holds runs/)')
     parser.add_argument('--data-dir', required=True, help='the demo data the runs used')
-    parser.add_argument('--fidelity-images', type=int, default=1000, help='val images for target fidelity')
+    parser.add_argument('--fidelity-images', type=int, default=1000,
+                        help='val images for target fidelity (0: no fidelity column, e.g. CIFAR)')
     parser.add_argument('--fidelity-batch', type=int, default=50, help='images per mixed batch (even)')
+    parser.add_argument('--teacher-checkpoint', default='', help='the teacher a stored-maps row was made from')
     parser.add_argument('--occlusion', type=float, nargs='+', default=[0.25, 0.5], help='occlusion columns')
     args = parser.parse_args(argv)
     if args.fidelity_batch < 2 or args.fidelity_batch % 2:
         parser.error(f'--fidelity-batch must be even and >= 2, got {args.fidelity_batch}')
-    if not os.path.isdir(os.path.join(args.out, 'runs')):
+    runs_dir = os.path.join(args.out, 'runs')
+    if not os.path.isdir(runs_dir):
         parser.error(f'--out {args.out} has no runs/ folder')
-    table = build_table(args.out, args.data_dir, args.fidelity_images, args.fidelity_batch, args.occlusion)
+    runs = find_runs(runs_dir)
+    if not runs:
+        parser.error(f'--out {args.out} has no finished runs (runs/<row>-s<seed>/validate.csv)')
+
+    def fidelity(run_dir: str) -> float:
+        return run_fidelity(run_dir, args.data_dir, args.fidelity_images, args.fidelity_batch,
+                            args.teacher_checkpoint)
+
+    results = {row: RowResults(seeds, fidelity if args.fidelity_images else None)
+               for row, seeds in runs.items()}
+    table = build_table(results, args.occlusion)
     with open(os.path.join(args.out, 'table.md'), 'w') as f:
         f.write(table + '\n')
+    plot_curves(results, os.path.join(args.out, 'top1_per_epoch.png'))
+    if args.fidelity_images:
+        plot_fidelity(results, os.path.join(args.out, 'fidelity.png'))
     print(table)
     return 0
 

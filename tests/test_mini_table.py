@@ -1,15 +1,13 @@
-"""scripts/mini_table.sh --quick: the whole mini-reproduction pipeline end to end (about a minute and a half)."""
+"""scripts/mini_table.sh --quick: the whole mini benchmark end to end (table and plots; a few minutes)."""
 import os
 import re
 import subprocess
 
+import matplotlib.pyplot as plt
+
 from conftest import ROOT, load_script
 
-
-def test_mean_spread_formats_mean_and_sample_std():
-    mini = load_script(os.path.join('scripts', 'mini_table.py'))
-    assert mini.mean_spread([70.0], 1) == '70.0'
-    assert mini.mean_spread([70.0, 72.0, 74.0], 1) == '72.0 ± 2.0'
+mini = load_script(os.path.join('scripts', 'mini_table.py'))
 
 
 def test_quick_table_has_every_method_and_column(tmp_path):
@@ -18,17 +16,23 @@ def test_quick_table_has_every_method_and_column(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / 'table.md').read_text().splitlines()
-    assert table[0] == ('| method | seeds | clean top-1 | top-1 occl. 0.25 | top-1 occl. 0.5 | fidelity error |')
+    assert table[0] == ('| method | seeds | clean top-1 | vs (a) | top-1 occl. 0.25 | top-1 occl. 0.5 | fidelity error '
+                        '| img/s |')
     rows = [line.strip('|').split('|') for line in table[2:]]
-    assert [r[0].strip()[:3] for r in rows] == ['(a)', '(b)', '(c)', '(d)']
+    assert [r[0].strip()[:3] for r in rows] == ['(a)', '(b)', '(c)', '(d)', '(e)', '(f)', '(g)']
     for row in rows:
-        seeds, *top1, fidelity = [c.strip() for c in row[1:]]
+        seeds, clean, diff, *top1, fidelity, speed = [c.strip() for c in row[1:]]
         assert seeds == '1'
-        assert all(re.fullmatch(r'\d+\.\d', v) and 0 <= float(v) <= 100 for v in top1)
+        assert all(re.fullmatch(r'\d+\.\d', v) and 0 <= float(v) <= 100 for v in [clean] + top1)
+        assert diff == '—' if row is rows[0] else re.fullmatch(r'[+-]\d+\.\d', diff)
         assert re.fullmatch(r'\d\.\d{3}', fidelity) and 0 < float(fidelity) < 1
+        assert re.fullmatch(r'\d+', speed) and int(speed) > 0
     assert '\n'.join(table) in proc.stdout
-    for method in ('a_mixup_cutmix', 'b_tokenmix_area', 'c_tokenmix_teacher', 'd_tokenmix_teacher_random'):
+    for method in mini.ROWS:
         assert (out / 'runs' / f'{method}-s0' / 'validate.csv').is_file()
+    # the plots: 8 x 5 in and 8 x (0.5 x 7 rows + 1.5) in at 110 dpi
+    assert plt.imread(out / 'top1_per_epoch.png').shape[:2] == (550, 880)
+    assert plt.imread(out / 'fidelity.png').shape[:2] == (550, 880)
 
 
 def test_unknown_argument_exits_2():

@@ -33,11 +33,12 @@ def build_teacher_from_args(args: Any, num_classes: int, mean: Sequence[float], 
     """The frozen teacher of --teacher-model on `device` (None without one); bad flags become ConfigError."""
     if not args.teacher_model or args.teacher_maps:
         return None
-    try:
-        teacher = build_teacher(
-            args.teacher_model, checkpoint=args.teacher_checkpoint or None, pretrained=args.teacher_pretrained,
-            num_classes=num_classes, student_mean=mean, student_std=std, img_size=args.teacher_img_size,
-            amp_dtype=args.amp_dtype if args.teacher_amp else None, channels_last=args.channels_last)
+    try:  # its construction draws no numbers from the global RNG, so the data order is the same with or without it
+        with torch.random.fork_rng(devices=[]):
+            teacher = build_teacher(
+                args.teacher_model, checkpoint=args.teacher_checkpoint or None, pretrained=args.teacher_pretrained,
+                num_classes=num_classes, student_mean=mean, student_std=std, img_size=args.teacher_img_size,
+                amp_dtype=args.amp_dtype if args.teacher_amp else None, channels_last=args.channels_last)
     except FileNotFoundError as e:
         raise ConfigError(f"--teacher-checkpoint '{e.filename}': no such file") from None
     except CheckpointError as e:

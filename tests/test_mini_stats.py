@@ -1,0 +1,64 @@
+"""scripts/mini_table.py's statistics (t intervals, paired differences) on hand-computed numbers, and the paired
+seeds the table relies on: rows with the same --seed start from the same weights and see the same batches."""
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import load_script
+
+
+@pytest.fixture(scope='module')
+def mini():
+    return load_script(os.path.join('scripts', 'mini_table.py'))
+
+
+def test_t_interval_matches_hand_computation(mini):
+    # [1..5]: mean 3, sample sd sqrt(2.5), se sqrt(0.5); t(0.975, 4 df) = 2.776445 -> half-width 1.963243
+    mean, half = mini.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and half == pytest.approx(1.963243, abs=1e-6)
+    # [70, 72, 74]: sd 2, se 2/sqrt(3); t(0.975, 2 df) = 4.302653 -> 4.968275
+    assert mini.t_interval([70.0, 72.0, 74.0]) == (72.0, pytest.approx(4.968275, abs=1e-6))
+    mean, half = mini.t_interval([70.0])
+    assert mean == 70.0 and math.isnan(half)
+
+
+def test_paired_difference_uses_the_seeds_both_rows_have(mini):
+    row = {0: 71.0, 1: 74.0, 2: 70.0, 3: 99.0}
+    base = {0: 70.0, 1: 72.0, 2: 67.0}  # seed 3 has no baseline run: left out
+    # differences 1, 2, 3: mean 2, sd 1, se 1/sqrt(3), t(0.975, 2) = 4.302653 -> 2.484138
+    assert mini.paired_difference(row, base) == (2.0, pytest.approx(2.484138, abs=1e-6), 3)
+    assert mini.paired_difference({5: 1.0}, base) is None
+
+
+def test_cells_format_mean_and_interval(mini):
+    assert mini.interval_cell([70.0], 1) == '70.0'
+    assert mini.interval_cell([1.0, 2.0, 3.0, 4.0, 5.0], 1) == '3.0 ± 2.0'
+    assert mini.interval_cell([0.1, 0.2, 0.3, 0.4, 0.5], 3) == '0.300 ± 0.196'
+    assert mini.difference_cell((2.0, 2.484138, 3)) == '+2.0 ± 2.5'
+    assert mini.difference_cell((-0.25, float('nan'), 1)) == '-0.2'
+    assert mini.difference_cell(None) == '—'
+
+
+def test_rows_with_one_seed_share_initial_weights_and_batches(train_script, train_argv, teacher_checkpoint,
+                                                             monkeypatch):
+    """A teacher row builds a CNN after the student; that must not move the data order of the run."""
+    seen = []
+
+    def first_batch_only(run, train_loader, *args, **kwargs):
+        images, targets = next(iter(train_loader))
+        seen.append(({k: v.clone() for k, v in run.model.state_dict().items()}, images, targets))
+        return None
+
+    monkeypatch.setattr(train_script, 'fit', first_batch_only)
+    rows = [('--mixup', '0.8', '--cutmix', '1.0'),
+            ('--tokenmix', '--cutmix', '1.0', '--teacher-model', 'tokenmix_cnn_teacher_64',
+             '--teacher-checkpoint', teacher_checkpoint, '--bce-loss')]
+    for i, flags in enumerate(rows):
+        assert train_script.run_main(train_argv(*flags, experiment=f'row{i}')) == 0
+    (weights_a, images_a, targets_a), (weights_b, images_b, targets_b) = seen
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert torch.equal(targets_a, targets_b) and torch.equal(images_a, images_b)
+    assert len(set(targets_a.tolist())) > 1  # a real shuffled batch, not one class
