@@ -1,4 +1,7 @@
-"""tokenmix.evaluate: shards cover every image once, counts and accuracies are exact, the input hook is used."""
+"""tokenmix.evaluate: shards cover every image once, counts, accuracies and loss are exact, the input hook is used."""
+import math
+import time
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -7,7 +10,7 @@ from tokenmix.evaluate import ShardedDataset, build_eval_loader, evaluate
 
 
 class Labelled(Dataset):
-    """Image i is filled with the value i; its label is i % 4. `transform` is set by timm's create_loader."""
+    """Image i is filled with the red value i; its label is i % 8. `transform` is set by timm's create_loader."""
 
     def __init__(self, n: int):
         self.n, self.transform = n, None
@@ -18,7 +21,7 @@ class Labelled(Dataset):
     def __getitem__(self, i):
         from PIL import Image
         img = Image.new('RGB', (8, 8), (i % 256, 0, 0))
-        return (self.transform(img) if self.transform else img), i % 4
+        return (self.transform(img) if self.transform else img), i % 8
 
 
 @pytest.mark.parametrize('n, world', [(10, 1), (10, 3), (7, 4), (2, 4)])
@@ -37,18 +40,25 @@ def test_shard_forwards_transform():
 
 
 class RedIsClass(torch.nn.Module):
-    """Predicts class (red value % 4) exactly for images 0..k-1 of `Labelled`, class 0 otherwise."""
+    """Ranks class (red % 8) first for images 0..k-1 of `Labelled`, class 0 first otherwise; then 7, 6, 5, 4, ...
+
+    Logits: 10 for the predicted class, 7 - c / 10 for every other class c, so the other classes rank 1, 2, 3, ...
+    """
 
     def __init__(self, correct_below: int):
         super().__init__()
         self.correct_below = correct_below
         self.seen = 0
+        self.modes = []
 
     def forward(self, x):
+        time.sleep(0.01)
+        self.modes.append(self.training)
         red = torch.round(x[:, 0, 0, 0] * 255).long()
         self.seen += x.shape[0]
-        cls = torch.where(red < self.correct_below, red % 4, torch.zeros_like(red))
-        return torch.nn.functional.one_hot(cls, 4).float() * 10
+        cls = torch.where(red < self.correct_below, red % 8, torch.zeros_like(red))
+        rest = (7 - torch.arange(8) / 10).expand(x.shape[0], 8)
+        return torch.where(torch.nn.functional.one_hot(cls, 8).bool(), torch.tensor(10.), rest)
 
 
 def _config():
@@ -56,20 +66,33 @@ def _config():
                 crop_mode='center')
 
 
-def test_evaluate_counts_and_accuracy():
+def test_evaluate_counts_accuracy_and_loss():
     loader = build_eval_loader(Labelled(10), _config(), batch_size=3, workers=0, distributed=False)
-    model = RedIsClass(correct_below=6)
+    model = RedIsClass(correct_below=6).train()
     metrics = evaluate(model, loader, torch.device('cpu'))
-    # images 0-5 right; of 6-9 (labels 2, 3, 0, 1) only image 8 (label 0) is right by luck
     assert metrics['count'] == 10 and model.seen == 10
+    # images 0-5 right; images 6-9 (labels 6, 7, 0, 1) all read as class 0, so only image 8 is right
     assert metrics['top1'] == pytest.approx(70.0)
-    assert metrics['top5'] == pytest.approx(100.0)  # 4 classes: top-5 is every class
-    assert metrics['seconds'] > 0
+    # class 0 first, then 1, 2, 3, 4: labels 6 and 7 are outside the top 5, label 1 inside
+    assert metrics['top5'] == pytest.approx(80.0)
+    # cross-entropy by hand: the true class has logit 10, or 7 - label / 10 when the prediction is wrong
+    others = [7 - c / 10 for c in range(8)]
+
+    def ce(label: int, predicted: int) -> float:
+        logits = [10. if c == predicted else others[c] for c in range(8)]
+        return math.log(sum(math.exp(v) for v in logits)) - logits[label]
+
+    expected = [ce(i % 8, i % 8) for i in range(6)] + [ce(label, 0) for label in (6, 7, 0, 1)]
+    assert metrics['loss'] == pytest.approx(sum(expected) / 10, rel=1e-5)
+    # the model ran in eval mode and is handed back in the mode it came in; 4 batches took >= 4 x 10 ms
+    assert model.modes == [False] * 4 and model.training
+    assert evaluate(model.eval(), loader, torch.device('cpu'))['count'] == 10 and not model.training
+    assert 0.04 <= metrics['seconds'] < 10
 
 
 def test_input_transform_hook_changes_what_the_model_sees():
     loader = build_eval_loader(Labelled(8), _config(), batch_size=4, workers=0, distributed=False)
     black = evaluate(RedIsClass(correct_below=8), loader, torch.device('cpu'),
                      input_transform=lambda images, targets: torch.zeros_like(images))
-    # every image now reads as red 0 -> class 0: right only for labels 0 (images 0 and 4)
-    assert black['top1'] == pytest.approx(25.0) and black['count'] == 8
+    # every image now reads as red 0 -> class 0: right only for label 0 (image 0)
+    assert black['top1'] == pytest.approx(12.5) and black['count'] == 8
