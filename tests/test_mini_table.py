@@ -1,4 +1,5 @@
 """scripts/mini_table.sh --quick: the whole mini-reproduction pipeline end to end (about a minute and a half)."""
+import csv
 import os
 import re
 import subprocess
@@ -21,14 +22,16 @@ def test_quick_table_has_every_method_and_column(tmp_path):
     assert table[0] == ('| method | seeds | clean top-1 | top-1 occl. 0.25 | top-1 occl. 0.5 | fidelity error |')
     rows = [line.strip('|').split('|') for line in table[2:]]
     assert [r[0].strip()[:3] for r in rows] == ['(a)', '(b)', '(c)', '(d)']
-    for row in rows:
+    methods = ('a_mixup_cutmix', 'b_tokenmix_area', 'c_tokenmix_teacher', 'd_tokenmix_teacher_random')
+    for row, method in zip(rows, methods):
         seeds, *top1, fidelity = [c.strip() for c in row[1:]]
         assert seeds == '1'
-        assert all(re.fullmatch(r'\d+\.\d', v) and 0 <= float(v) <= 100 for v in top1)
+        # each top-1 cell is that run's validate.py result at occlusion 0, 0.25, 0.5 (one seed: no spread)
+        with open(out / 'runs' / f'{method}-s0' / 'validate.csv') as f:
+            measured = {float(r['occlusion']): float(r['top1']) for r in csv.DictReader(f)}
+        assert top1 == [f'{measured[ratio]:.1f}' for ratio in (0.0, 0.25, 0.5)]
         assert re.fullmatch(r'\d\.\d{3}', fidelity) and 0 < float(fidelity) < 1
     assert '\n'.join(table) in proc.stdout
-    for method in ('a_mixup_cutmix', 'b_tokenmix_area', 'c_tokenmix_teacher', 'd_tokenmix_teacher_random'):
-        assert (out / 'runs' / f'{method}-s0' / 'validate.csv').is_file()
 
 
 def test_unknown_argument_exits_2():

@@ -110,6 +110,18 @@ def test_vit_average_pool_with_register_tokens_is_exact():
     torch.testing.assert_close(maps.mean((2, 3)), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_vit_average_pool_over_prefix_tokens_is_not_exact():
+    model = _model('vit_tiny_patch16_224', img_size=32, global_pool='avg', fc_norm=False, pool_include_prefix=True)
+    assert not Teacher(model).exact  # the pooled logits also average the class token, which has no map
+
+
+def test_teacher_rejects_a_batch_that_is_not_b_x_3_x_h_x_w():
+    teacher = Teacher(_model('resnet10t'))
+    for bad in (torch.zeros(3, 32, 32), torch.zeros(2, 1, 32, 32)):
+        with pytest.raises(ValueError, match='B x 3 x H x W'):
+            teacher(bad)
+
+
 def test_vit_average_pool_with_fc_norm_applies_it_per_token():
     model = _model('vit_tiny_patch16_224', img_size=32, global_pool='avg', class_token=False)
     x = _images(size=32)
@@ -232,6 +244,7 @@ def test_bfloat16_autocast_and_channels_last_keep_the_maps():
     (lambda: _model('resnet18', global_pool='max'), r"global_pool='max'.*average pooling"),
     (lambda: _model('resnet18', num_classes=0), r'no linear classifier.*num_classes=0'),
     (lambda: _model('vit_tiny_patch16_224', img_size=32, global_pool='map'), r'attention pooling'),
+    (lambda: _model('vit_tiny_patch16_224', img_size=32, global_pool='max'), r"global_pool='max'.*'token'"),
 ])
 def test_unsupported_models_give_clear_errors(make, message):
     with pytest.raises(ValueError, match=message):
@@ -255,6 +268,20 @@ def test_build_teacher_needs_exactly_one_weight_source(tmp_path):
         build_teacher('resnet18', checkpoint=tmp_path / 'x.pth', pretrained=True)
     with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
         build_teacher('no_such_net', checkpoint=tmp_path / 'x.pth')
+
+
+def test_build_teacher_pretrained_asks_timm_for_its_weights(monkeypatch):
+    calls, built = [], [_model('resnet10t', num_classes=1000), _model('resnet10t', num_classes=1000)]
+
+    def fake_create_model(name, **kwargs):  # stands in for the download
+        calls.append((name, kwargs))
+        return built.pop()
+    monkeypatch.setattr(models.teacher.timm, 'create_model', fake_create_model)
+    teacher = build_teacher('resnet18', pretrained=True, num_classes=1000, amp_dtype='bfloat16', channels_last=True,
+                            drop_rate=0.1)
+    assert calls == [('resnet18', dict(pretrained=True, num_classes=1000, drop_rate=0.1))]
+    assert teacher.amp_dtype == torch.bfloat16 and teacher.channels_last and teacher.num_classes == 1000
+    assert not build_teacher('resnet18', pretrained=True).channels_last
 
 
 def test_build_teacher_pretrained_errors(monkeypatch):

@@ -147,6 +147,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if by_name is None:
             return 1
         results[module] = by_name
+        counts = Counter(by_name.values())
+        print(f'{module}: {counts["killed"] + counts["timeout"]} of {len(by_name)} killed in {minutes[module]:.1f} min',
+              flush=True)
     return 0 if report(results, works, minutes, os.path.join(os.path.abspath(args.work), 'survivors.txt')) else 1
 
 
