@@ -182,6 +182,9 @@ def test_occluded_inputs_change_by_the_requested_share(mode):
         assert share == 0.5 if mode == 'random' else 0.25 <= share <= 0.5
     with pytest.raises(ValueError, match=r'\[0, 1\)'):
         occlusion_masks(2, (4, 4), 1.0, mode, seed=0)
+    assert not occlusion_masks(2, (4, 4), 0., mode, seed=0).any()  # ratio 0: nothing dropped
+    if mode == 'random':  # a 2 x 5 grid: half of its 10 patches
+        assert occlusion_masks(3, (2, 5), 0.5, mode, seed=0).sum((1, 2)).tolist() == [5, 5, 5]
 
 
 def test_distributed_equals_single_process(tiny_data, tmp_path):
