@@ -9,7 +9,7 @@ from scipy import ndimage
 from timm.data.mixup import mixup_target
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
-from mixup_ext import (TokenMix, area_weights, block_token_masks, mixed_targets, normalise_weights,
+from mixup_ext import (TokenMix, area_weights, block_token_masks, mixed_targets, normalise_weights, own_class_maps,
                        random_token_masks, teacher_weights)
 from mixup_ext.masks import block_token_masks_reference, masks_to_pixels
 
@@ -105,8 +105,16 @@ def test_mask_argument_errors():
         block_token_masks(2, (4, 4), 17)
     with pytest.raises(ValueError, match='grid'):
         random_token_masks(2, (0, 4), 1)
-    with pytest.raises(ValueError, match='min_aspect'):
-        block_token_masks(2, (4, 4), 3, min_aspect=2.)
+    for bad in (2., 0.):
+        with pytest.raises(ValueError, match='min_aspect'):
+            block_token_masks(2, (4, 4), 3, min_aspect=bad)
+    assert block_token_masks(2, (4, 4), 3, min_aspect=1., generator=gen()).sum((1, 2)).max() <= 3  # squares only
+
+
+def test_masks_are_made_on_the_requested_device():
+    # the meta device (shapes without data) tells a mask made on `device` from one made on the default CPU
+    assert random_token_masks(2, (4, 4), 5, device='meta').device.type == 'meta'
+    assert block_token_masks(2, (4, 4), 5, generator=gen(), device='meta').device.type == 'meta'
 
 
 def test_masks_to_pixels_is_nearest_upsampling():
@@ -158,6 +166,12 @@ def test_teacher_weights_resample_and_fall_back():
     # negative scores carry no mass
     neg = teacher_weights(torch.where(maps > 0, maps, torch.tensor(-5.)), mask)
     assert torch.allclose(neg, w)
+    # only the maps' shape matters, not their scale, even far below a total of 1
+    assert torch.allclose(teacher_weights(maps * 1e-3, mask), w)
+    with pytest.raises(ValueError, match='B x h x w'):
+        teacher_weights(maps[:, None], mask)
+    with pytest.raises(ValueError, match='B x num_classes x h x w'):
+        own_class_maps(maps, torch.tensor([0, 1]), num_classes=4)
 
 
 # ---------------------------------------------------------------- TokenMix

@@ -175,7 +175,7 @@ def _pil_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """PIL's bilinear resize (antialiased when shrinking), one float channel at a time: an independent resampler."""
     from PIL import Image
     return torch.stack([torch.stack([
-        torch.from_numpy(np.array(Image.fromarray(channel.numpy(), mode='F').resize((size, size), Image.BILINEAR)))
+        torch.from_numpy(np.array(Image.fromarray(channel.numpy()).resize((size, size), Image.BILINEAR)))
         for channel in image]) for image in images])
 
 
