@@ -98,3 +98,20 @@ def test_input_transform_hook_changes_what_the_model_sees():
                      input_transform=lambda images, targets: torch.zeros_like(images))
     # every image now reads as red 0 -> class 0: right only for label 0 (image 0)
     assert black['top1'] == pytest.approx(12.5) and black['count'] == 8
+
+
+def test_shard_rank_must_lie_below_world_size():
+    with pytest.raises(ValueError, match=r'rank must lie in \[0, 3\)'):
+        ShardedDataset(list(range(5)), 3, 3)
+
+
+def test_distributed_loader_reads_this_ranks_shard(tmp_path):
+    """One gloo process in a world of one: the loader wraps the dataset in this rank's shard."""
+    store = torch.distributed.FileStore(str(tmp_path / 'store'), 1)
+    torch.distributed.init_process_group('gloo', store=store, rank=0, world_size=1)
+    try:
+        loader = build_eval_loader(Labelled(5), _config(), batch_size=2, workers=0, distributed=True)
+        assert isinstance(loader.dataset, ShardedDataset) and list(loader.dataset.indices) == [0, 1, 2, 3, 4]
+        assert evaluate(RedIsClass(correct_below=5), loader, torch.device('cpu'))['top1'] == pytest.approx(100.0)
+    finally:
+        torch.distributed.destroy_process_group()
