@@ -60,6 +60,7 @@ def test_indicator_probe_reads_timm_cutmix():
     x, target = mixer(indicator_batch(8, 16, 16), torch.arange(8))
     paste = paste_masks_from_indicator(x)
     weights = weights_from_indicator_targets(target)
+    assert indicator_batch(2, 4, 6).shape == (2, 3, 4, 6)  # RGB images, as a mixer expects
     assert paste.shape == (8, 16, 16) and paste.any()
     # timm's corrected lam is the box area: the weights are exactly the area of the paste mask
     assert torch.allclose(weights, area_weights(paste), atol=1e-6)
