@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench mutation clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,12 @@ print('demo: ViT + TokenMix top-1 %.1f%% after %s epochs (chance: 10%%)' % (floa
 
 bench: setup
 	$(PYTHON) benchmarks/bench_mixup.py
+
+# Mutation testing (mutmut, requirements-dev.txt) of the core modules, each with the tests that cover it: prints the
+# score per module and writes the surviving mutants to output/mutation/survivors.txt. Not part of `make test`.
+mutation: setup
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	$(PYTHON) tools/mutation.py
 
 clean:
 	rm -rf $(VENV) output build *.egg-info

@@ -1,13 +1,18 @@
 """Target fidelity (tokenmix/fidelity.py): true visible shares of mixed objects and the error of label weights."""
+import json
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timm.data import Mixup
 
 from mixup_ext import TokenMix, area_weights
-from tokenmix.fidelity import (fidelity_error, indicator_batch, normalise_shares, paste_masks_from_indicator,
-                               token_paste_masks, visible_shares, weights_from_indicator_targets)
+from tokenmix.fidelity import (fidelity_error, indicator_batch, load_demo_objects, normalise_shares,
+                               paste_masks_from_indicator, token_paste_masks, visible_shares,
+                               weights_from_indicator_targets)
 
 
 def test_visible_shares_by_hand():
@@ -55,6 +60,7 @@ def test_indicator_probe_reads_timm_cutmix():
     x, target = mixer(indicator_batch(8, 16, 16), torch.arange(8))
     paste = paste_masks_from_indicator(x)
     weights = weights_from_indicator_targets(target)
+    assert indicator_batch(2, 4, 6).shape == (2, 3, 4, 6)  # RGB images, as a mixer expects
     assert paste.shape == (8, 16, 16) and paste.any()
     # timm's corrected lam is the box area: the weights are exactly the area of the paste mask
     assert torch.allclose(weights, area_weights(paste), atol=1e-6)
@@ -93,3 +99,24 @@ def test_teacher_weights_beat_area_when_the_teacher_sees_the_objects():
     shares = visible_shares(objects, token_paste_masks(with_teacher.last_mask, 4))
     assert fidelity_error(with_teacher.last_weights, shares) == pytest.approx(0, abs=1e-6)
     assert fidelity_error(with_area.last_weights, shares) > 0.05
+
+
+def test_load_demo_objects_reads_images_labels_and_masks_class_by_class(tiny_data, tmp_path):
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
+    images, labels, objects = load_demo_objects(tiny_data, 'val', 12, mean, std)
+    assert images.shape == (12, 3, 32, 32) and objects.shape == (12, 32, 32) and objects.dtype == torch.bool
+    assert labels.tolist() == list(range(10)) + [0, 1]  # classes interleaved: a prefix covers all of them
+    with open(os.path.join(tiny_data, 'objects.json')) as f:
+        records = json.load(f)['val']
+    stored = np.load(os.path.join(tiny_data, 'object_masks.npz'))['val']
+    for i, label in ((0, 0), (9, 9), (11, 1)):  # image i is the (i // 10)-th image of its class
+        record = [r for r in records if r['label'] == label][i // 10]
+        pixels = torch.from_numpy(np.array(Image.open(os.path.join(tiny_data, record['file'])).convert('RGB')))
+        expected = (pixels.permute(2, 0, 1) / 255. - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        assert torch.allclose(images[i], expected, atol=1e-6)
+        assert torch.equal(objects[i], torch.from_numpy(stored[record['mask_index']]))
+        assert 0 < objects[i].float().mean() < 1
+    with pytest.raises(ValueError, match='objects.json not found'):
+        load_demo_objects(str(tmp_path), 'val', 2, mean, std)
+    with pytest.raises(ValueError, match="has no split 'test'"):
+        load_demo_objects(tiny_data, 'test', 2, mean, std)

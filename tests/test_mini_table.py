@@ -1,4 +1,5 @@
 """scripts/mini_table.sh --quick: the whole mini benchmark end to end (table and plots; a few minutes)."""
+import csv
 import os
 import re
 import subprocess
@@ -20,10 +21,13 @@ def test_quick_table_has_every_method_and_column(tmp_path):
                         '| img/s |')
     rows = [line.strip('|').split('|') for line in table[2:]]
     assert [r[0].strip()[:3] for r in rows] == ['(a)', '(b)', '(c)', '(d)', '(e)', '(f)', '(g)']
-    for row in rows:
+    for row, method in zip(rows, mini.ROWS):
         seeds, clean, diff, *top1, fidelity, speed = [c.strip() for c in row[1:]]
         assert seeds == '1'
-        assert all(re.fullmatch(r'\d+\.\d', v) and 0 <= float(v) <= 100 for v in [clean] + top1)
+        # each top-1 cell is that run's validate.py result at occlusion 0, 0.25, 0.5 (one seed: no spread)
+        with open(out / 'runs' / f'{method}-s0' / 'validate.csv') as f:
+            measured = {float(r['occlusion']): float(r['top1']) for r in csv.DictReader(f)}
+        assert [clean] + top1 == [f'{measured[ratio]:.1f}' for ratio in (0.0, 0.25, 0.5)]
         assert diff == '—' if row is rows[0] else re.fullmatch(r'[+-]\d+\.\d', diff)
         assert re.fullmatch(r'\d\.\d{3}', fidelity) and 0 < float(fidelity) < 1
         assert re.fullmatch(r'\d+', speed) and int(speed) > 0

@@ -9,7 +9,7 @@ from scipy import ndimage
 from timm.data.mixup import mixup_target
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
-from mixup_ext import (TokenMix, area_weights, block_token_masks, mixed_targets, normalise_weights,
+from mixup_ext import (TokenMix, area_weights, block_token_masks, mixed_targets, normalise_weights, own_class_maps,
                        random_token_masks, teacher_weights)
 from mixup_ext.masks import block_token_masks_reference, masks_to_pixels
 
@@ -67,9 +67,17 @@ def test_block_masks_match_the_reference_algorithm():
 
 
 def test_block_masks_per_sample_counts_and_non_square_grid():
-    masks = block_token_masks(4, (6, 10), torch.tensor([0, 5, 30, 60]), generator=gen(3))
-    counts = masks.sum((1, 2))
-    assert counts[0] == 0 and 0 < counts[1] <= 5 and 20 <= counts[2] <= 30 and counts[3] <= 60
+    """Per-sample wanted counts on a 6 x 10 grid: each group of samples matches the per-sample loop for its count."""
+    wanted = [0, 5, 30, 60]
+    masks = block_token_masks(400, (6, 10), torch.tensor(wanted).repeat(100), generator=gen(3))
+    counts = masks.sum((1, 2)).view(100, 4).double()
+    for column, n in enumerate(wanted):
+        reference = block_token_masks_reference(100, (6, 10), n, rng=random.Random(n)).sum((1, 2)).double()
+        assert counts[:, column].max() <= n
+        assert abs(counts[:, column].mean() - reference.mean()) < max(1., 3 * reference.std() / 10 ** 0.5)
+    # exact counts where a few rectangles suffice; the full grid only by overlapping rectangles of at most 5 x 9
+    assert counts[:, 0].max() == 0 and (counts[:, 1] == 5).all() and counts[:, 2].min() >= 29
+    assert 50 < counts[:, 3].mean() < 58
 
 
 def test_block_masks_follow_the_reference_on_thin_and_tiny_grids():
@@ -97,8 +105,16 @@ def test_mask_argument_errors():
         block_token_masks(2, (4, 4), 17)
     with pytest.raises(ValueError, match='grid'):
         random_token_masks(2, (0, 4), 1)
-    with pytest.raises(ValueError, match='min_aspect'):
-        block_token_masks(2, (4, 4), 3, min_aspect=2.)
+    for bad in (2., 0.):
+        with pytest.raises(ValueError, match='min_aspect'):
+            block_token_masks(2, (4, 4), 3, min_aspect=bad)
+    assert block_token_masks(2, (4, 4), 3, min_aspect=1., generator=gen()).sum((1, 2)).max() <= 3  # squares only
+
+
+def test_masks_are_made_on_the_requested_device():
+    # the meta device (shapes without data) tells a mask made on `device` from one made on the default CPU
+    assert random_token_masks(2, (4, 4), 5, device='meta').device.type == 'meta'
+    assert block_token_masks(2, (4, 4), 5, generator=gen(), device='meta').device.type == 'meta'
 
 
 def test_masks_to_pixels_is_nearest_upsampling():
@@ -150,20 +166,43 @@ def test_teacher_weights_resample_and_fall_back():
     # negative scores carry no mass
     neg = teacher_weights(torch.where(maps > 0, maps, torch.tensor(-5.)), mask)
     assert torch.allclose(neg, w)
+    # only the maps' shape matters, not their scale, even far below a total of 1
+    assert torch.allclose(teacher_weights(maps * 1e-3, mask), w)
+    with pytest.raises(ValueError, match='B x h x w'):
+        teacher_weights(maps[:, None], mask)
+    with pytest.raises(ValueError, match='B x num_classes x h x w'):
+        own_class_maps(maps, torch.tensor([0, 1]), num_classes=4)
 
 
 # ---------------------------------------------------------------- TokenMix
 
-def test_token_branch_pairs_i_with_b_minus_1_minus_i():
-    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=10, patch_size=8, mode='batch', generator=gen())
-    x = constant_batch(6)
+def hand_mixed(source: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """The mixed batch written out token by token: token (r, c) of row b is the partner's where mask[b, r, c]."""
+    out = source.clone()
+    batch, gh, gw = mask.shape
+    for b in range(batch):
+        for r in range(gh):
+            for c in range(gw):
+                if mask[b, r, c]:
+                    rows, cols = slice(r * patch, (r + 1) * patch), slice(c * patch, (c + 1) * patch)
+                    out[b, :, rows, cols] = source[batch - 1 - b, :, rows, cols]
+    return out
+
+
+@pytest.mark.parametrize('mode', ['batch', 'pair', 'elem'])
+def test_token_branch_pairs_i_with_b_minus_1_minus_i(mode):
+    # 48 px, 8 px tokens: lam 0.5 and min_tokens 2 give int(0.5 * 36) + 2 = 20 of the 36 tokens from the partner
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=10, patch_size=8, mode=mode, min_tokens=2,
+                  mask_type='random', generator=gen())
+    x = constant_batch(6, 48)
+    source = x.clone()
     out, target = tm(x, torch.arange(6))
     assert out is x
-    pix = masks_to_pixels(tm.last_mask, 8).expand(-1, 3, -1, -1)
-    source = torch.arange(6, dtype=torch.float32).view(-1, 1, 1, 1).expand_as(x)
-    assert torch.equal(out[pix], source.flip(0)[pix]) and torch.equal(out[~pix], source[~pix])
-    # batch mode: one mask for the whole batch; lam 0.5 gives int(0.5*16)+14 -> all 16 tokens of a 4x4 grid
-    assert torch.equal(tm.last_mask, tm.last_mask[:1].expand_as(tm.last_mask))
+    assert tm.last_mask.sum((1, 2)).tolist() == [20] * 6  # part of the image stays the sample's own
+    assert torch.equal(out, hand_mixed(source, tm.last_mask, 8))
+    if mode == 'batch':  # one mask for the whole batch
+        assert torch.equal(tm.last_mask, tm.last_mask[:1].expand_as(tm.last_mask))
+    assert torch.allclose(tm.last_weights, torch.tensor([[16 / 36, 20 / 36]] * 6))
     assert target.shape == (6, 10)
 
 
@@ -329,6 +368,55 @@ def test_prob_zero_leaves_batch_untouched():
     assert torch.equal(out, x) and torch.equal(tm.last_weights, torch.tensor([[1., 0.]] * 4))
 
 
+def test_fractional_prob_and_switch_prob_follow_timm():
+    """timm: a row is mixed with probability `prob`, and a mixed row takes the region branch with `switch_prob`."""
+    tm = TokenMix(mixup_alpha=1., cutmix_alpha=1., prob=0.3, switch_prob=0.2, num_classes=4, patch_size=8,
+                  mode='elem', mask_type='random', min_tokens=0, generator=gen(16))
+    tm(torch.zeros(2000, 3, 16, 16), torch.zeros(2000, dtype=torch.long))
+    token_rows = tm.last_mask.flatten(1).any(1)           # 2 of the 4 tokens pasted
+    mixed = token_rows | (tm.last_weights[:, 0] < 1)      # a Beta(1, 1) lam is below 1
+    # binomial spreads: 0.010 and 0.016, so both bounds are four standard deviations wide
+    assert abs(mixed.float().mean().item() - 0.3) < 0.04
+    assert abs(token_rows.float().sum().item() / mixed.sum().item() - 0.2) < 0.065
+
+
+def test_pair_mode_mirrors_lam_and_branch():
+    tm = TokenMix(mixup_alpha=1., cutmix_alpha=1., num_classes=16, patch_size=8, mode='pair', min_tokens=2,
+                  label_smoothing=0., generator=gen(17))
+    x = constant_batch(16)
+    out, target = tm(x, torch.arange(16))
+    token_rows = tm.last_mask.flatten(1).any(1)
+    blended = ~token_rows
+    assert token_rows.any() and blended.any()
+    assert torch.equal(token_rows, token_rows.flip(0))
+    # rows i and 15-i use one lam: i's own share is 15-i's partner share, so the pair's pixels sum to 15
+    assert torch.equal(tm.last_weights, tm.last_weights.flip(0))
+    assert len(set(tm.last_weights[blended, 0].tolist())) > 1  # lam differs between pairs
+    assert torch.allclose(out + out.flip(0), torch.full_like(out, 15.))
+    lam = tm.last_weights[blended, 0]
+    values = torch.arange(16.)
+    assert torch.allclose(out[blended].mean((1, 2, 3)), lam * values[blended] + (1 - lam) * values.flip(0)[blended])
+    assert torch.allclose(target[torch.arange(16), torch.arange(16)], tm.last_weights[:, 0])
+
+
+def test_target_norm_sum_falls_back_to_area_for_rows_without_mass():
+    batch, grid = 16, 4
+    hot = torch.tensor([0, 5, 10, 15, 3, 6, 9, 12, 1, 2, 4, 7, 8, 11, 13, 14])
+    tm = TokenMix(mixup_alpha=0., cutmix_alpha=1., num_classes=16, patch_size=8, mode='elem', min_tokens=2,
+                  teacher=OneTokenTeacher(hot, grid, num_classes=16), target_norm='sum', label_smoothing=0.,
+                  generator=gen(18))
+    tm(torch.randn(batch, 3, 32, 32), torch.arange(batch))
+    flat = tm.last_mask.flatten(1)
+    visible = (~flat[torch.arange(batch), hot]).float()
+    pasted = flat[torch.arange(batch), hot.flip(0)].float()
+    total = visible + pasted
+    pasted_share = flat.float().sum(1) / grid ** 2
+    expected = torch.where((total > 0).view(-1, 1), torch.stack([visible, pasted], 1) / total.clamp(min=1).view(-1, 1),
+                           torch.stack([1 - pasted_share, pasted_share], 1))
+    assert (total == 0).any() and (total == 2).any()       # rows with no mass and rows split evenly
+    assert torch.allclose(tm.last_weights, expected)
+
+
 def test_beta_lam_and_minmax_change_the_token_count():
     counts = []
     for kwargs in ({'lam_mode': 'beta'}, {'cutmix_minmax': (0.2, 0.4), 'cutmix_alpha': 0.}):
@@ -354,13 +442,25 @@ def test_one_training_step_in_place_of_timm_mixup(loss_fn, target_norm):
     mixer = TokenMix(mixup_alpha=0.8, cutmix_alpha=1., num_classes=5, patch_size=8, min_tokens=2, teacher=cam_teacher,
                      target_norm=target_norm, generator=gen(15))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    before = [p.detach().clone() for p in model.parameters()]
     x, y = mixer(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss) and loss > 0
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    pair = torch.stack([torch.arange(4), torch.arange(4).flip(0)], 1)
+    # the soft targets sit on each row's own and partner label only (smoothing 0.1 spread over 5 classes)
+    others = torch.ones_like(y, dtype=torch.bool).scatter_(1, pair, False)
+    assert torch.allclose(y[others], torch.full_like(y[others], 0.1 / 5))
+    if target_norm == 'sum':
+        assert torch.allclose(y.sum(1), torch.ones(4))
+    # the loss's floor: the targets' entropy, reached by logits log(y) (softmax) or logit(y) (sigmoid)
+    floor = loss_fn(y.log() if target_norm == 'sum' else torch.logit(y), y).item()
+    losses = []
+    for _ in range(25):  # fitting the one mixed batch closes at least half the gap to the floor
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] - floor < 0.5 * (losses[0] - floor)
+    # the model now ranks each row's two labels above the three others
+    assert torch.equal(model(x).topk(2, dim=1).indices.sort(1).values, pair.sort(1).values)
     assert all(p.grad is None for p in teacher.parameters())
 
 

@@ -171,3 +171,13 @@ def test_non_strict_load_reports_missing_and_unexpected(tmp_path, weights):
     with pytest.raises(ValueError, match=r"1 keys missing from the checkpoint: 'fc.bias'"):
         load_checkpoint_weights(timm.create_model(NAME), path)
     assert check_state_dict(model, weights[0], source='mem') == ([], [], [])
+
+
+def test_messages_list_five_keys_then_count_the_rest(tmp_path):
+    path = tmp_path / 'seven.pth'
+    torch.save({f'k{i}': i for i in range(7)}, path)  # no tensors: not a state dict
+    with pytest.raises(ValueError, match=r"top-level keys: 'k0', 'k1', 'k2', 'k3', 'k4' and 2 more\)$"):
+        load_state_dict_file(path)
+    torch.save({f'k{i}': i for i in range(5)}, path)
+    with pytest.raises(ValueError, match=r"top-level keys: 'k0', 'k1', 'k2', 'k3', 'k4'\)$"):
+        load_state_dict_file(path)

@@ -1,8 +1,8 @@
 """models.Teacher / build_teacher: class activation maps per timm family, freezing, input handling, errors."""
+import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import models
@@ -110,6 +110,18 @@ def test_vit_average_pool_with_register_tokens_is_exact():
     torch.testing.assert_close(maps.mean((2, 3)), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_vit_average_pool_over_prefix_tokens_is_not_exact():
+    model = _model('vit_tiny_patch16_224', img_size=32, global_pool='avg', fc_norm=False, pool_include_prefix=True)
+    assert not Teacher(model).exact  # the pooled logits also average the class token, which has no map
+
+
+def test_teacher_rejects_a_batch_that_is_not_b_x_3_x_h_x_w():
+    teacher = Teacher(_model('resnet10t'))
+    for bad in (torch.zeros(3, 32, 32), torch.zeros(2, 1, 32, 32)):
+        with pytest.raises(ValueError, match='B x 3 x H x W'):
+            teacher(bad)
+
+
 def test_vit_average_pool_with_fc_norm_applies_it_per_token():
     model = _model('vit_tiny_patch16_224', img_size=32, global_pool='avg', class_token=False)
     x = _images(size=32)
@@ -159,14 +171,22 @@ def test_renormalises_student_batch_to_teacher_statistics():
     torch.testing.assert_close(same(as_teacher), Teacher(model)(as_teacher), rtol=0, atol=0)
 
 
+def _pil_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """PIL's bilinear resize (antialiased when shrinking), one float channel at a time: an independent resampler."""
+    from PIL import Image
+    return torch.stack([torch.stack([
+        torch.from_numpy(np.array(Image.fromarray(channel.numpy()).resize((size, size), Image.BILINEAR)))
+        for channel in image]) for image in images])
+
+
 def test_lower_resolution_teacher_resizes_the_batch():
     model = _model('tokenmix_cnn_teacher_64')
     x = _images(size=64)
     low = Teacher(model, img_size=32)
     maps = low(x)
     assert maps.shape == (2, 7, 4, 4)
-    resized = F.interpolate(x, size=(32, 32), mode='bilinear', align_corners=False, antialias=True)
-    torch.testing.assert_close(maps, Teacher(model)(resized), rtol=1e-5, atol=1e-6)
+    reference = Teacher(model)(_pil_resize(x, 32))
+    torch.testing.assert_close(maps, reference, rtol=1e-3, atol=1e-3 * reference.abs().max().item())
     torch.testing.assert_close(low.own_class_maps(x, torch.tensor([1, 2])), maps[[0, 1], [1, 2]])
 
 
@@ -201,11 +221,21 @@ def test_teacher_is_frozen_and_no_gradient_reaches_it():
 def test_bfloat16_autocast_and_channels_last_keep_the_maps():
     model = _model('resnet10t')
     x = _images()
+    seen = []
+    model.layer4.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     reference = Teacher(model)(x)
     torch.testing.assert_close(Teacher(model, channels_last=True)(x), reference, rtol=1e-4, atol=1e-4)
-    amp = Teacher(model, amp_dtype='bfloat16')(x)
-    assert amp.dtype == torch.float32
-    torch.testing.assert_close(amp, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+    amp_teacher = Teacher(model, amp_dtype='bfloat16')
+    amp = amp_teacher(x)
+    own = amp_teacher.own_class_maps(x, torch.tensor([1, 4]))
+    # the network itself ran in bfloat16 (both calls), the maps come back as float32
+    assert seen == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
+    assert amp.dtype == own.dtype == torch.float32
+    # bfloat16 keeps 8 bits of mantissa: close to the float32 maps, but not equal to them
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(amp, reference, rtol=0.05, atol=0.05 * scale)
+    assert (amp - reference).abs().max() > 1e-4 * scale
+    torch.testing.assert_close(own, amp[[0, 1], [1, 4]], rtol=0.05, atol=0.05 * scale)
 
 
 @pytest.mark.parametrize('make, message', [
@@ -214,6 +244,7 @@ def test_bfloat16_autocast_and_channels_last_keep_the_maps():
     (lambda: _model('resnet18', global_pool='max'), r"global_pool='max'.*average pooling"),
     (lambda: _model('resnet18', num_classes=0), r'no linear classifier.*num_classes=0'),
     (lambda: _model('vit_tiny_patch16_224', img_size=32, global_pool='map'), r'attention pooling'),
+    (lambda: _model('vit_tiny_patch16_224', img_size=32, global_pool='max'), r"global_pool='max'.*'token'"),
 ])
 def test_unsupported_models_give_clear_errors(make, message):
     with pytest.raises(ValueError, match=message):
@@ -237,6 +268,20 @@ def test_build_teacher_needs_exactly_one_weight_source(tmp_path):
         build_teacher('resnet18', checkpoint=tmp_path / 'x.pth', pretrained=True)
     with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
         build_teacher('no_such_net', checkpoint=tmp_path / 'x.pth')
+
+
+def test_build_teacher_pretrained_asks_timm_for_its_weights(monkeypatch):
+    calls, built = [], [_model('resnet10t', num_classes=1000), _model('resnet10t', num_classes=1000)]
+
+    def fake_create_model(name, **kwargs):  # stands in for the download
+        calls.append((name, kwargs))
+        return built.pop()
+    monkeypatch.setattr(models.teacher.timm, 'create_model', fake_create_model)
+    teacher = build_teacher('resnet18', pretrained=True, num_classes=1000, amp_dtype='bfloat16', channels_last=True,
+                            drop_rate=0.1)
+    assert calls == [('resnet18', dict(pretrained=True, num_classes=1000, drop_rate=0.1))]
+    assert teacher.amp_dtype == torch.bfloat16 and teacher.channels_last and teacher.num_classes == 1000
+    assert not build_teacher('resnet18', pretrained=True).channels_last
 
 
 def test_build_teacher_pretrained_errors(monkeypatch):

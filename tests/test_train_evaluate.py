@@ -1,4 +1,7 @@
-"""tokenmix.evaluate: shards cover every image once, counts and accuracies are exact, the input hook is used."""
+"""tokenmix.evaluate: shards cover every image once, counts, accuracies and loss are exact, the input hook is used."""
+import math
+import time
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -7,7 +10,7 @@ from tokenmix.evaluate import ShardedDataset, build_eval_loader, evaluate
 
 
 class Labelled(Dataset):
-    """Image i is filled with the value i; its label is i % 4. `transform` is set by timm's create_loader."""
+    """Image i is filled with the red value i; its label is i % 8. `transform` is set by timm's create_loader."""
 
     def __init__(self, n: int):
         self.n, self.transform = n, None
@@ -18,7 +21,7 @@ class Labelled(Dataset):
     def __getitem__(self, i):
         from PIL import Image
         img = Image.new('RGB', (8, 8), (i % 256, 0, 0))
-        return (self.transform(img) if self.transform else img), i % 4
+        return (self.transform(img) if self.transform else img), i % 8
 
 
 @pytest.mark.parametrize('n, world', [(10, 1), (10, 3), (7, 4), (2, 4)])
@@ -36,19 +39,29 @@ def test_shard_forwards_transform():
     assert base.transform == 'set by create_loader'
 
 
+OTHERS = (7.5, 6.5, 6.4, 6.3, 6.8, 6.9, 6.6, 7.0)
+
+
 class RedIsClass(torch.nn.Module):
-    """Predicts class (red value % 4) exactly for images 0..k-1 of `Labelled`, class 0 otherwise."""
+    """Ranks class (red % 8) first for images 0..k-1 of `Labelled`, class 0 first otherwise.
+
+    Logits: 10 for the predicted class, OTHERS[c] for every other class c: after class 0 come 7, 5, 4, 6, 1, 2, 3.
+    """
 
     def __init__(self, correct_below: int):
         super().__init__()
         self.correct_below = correct_below
         self.seen = 0
+        self.modes = []
 
     def forward(self, x):
+        time.sleep(0.01)
+        self.modes.append(self.training)
         red = torch.round(x[:, 0, 0, 0] * 255).long()
         self.seen += x.shape[0]
-        cls = torch.where(red < self.correct_below, red % 4, torch.zeros_like(red))
-        return torch.nn.functional.one_hot(cls, 4).float() * 10
+        cls = torch.where(red < self.correct_below, red % 8, torch.zeros_like(red))
+        rest = torch.tensor(OTHERS).expand(x.shape[0], 8)
+        return torch.where(torch.nn.functional.one_hot(cls, 8).bool(), torch.tensor(10.), rest)
 
 
 def _config():
@@ -56,20 +69,49 @@ def _config():
                 crop_mode='center')
 
 
-def test_evaluate_counts_and_accuracy():
+def test_evaluate_counts_accuracy_and_loss():
     loader = build_eval_loader(Labelled(10), _config(), batch_size=3, workers=0, distributed=False)
-    model = RedIsClass(correct_below=6)
+    model = RedIsClass(correct_below=6).train()
     metrics = evaluate(model, loader, torch.device('cpu'))
-    # images 0-5 right; of 6-9 (labels 2, 3, 0, 1) only image 8 (label 0) is right by luck
     assert metrics['count'] == 10 and model.seen == 10
+    # images 0-5 right; images 6-9 (labels 6, 7, 0, 1) all read as class 0, so only image 8 is right
     assert metrics['top1'] == pytest.approx(70.0)
-    assert metrics['top5'] == pytest.approx(100.0)  # 4 classes: top-5 is every class
-    assert metrics['seconds'] > 0
+    # images 6-9 rank 0, 7, 5, 4, 6 first: labels 6 (5th), 7 and 0 are in the top 5, label 1 is not
+    assert metrics['top5'] == pytest.approx(90.0)
+    # cross-entropy by hand: the true class has logit 10, or OTHERS[label] when the prediction is wrong
+
+    def ce(label: int, predicted: int) -> float:
+        logits = [10. if c == predicted else OTHERS[c] for c in range(8)]
+        return math.log(sum(math.exp(v) for v in logits)) - logits[label]
+
+    expected = [ce(i % 8, i % 8) for i in range(6)] + [ce(label, 0) for label in (6, 7, 0, 1)]
+    assert metrics['loss'] == pytest.approx(sum(expected) / 10, rel=1e-5)
+    # the model ran in eval mode and is handed back in the mode it came in; 4 batches took >= 4 x 10 ms
+    assert model.modes == [False] * 4 and model.training
+    assert evaluate(model.eval(), loader, torch.device('cpu'))['count'] == 10 and not model.training
+    assert 0.04 <= metrics['seconds'] < 10
 
 
 def test_input_transform_hook_changes_what_the_model_sees():
     loader = build_eval_loader(Labelled(8), _config(), batch_size=4, workers=0, distributed=False)
     black = evaluate(RedIsClass(correct_below=8), loader, torch.device('cpu'),
                      input_transform=lambda images, targets: torch.zeros_like(images))
-    # every image now reads as red 0 -> class 0: right only for labels 0 (images 0 and 4)
-    assert black['top1'] == pytest.approx(25.0) and black['count'] == 8
+    # every image now reads as red 0 -> class 0: right only for label 0 (image 0)
+    assert black['top1'] == pytest.approx(12.5) and black['count'] == 8
+
+
+def test_shard_rank_must_lie_below_world_size():
+    with pytest.raises(ValueError, match=r'rank must lie in \[0, 3\)'):
+        ShardedDataset(list(range(5)), 3, 3)
+
+
+def test_distributed_loader_reads_this_ranks_shard(tmp_path):
+    """One gloo process in a world of one: the loader wraps the dataset in this rank's shard."""
+    store = torch.distributed.FileStore(str(tmp_path / 'store'), 1)
+    torch.distributed.init_process_group('gloo', store=store, rank=0, world_size=1)
+    try:
+        loader = build_eval_loader(Labelled(5), _config(), batch_size=2, workers=0, distributed=True)
+        assert isinstance(loader.dataset, ShardedDataset) and list(loader.dataset.indices) == [0, 1, 2, 3, 4]
+        assert evaluate(RedIsClass(correct_below=5), loader, torch.device('cpu'))['top1'] == pytest.approx(100.0)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -9,11 +9,13 @@ from tokenmix.args import parse_args
 from tokenmix.logger import mixed_image_grid
 
 
-def test_tokenmix_teacher_run_writes_timm_outputs(train_script, train_argv, teacher_checkpoint, tmp_path):
+def test_tokenmix_teacher_run_writes_timm_outputs(train_script, train_argv, easy_data, easy_teacher_checkpoint,
+                                                  tmp_path):
     # the DeiT recipe's augmentation and loss flags (RandAugment, random erasing, BCE) on the tiny model
     argv = train_argv('--tokenmix', '--mixup', '0.8', '--cutmix', '1.0', '--teacher-model', 'tokenmix_cnn_teacher_64',
-                      '--teacher-checkpoint', teacher_checkpoint, '--model-ema', '--checkpoint-hist', '1',
-                      '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--remode', 'pixel', '--bce-loss')
+                      '--teacher-checkpoint', easy_teacher_checkpoint, '--model-ema', '--checkpoint-hist', '1',
+                      '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--remode', 'pixel', '--bce-loss',
+                      data=easy_data)
     assert train_script.run_main(argv) == 0
     run = tmp_path / 'out' / 'run'
     files = sorted(os.listdir(run))
@@ -25,7 +27,8 @@ def test_tokenmix_teacher_run_writes_timm_outputs(train_script, train_argv, teac
     # timm: with an evaluated EMA, eval_* are the EMA's metrics (they rank checkpoints); the raw model's beside them
     assert list(rows[0]) == ['epoch', 'train_loss', 'train_img_per_sec', 'eval_top1', 'eval_top5', 'eval_loss',
                              'eval_raw_top1', 'eval_raw_top5', 'eval_raw_loss', 'lr']
-    assert len(rows) == 2 and all(0 <= float(r['eval_top1']) <= 100 for r in rows)
+    # colour classes (chance 25%): a run whose mixing, targets or loss were broken would not learn them
+    assert len(rows) == 2 and float(rows[-1]['eval_top1']) >= 90
     assert all(float(r['train_img_per_sec']) > 0 and float(r['train_loss']) > 0 for r in rows)
 
     again = parse_args(['-c', str(run / 'args.yaml')])  # the run can be repeated from its args.yaml

@@ -5,6 +5,9 @@ import shutil
 import subprocess
 import sys
 
+from typing import Optional
+
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
@@ -113,19 +116,45 @@ def test_ema_weights_are_chosen_and_required(validate, skewed_data, tmp_path, ca
     assert code == 2 and 'no EMA weights' in err and plain in err
 
 
+def by_hand(model: torch.nn.Module, data: str, drop: Optional[torch.Tensor] = None) -> tuple:
+    """Top-1 / top-5 (%) of `model` on a 32 px val split read with PIL and normalised by hand (ImageNet statistics,
+    no resize: the images are 32 px already), with the patches of `drop` (N x 4 x 4, 8 px patches) set to zero."""
+    from PIL import Image
+    files = [(os.path.join(data, 'val', c, f), int(c)) for c in sorted(os.listdir(os.path.join(data, 'val')))
+             for f in sorted(os.listdir(os.path.join(data, 'val', c)))]
+    mean, std = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    images = torch.stack([(torch.from_numpy(np.array(Image.open(f).convert('RGB'))).permute(2, 0, 1) / 255. - mean)
+                          / std for f, _ in files])
+    if drop is not None:
+        images = images * ~drop.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None]
+    labels = torch.tensor([label for _, label in files])
+    with torch.no_grad():
+        top = model.eval()(images).topk(5, dim=1).indices
+    return (100. * (top[:, 0] == labels).float().mean().item(),
+            100. * (top == labels[:, None]).any(1).float().mean().item())
+
+
 def test_occlusion_zero_is_clean_and_ratios_drop_that_share(validate, tiny_data, tmp_path, capsys):
     torch.manual_seed(1)
+    model = tiny_model()
     ckpt = str(tmp_path / 'rand.pth.tar')
-    torch.save(tiny_model().state_dict(), ckpt)
+    torch.save(model.state_dict(), ckpt)
     out_file = str(tmp_path / 'res.json')
     common = ['--data-dir', tiny_data, '--split', 'val', *TINY, '--checkpoint', ckpt, '-j', '0',
               '--results-file', out_file]
     assert run(validate, capsys, *common)[0] == 0
     clean = results(out_file)[0]
+    assert (clean['top1'], clean['top5']) == pytest.approx(by_hand(model, tiny_data), abs=1e-3)
     assert run(validate, capsys, *common, '--occlusion', '0', '0.5', '0.75')[0] == 0
     rows = results(out_file)
     assert [r['occlusion'] for r in rows] == [0, 0.5, 0.75]
     assert (rows[0]['top1'], rows[0]['top5']) == (clean['top1'], clean['top5'])
+    for row, ratio in zip(rows[1:], (0.5, 0.75)):
+        # the masks of seed 0 for that ratio: exactly 8 and 12 of the 16 patches of each image dropped
+        masks = occlusion_masks(30, (4, 4), ratio, 'random', seed=round(ratio * 1000))
+        assert masks.sum((1, 2)).unique().tolist() == [round(ratio * 16)]
+        assert (row['top1'], row['top5']) == pytest.approx(by_hand(model, tiny_data, masks), abs=1e-3)
+    assert rows[1]['top1'] != clean['top1'] or rows[1]['top5'] != clean['top5']
 
 
 @pytest.mark.parametrize('mode', ['random', 'block'])
@@ -153,6 +182,9 @@ def test_occluded_inputs_change_by_the_requested_share(mode):
         assert share == 0.5 if mode == 'random' else 0.25 <= share <= 0.5
     with pytest.raises(ValueError, match=r'\[0, 1\)'):
         occlusion_masks(2, (4, 4), 1.0, mode, seed=0)
+    assert not occlusion_masks(2, (4, 4), 0., mode, seed=0).any()  # ratio 0: nothing dropped
+    if mode == 'random':  # a 2 x 5 grid: half of its 10 patches
+        assert occlusion_masks(3, (2, 5), 0.5, mode, seed=0).sum((1, 2)).tolist() == [5, 5, 5]
 
 
 def test_distributed_equals_single_process(tiny_data, tmp_path):
