@@ -27,8 +27,9 @@ def test_tokenmix_teacher_run_writes_timm_outputs(train_script, train_argv, easy
     # timm: with an evaluated EMA, eval_* are the EMA's metrics (they rank checkpoints); the raw model's beside them
     assert list(rows[0]) == ['epoch', 'train_loss', 'train_img_per_sec', 'eval_top1', 'eval_top5', 'eval_loss',
                              'eval_raw_top1', 'eval_raw_top5', 'eval_raw_loss', 'lr']
-    # colour classes (chance 25%): a run whose mixing, targets or loss were broken would not learn them
-    assert len(rows) == 2 and float(rows[-1]['eval_top1']) >= 90
+    # colour classes (chance 25%): a run whose mixing, targets or loss were broken would not learn them (the
+    # raw model; the EMA, at timm's default decay, still lags after these few steps)
+    assert len(rows) == 2 and float(rows[-1]['eval_raw_top1']) >= 90
     assert all(float(r['train_img_per_sec']) > 0 and float(r['train_loss']) > 0 for r in rows)
 
     again = parse_args(['-c', str(run / 'args.yaml')])  # the run can be repeated from its args.yaml

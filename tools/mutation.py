@@ -22,15 +22,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # module -> (the files mutated for it, the test files that cover it); its score is over all of its files
 MODULES = {
     'models/teacher.py': (['models/teacher.py'],
-                          ['tests/test_teacher.py', 'tests/test_tiny_models.py', 'tests/test_models_checkpoint_io.py']),
+                          ['tests/test_teacher.py', 'tests/test_tiny_models.py', 'tests/test_models_checkpoint_io.py',
+                           'tests/test_teacher_maps.py']),
     'models/checkpoint_io.py': (['models/checkpoint_io.py'],
-                                ['tests/test_models_checkpoint_io.py', 'tests/test_teacher.py']),
+                                ['tests/test_models_checkpoint_io.py', 'tests/test_teacher.py', 'tests/test_faults.py']),
     'tokenmix/checkpoint.py': (['tokenmix/checkpoint.py'], ['tests/test_train_resume.py', 'tests/test_faults.py']),
-    'tokenmix/evaluate.py': (['tokenmix/evaluate.py'], ['tests/test_train_evaluate.py', 'tests/test_validate.py']),
+    'tokenmix/evaluate.py': (['tokenmix/evaluate.py'],
+                             ['tests/test_train_evaluate.py', 'tests/test_validate.py', 'tests/test_validate_flags.py']),
     'tokenmix/occlusion.py': (['tokenmix/occlusion.py'], ['tests/test_validate.py']),
     'tokenmix/fidelity.py': (['tokenmix/fidelity.py'], ['tests/test_fidelity.py']),
-    'mixup_ext': (['mixup_ext/masks.py', 'mixup_ext/targets.py', 'mixup_ext/tokenmix.py', 'mixup_ext/_rng.py'],
-                  ['tests/test_mixup_ext.py', 'tests/test_fidelity.py']),
+    'mixup_ext': (['mixup_ext/masks.py', 'mixup_ext/targets.py', 'mixup_ext/tokenmix.py', 'mixup_ext/maps.py',
+                   'mixup_ext/_rng.py'],
+                  ['tests/test_mixup_ext.py', 'tests/test_fidelity.py', 'tests/test_teacher_maps.py']),
 }
 GOALS = {'mixup_ext': 90.0}
 DEFAULT_GOAL = 80.0
