@@ -36,6 +36,7 @@ except ImportError:
     has_sklearn = False
 
 from models import load_checkpoint_weights
+from tokenmix.args_checks import output_problem
 from tokenmix.data import build_dataset, num_dataset_classes
 from tokenmix.distributed import init_device, is_primary
 from tokenmix.errors import ConfigError, run_cli
@@ -242,8 +243,12 @@ def load_weights(model: torch.nn.Module, path: str, use_ema: bool) -> None:
 
 def write_results(rows: List[Dict[str, Any]], path: str, fmt: str) -> None:
     """All rows to `path`, as CSV (header + one line a row) or a JSON list."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w', newline='') as f:
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        f = open(path, 'w', newline='')
+    except OSError as e:
+        raise ConfigError(f"--results-file '{path}': {e.strerror}") from None
+    with f:
         if fmt == 'json':
             json.dump(rows, f, indent=2)
             f.write('\n')
@@ -371,6 +376,13 @@ def evaluate_with_retry(run: Callable[[int], Dict[str, Any]], batch_size: int, r
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.results_file:  # checked before hours of evaluation, not after the table
+        if os.path.isdir(args.results_file):
+            raise ConfigError(f"--results-file '{args.results_file}' is a folder")
+        problem = output_problem(os.path.dirname(os.path.abspath(args.results_file)), '--results-file',
+                                 args.results_file)
+        if problem:
+            raise ConfigError(problem)
     if not is_model(args.model):
         raise ConfigError(f"--model {args.model}: unknown timm model (timm's bulk validation of 'all', wildcards or "
                           f"a file of names is not supported here: validate one model at a time)")

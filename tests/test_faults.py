@@ -256,6 +256,28 @@ def test_a_folder_with_broken_checkpoints_validates_the_others_then_exits_2(vali
     assert 'truncated.pth.tar' in out and 'is truncated or damaged' in out  # the table shows the error too
 
 
+def test_an_unwritable_results_file_is_named_before_any_evaluation(validate_script, tiny_data, tmp_path, capsys,
+                                                                    monkeypatch):
+    torch.manual_seed(0)
+    student = timm.create_model(TINY_STUDENT[1], img_size=32, num_classes=10, embed_dim=32, depth=1, num_heads=2)
+    checkpoint = tmp_path / 'model.pth.tar'
+    torch.save({'state_dict': student.state_dict()}, checkpoint)
+    common = ['--data-dir', tiny_data, '--split', 'val', *TINY_STUDENT, '-j', '0', '--checkpoint', str(checkpoint)]
+    (tmp_path / 'a_file').write_text('x')
+    read_only = tmp_path / 'read_only'
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, 'access', lambda path, mode: path != str(read_only) and real_access(path, mode))
+    for target, why in ((tmp_path / 'a_file' / 'r.csv', f"'{tmp_path / 'a_file'}' is a file, not a folder"),
+                        (read_only / 'r.csv', f"cannot write in '{read_only}' (no permission or a read-only file "
+                                              f"system)"),
+                        (tmp_path, 'is a folder')):
+        assert validate_script.run_main([*common, '--results-file', str(target)]) == 2
+        out, err = capsys.readouterr()
+        assert err.strip().startswith(f"validate.py: error: --results-file '{target}'") and err.strip().endswith(why)
+        assert out == ''  # no table: nothing was evaluated
+
+
 # --- diverging runs -------------------------------------------------------------------------------------------
 
 def _on_disk_epochs(folder) -> list:

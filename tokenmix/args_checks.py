@@ -153,14 +153,16 @@ def check_values(args: argparse.Namespace, flags: Dict[str, str]) -> Optional[st
     return _ranges(args, flags) or _pairs(args) or _names(args)
 
 
-def output_problem(path: str, flag: str = '--output') -> Optional[str]:
+def output_problem(path: str, flag: str = '--output', shown: Optional[str] = None) -> Optional[str]:
     """Why the run could not write under `path` (a file in the way, no write permission, a read-only file
-    system), or None. The nearest existing folder decides, since the missing ones will be created in it."""
+    system), or None. The nearest existing folder decides, since the missing ones will be created in it.
+    The message names `flag` with `shown` (default: `path`), e.g. the file that goes in that folder."""
+    shown = path if shown is None else shown
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        return f"{flag} '{path}': '{probe}' is a file, not a folder"
+        return f"{flag} '{shown}': '{probe}' is a file, not a folder"
     if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{flag} '{path}': cannot write in '{probe}' (no permission or a read-only file system)"
+        return f"{flag} '{shown}': cannot write in '{probe}' (no permission or a read-only file system)"
     return None
