@@ -47,16 +47,21 @@ def resolve_num_classes(args, train_dataset) -> int:
     return args.num_classes
 
 
+def resumes_in_place(args) -> bool:
+    """A resumed run without --output/--experiment keeps writing into the folder of its checkpoint."""
+    return bool(args.resume) and not args.experiment and not args.output
+
+
 def output_base(args) -> str:
-    """The folder the run folder goes in (a resumed run without --output/--experiment keeps its own folder)."""
-    if args.resume and not args.experiment and not args.output:
+    """The folder the run folder goes in (the checkpoint's own folder when the run resumes in place)."""
+    if resumes_in_place(args):
         return os.path.dirname(os.path.abspath(args.resume))
     return args.output or './output/train'
 
 
 def output_folder(args, input_size: int) -> str:
     """timm's layout: --output/--experiment, a timestamped name by default; a resumed run keeps its folder."""
-    if args.resume and not args.experiment and not args.output:
+    if resumes_in_place(args):
         return output_base(args)
     name = args.experiment or '-'.join(
         [datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(input_size)])
