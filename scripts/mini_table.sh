@@ -19,7 +19,9 @@
 #                no fidelity column (CIFAR has no object masks)
 #   --dataset-download  let torchvision download CIFAR into --data-dir
 # Environment: PYTHON (default: the active virtualenv, else .venv, else conda; scripts/python_env.sh), SEEDS (default "0 1 2 3 4";
-#   quick: "0"), EPOCHS (student epochs; default: the config's), ROWS (row names to run; default: all).
+#   quick: "0"), EPOCHS (student epochs; default: the config's), ROWS (row names to run; default: all), JOBS (runs
+#   at a time, default 1; with 2 on a 2-core machine each run gets one thread, which trains these small models
+#   faster in total than one run with two threads). Each run's output goes to OUT/logs/<row>-s<seed>.log.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 USAGE="usage: scripts/mini_table.sh [--quick] [--out DIR] [--dataset cifar10|cifar100 --data-dir DIR [--dataset-download]]"
@@ -53,6 +55,8 @@ ALL_ROWS="a_mixup_cutmix b_mixup_cutmix_bce c_tokenmix_area d_tokenmix_teacher e
 f_tokenmix_stored_maps g_tokenmix_random"
 ALL_ROWS=$(echo $ALL_ROWS)  # one line, names separated by single spaces
 ROWS=$(echo ${ROWS:-$ALL_ROWS})
+JOBS=${JOBS:-1}
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || die "JOBS must be a positive whole number, got '$JOBS'"
 for row in $ROWS; do
     [[ " $ALL_ROWS " == *" $row "* ]] || die "ROWS: unknown row '$row' (rows: $ALL_ROWS)"
 done
@@ -112,30 +116,49 @@ if [ -z "$DATASET" ] && [[ " $ROWS " == *" f_tokenmix_stored_maps "* ]] && [ ! -
 fi
 
 ONLINE=(--tokenmix --bce-loss --teacher-model "$TEACHER_MODEL" --teacher-checkpoint "$TEACHER" --teacher-img-size 64)
+# One (seed, row) run: train, then validate clean and occluded; validate.csv marks it finished.
+run_one() {
+    local seed=$1 row=$2 flags run
+    case $row in
+        a_mixup_cutmix) flags=() ;;
+        b_mixup_cutmix_bce) flags=(--bce-loss) ;;
+        c_tokenmix_area) flags=(--tokenmix --bce-loss --tokenmix-target area) ;;
+        d_tokenmix_teacher) flags=("${ONLINE[@]}") ;;
+        e_tokenmix_teacher_top5) flags=("${ONLINE[@]}" --teacher-topk 5) ;;
+        f_tokenmix_stored_maps)
+            if [ -n "$DATASET" ]; then echo "skipping $row: stored maps need an image-folder dataset"; return; fi
+            flags=(--tokenmix --bce-loss --teacher-model "$TEACHER_MODEL" --teacher-maps "$MAPS" --teacher-topk 5) ;;
+        g_tokenmix_random) flags=("${ONLINE[@]}" --tokenmix-mask random) ;;
+    esac
+    run="$OUT/runs/$row-s$seed"
+    [ -f "$run/validate.csv" ] && { echo "reusing $run"; return; }
+    rm -rf "$run"
+    "$PYTHON" "$HERE/train.py" -c "$STUDENT_CFG" "${DATA_FLAGS[@]}" --output "$OUT/runs" \
+        --experiment "$row-s$seed" --seed "$seed" "${flags[@]}" "${STUDENT_ARGS[@]}" > "$OUT/logs/$row-s$seed.log" 2>&1 \
+        || die "training $row seed $seed failed; see $OUT/logs/$row-s$seed.log"
+    "$PYTHON" "$HERE/validate.py" "${VAL_FLAGS[@]}" --model tokenmix_vit_tiny_p8_64 --img-size 32 \
+        --model-kwargs patch_size=4 --checkpoint "$run/model_best.pth.tar" --occlusion 0 0.25 0.5 \
+        --occlusion-mode random --patch-size 4 --seed 0 -j 1 --results-file "$run/validate.csv.partial" \
+        >> "$OUT/logs/$row-s$seed.log" 2>&1 || die "validating $row seed $seed failed; see $OUT/logs/$row-s$seed.log"
+    mv "$run/validate.csv.partial" "$run/validate.csv"
+    echo "finished $row seed $seed ($(( $(date +%s) - start )) s)"
+}
+
+# wait for one run; when it failed (its message is already printed), stop the others and fail
+wait_one() {
+    wait -n || { kill $(jobs -rp) 2>/dev/null || true; exit 2; }
+}
+
+mkdir -p "$OUT/logs"
+# JOBS runs at a time, seed by seed, each with an equal share of the cores
+if [ "$JOBS" -gt 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + JOBS - 1) / JOBS ))}; fi
 for seed in $SEEDS; do
     for row in $ROWS; do
-        case $row in
-            a_mixup_cutmix) flags=() ;;
-            b_mixup_cutmix_bce) flags=(--bce-loss) ;;
-            c_tokenmix_area) flags=(--tokenmix --bce-loss --tokenmix-target area) ;;
-            d_tokenmix_teacher) flags=("${ONLINE[@]}") ;;
-            e_tokenmix_teacher_top5) flags=("${ONLINE[@]}" --teacher-topk 5) ;;
-            f_tokenmix_stored_maps)
-                if [ -n "$DATASET" ]; then echo "skipping $row: stored maps need an image-folder dataset"; continue; fi
-                flags=(--tokenmix --bce-loss --teacher-model "$TEACHER_MODEL" --teacher-maps "$MAPS" --teacher-topk 5) ;;
-            g_tokenmix_random) flags=("${ONLINE[@]}" --tokenmix-mask random) ;;
-        esac
-        run="$OUT/runs/$row-s$seed"
-        [ -f "$run/validate.csv" ] && { echo "reusing $run"; continue; }
-        rm -rf "$run"
-        "$PYTHON" "$HERE/train.py" -c "$STUDENT_CFG" "${DATA_FLAGS[@]}" --output "$OUT/runs" \
-            --experiment "$row-s$seed" --seed "$seed" "${flags[@]}" "${STUDENT_ARGS[@]}"
-        "$PYTHON" "$HERE/validate.py" "${VAL_FLAGS[@]}" --model tokenmix_vit_tiny_p8_64 --img-size 32 \
-            --model-kwargs patch_size=4 --checkpoint "$run/model_best.pth.tar" --occlusion 0 0.25 0.5 \
-            --occlusion-mode random --patch-size 4 --seed 0 -j 1 --results-file "$run/validate.csv.partial"
-        mv "$run/validate.csv.partial" "$run/validate.csv"
+        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait_one; done
+        run_one "$seed" "$row" &
     done
 done
+while [ -n "$(jobs -rp)" ]; do wait_one; done
 "$PYTHON" "$HERE/scripts/mini_table.py" --out "$OUT" --data-dir "$DATA" --fidelity-images "$FIDELITY_IMAGES" \
     --teacher-checkpoint "$TEACHER"
 echo "mini_table: $(( $(date +%s) - start )) s; table and plots in $OUT"

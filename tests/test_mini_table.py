@@ -13,8 +13,9 @@ mini = load_script(os.path.join('scripts', 'mini_table.py'))
 
 def test_quick_table_has_every_method_and_column(tmp_path):
     out = tmp_path / 'mini'
+    # two runs at a time, one thread each (JOBS=2), as the full table is run on the 2-core machine
     proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'mini_table.sh'), '--quick', '--out', str(out)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600, env={**os.environ, 'JOBS': '2'})
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / 'table.md').read_text().splitlines()
     assert table[0] == ('| method | seeds | clean top-1 | vs (a) | top-1 occl. 0.25 | top-1 occl. 0.5 | fidelity error '
@@ -34,9 +35,18 @@ def test_quick_table_has_every_method_and_column(tmp_path):
     assert '\n'.join(table) in proc.stdout
     for method in mini.ROWS:
         assert (out / 'runs' / f'{method}-s0' / 'validate.csv').is_file()
+        log = (out / 'logs' / f'{method}-s0.log').read_text()
+        assert 'eval epoch 0: top-1' in log and 'occlusion' in log
+        assert f'finished {method} seed 0' in proc.stdout
     # the plots: 8 x 5 in and 8 x (0.5 x 7 rows + 1.5) in at 110 dpi
     assert plt.imread(out / 'top1_per_epoch.png').shape[:2] == (550, 880)
     assert plt.imread(out / 'fidelity.png').shape[:2] == (550, 880)
+
+
+def test_bad_jobs_exits_2():
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'mini_table.sh'), '--quick'], capture_output=True,
+                          text=True, env={**os.environ, 'JOBS': '0'})
+    assert proc.returncode == 2 and "JOBS must be a positive whole number, got '0'" in proc.stderr
 
 
 def test_unknown_argument_exits_2():
