@@ -17,6 +17,7 @@ that teacher's maps.
 import argparse
 import copy
 import csv
+import json
 import math
 import os
 import statistics
@@ -146,6 +147,23 @@ def run_fidelity(run_dir: str, data_dir: str, images: int, batch_size: int, teac
     return float(np.mean(errors))
 
 
+def cached_fidelity(run_dir: str, images: int, batch_size: int, measure: Callable[[], float]) -> float:
+    """A run's fidelity error from run_dir/fidelity.json when it was measured with the same images and batch size,
+    else measured now and stored there: re-making the table after more runs finish measures only the new ones."""
+    path = os.path.join(run_dir, 'fidelity.json')
+    setting = {'images': images, 'batch_size': batch_size}
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if {k: stored.get(k) for k in setting} == setting:
+            return float(stored['error'])
+    error = measure()
+    with open(path + '.partial', 'w') as f:
+        json.dump({**setting, 'error': error}, f)
+    os.replace(path + '.partial', path)
+    return error
+
+
 class RowResults:
     """One row's measurements, each a dict seed -> value (curves: seed -> eval top-1 per epoch)."""
 
@@ -241,8 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f'--out {args.out} has no finished runs (runs/<row>-s<seed>/validate.csv)')
 
     def fidelity(run_dir: str) -> float:
-        return run_fidelity(run_dir, args.data_dir, args.fidelity_images, args.fidelity_batch,
-                            args.teacher_checkpoint)
+        return cached_fidelity(run_dir, args.fidelity_images, args.fidelity_batch, lambda: run_fidelity(
+            run_dir, args.data_dir, args.fidelity_images, args.fidelity_batch, args.teacher_checkpoint))
 
     results = {row: RowResults(seeds, fidelity if args.fidelity_images else None)
                for row, seeds in runs.items()}

@@ -32,6 +32,20 @@ def test_paired_difference_uses_the_seeds_both_rows_have(mini):
     assert mini.paired_difference({5: 1.0}, base) is None
 
 
+def test_fidelity_is_measured_once_per_run_and_setting(mini, tmp_path):
+    calls = []
+
+    def measure(value):
+        return lambda: calls.append(value) or value
+
+    assert mini.cached_fidelity(str(tmp_path), 1000, 50, measure(0.25)) == 0.25
+    assert mini.cached_fidelity(str(tmp_path), 1000, 50, measure(0.75)) == 0.25  # stored: not measured again
+    assert mini.cached_fidelity(str(tmp_path), 500, 50, measure(0.5)) == 0.5  # another setting: measured
+    assert mini.cached_fidelity(str(tmp_path), 500, 20, measure(0.125)) == 0.125
+    assert calls == [0.25, 0.5, 0.125]
+    assert sorted(os.listdir(tmp_path)) == ['fidelity.json']
+
+
 def test_cells_format_mean_and_interval(mini):
     assert mini.interval_cell([70.0], 1) == '70.0'
     assert mini.interval_cell([1.0, 2.0, 3.0, 4.0, 5.0], 1) == '3.0 ± 2.0'
