@@ -141,7 +141,8 @@ def run_fidelity(run_dir: str, data_dir: str, images: int, batch_size: int, teac
             mixer = build_mixer(probe, len(x), token_size, None, mixer_generator(args.seed, start))
             mixed, targets = mixer(indicator_batch(len(x), x.shape[-2], x.shape[-1]), torch.arange(len(x)))
             paste, weights = paste_masks_from_indicator(mixed), weights_from_indicator_targets(targets)
-        errors.append(fidelity_error(weights, normalise_shares(visible_shares(objects, paste))))
+        # both sides to sum 1: BCE rows keep raw teacher weights (target_norm none), whose scale is not the split
+        errors.append(fidelity_error(normalise_shares(weights), normalise_shares(visible_shares(objects, paste))))
     if not errors:
         raise ValueError(f'--fidelity-images {images} is less than one batch of {batch_size}')
     return float(np.mean(errors))
