@@ -21,8 +21,8 @@ Teacher maps are computed once per image (the same functions TokenMix uses: ``ow
 ``truncate_to_topk``) and passed to the mixer per batch, so every row sees identical masks. Each of ``--draws``
 draws re-pairs the images (a random order, batches of ``-b``, partner of i is B-1-i, one block mask a batch as in
 timm's 'batch' mode); a batch is one unit: the 95% t interval of a row's mean, and of its paired difference to
-``area``, is over the draws x batches units. Rows are also split by the quartile of each mixed image's own digit
-pixel share (digit pixels / image pixels).
+``area`` (or ``--reference``), is over the draws x batches units. Rows are also split by the quartile of each mixed
+image's own digit pixel share (digit pixels / image pixels).
 """
 import argparse
 import os
@@ -54,7 +54,8 @@ def teacher_maps(teacher: torch.nn.Module, images: torch.Tensor, batch_size: int
     return torch.cat([teacher(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def own_maps_of(maps: torch.Tensor, labels: torch.Tensor, topk: Sequence[int], softmax: bool) -> Dict[str, torch.Tensor]:
+def own_maps_of(maps: torch.Tensor, labels: torch.Tensor, topk: Sequence[int],
+                softmax: bool) -> Dict[str, torch.Tensor]:
     """Own-class maps (N x h x w) per map kind: 'whole', 'top-K' for each K, and 'softmax' if asked."""
     own = own_class_maps(maps, labels, maps.shape[1])
     out = {'whole': own, **{f'top-{k}': truncate_to_topk(own, maps, k) for k in topk}}
@@ -131,17 +132,17 @@ def diff_cell(values: np.ndarray, base: np.ndarray) -> str:
     return f'{mean:+.4f} ± {half:.4f}' + ('*' if abs(mean) > half else '')
 
 
-def report(results: Dict[str, np.ndarray], edges: List[float]) -> str:
-    """Markdown: each row's error and paired difference to 'area', overall and per digit pixel-share quartile."""
+def report(results: Dict[str, np.ndarray], edges: List[float], reference: str = 'area') -> str:
+    """Markdown: each row's error and paired difference to `reference`, overall and per digit pixel-share quartile."""
     ranges = [f'Q{q + 1} {100 * edges[q]:.0f}-{100 * edges[q + 1]:.0f}%' for q in range(QUARTILES)]
-    header = ['row', 'error', 'vs area'] + ranges
+    header = ['row', 'error', f'vs {reference}'] + ranges
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    base = results['area']
+    base = results[reference]
     for name, values in results.items():
-        per_q = [cell(values[:, 1 + q]) if name == 'area' else diff_cell(values[:, 1 + q], base[:, 1 + q])
+        per_q = [cell(values[:, 1 + q]) if name == reference else diff_cell(values[:, 1 + q], base[:, 1 + q])
                  for q in range(QUARTILES)]
         lines.append('| ' + ' | '.join([name, cell(values[:, 0]),
-                                         '—' if name == 'area' else diff_cell(values[:, 0], base[:, 0])] + per_q)
+                                         '—' if name == reference else diff_cell(values[:, 0], base[:, 0])] + per_q)
                      + ' |')
     return '\n'.join(lines)
 
@@ -163,6 +164,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('--min-tokens', type=int, nargs='+', default=[5], help='one per --patch-size')
     parser.add_argument('--mask', default='block', choices=('block', 'random'))
     parser.add_argument('--target-norm', default='sum', choices=('sum', 'none'))
+    parser.add_argument('--reference', default='area',
+                        help="the row every other is compared with, paired (default: area; or a row name as printed, "
+                             "e.g. 'teacher/model_best@64px whole')")
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     if len(args.min_tokens) != len(args.patch_size):
@@ -198,12 +202,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 2
             full = teacher_maps(teacher, images, args.batch_size)
             top1 = (full.mean((2, 3)).argmax(1) == labels).float().mean().item()
-            tag = f'{os.path.basename(os.path.dirname(path)) or path}@{size or images.shape[-1]}px'
+            stem = os.path.basename(path).split('.')[0]
+            tag = f'{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{stem}@{size or images.shape[-1]}px'
             print(f'teacher {tag} ({path}): {full.shape[-2]}x{full.shape[-1]} maps, top-1 of the pooled maps '
                   f'{100 * top1:.1f}%')
             maps.update({f'{tag} {k}': v for k, v in own_maps_of(full, labels, args.topk, args.softmax).items()})
             if args.oracle and f'oracle {full.shape[-2]}x{full.shape[-1]}' not in maps:
                 maps[f'oracle {full.shape[-2]}x{full.shape[-1]}'] = oracle_maps(objects, full.shape[-2:])
+    if args.reference not in maps:
+        print(f"map_fidelity.py: error: --reference '{args.reference}' is not a row (rows: {', '.join(maps)})",
+              file=sys.stderr)
+        return 2
     for patch, min_tokens in zip(args.patch_size, args.min_tokens):
         results = measure(labels, objects, maps, patch_size=patch, min_tokens=min_tokens, mask_type=args.mask,
                           target_norm=args.target_norm, draws=args.draws, batch_size=args.batch_size, seed=args.seed,
@@ -213,8 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'\n{args.mask} masks, {patch} px tokens ({grid}x{grid}), min_tokens {min_tokens}, weights '
               f'normalised: {args.target_norm}; {args.draws} draws x {units // args.draws} batches of '
               f'{args.batch_size} = {units} units; mean ± 95% t half-width; * = interval excludes 0; quartile '
-              f'columns: error of area, then each row minus area, on the images of that digit pixel-share quartile')
-        print(report(results, edges))
+              f'columns: error of {args.reference}, then each row minus it, on the images of that digit pixel-share '
+              f'quartile')
+        print(report(results, edges, args.reference))
     return 0
 
 

@@ -74,16 +74,20 @@ def test_map_kinds():
 def test_cli_rows_and_bad_flags(tiny_data, teacher_checkpoint, capsys):
     assert bench.main(['--data-dir', tiny_data, '--teacher-checkpoint', teacher_checkpoint, '--images', '30',
                        '-b', '10', '--draws', '2', '--teacher-img-size', '64', '0', '--topk', '1', '--softmax',
-                       '--oracle', '--patch-size', '4', '8', '--min-tokens', '5', '1']) == 0
+                       '--oracle', '--patch-size', '4', '8', '--min-tokens', '5', '1',
+                       '--reference', 'oracle 8x8']) == 0
     out = capsys.readouterr().out
     assert '@64px' in out and '@32px' in out and '8x8 maps' in out and '4x4 maps' in out
     tables = out.split('\n\n')[1:]
     assert len(tables) == 2 and '4 px tokens (8x8)' in tables[0] and '8 px tokens (4x4)' in tables[1]
     for table, exact in zip(tables, ('| oracle 8x8 | 0.0000 ± 0.0000 |', '| oracle 4x4 | 0.0000 ± 0.0000 |')):
         assert exact in table                       # a perfect map at the token grid's resolution
+        assert '| row | error | vs oracle 8x8 |' in table
         assert sum(line.startswith('| ') and 'px ' in line for line in table.splitlines()) == 2 * 3  # 2 sizes x 3 maps
     with pytest.raises(SystemExit) as e:
         bench.main(['--data-dir', tiny_data, '--patch-size', '4', '8', '--min-tokens', '5'])
     assert e.value.code == 2 and 'one value per --patch-size' in capsys.readouterr().err
     assert bench.main(['--data-dir', teacher_checkpoint + '.missing']) == 2
     assert '--data-dir' in capsys.readouterr().err
+    assert bench.main(['--data-dir', tiny_data, '--images', '30', '-b', '10', '--reference', 'no such row']) == 2
+    assert "--reference 'no such row' is not a row (rows: area)" in capsys.readouterr().err
