@@ -165,12 +165,22 @@ def cached_fidelity(run_dir: str, images: int, batch_size: int, measure: Callabl
     return error
 
 
+def take_off_epoch(curve: Sequence[float], threshold: float) -> Optional[int]:
+    """The first epoch (1-based) whose val top-1 reaches `threshold`, None if none does: when a run left chance."""
+    return next((epoch for epoch, top1 in enumerate(curve, 1) if top1 >= threshold), None)
+
+
+def take_off_cell(epochs: Sequence[Optional[int]], last: int) -> str:
+    """Each seed's take-off epoch in seed order, '>last' for a run that never took off."""
+    return ' '.join(str(e) if e is not None else f'>{last}' for e in epochs)
+
+
 class RowResults:
     """One row's measurements, each a dict seed -> value (curves: seed -> eval top-1 per epoch)."""
 
     def __init__(self, runs: Dict[int, str], fidelity: Optional[Callable[[str], float]]) -> None:
-        self.top1 = {seed: read_top1(path) for seed, path in runs.items()}
-        summaries = {seed: read_summary(path) for seed, path in runs.items()}
+        self.top1 = {seed: read_top1(path) for seed, path in sorted(runs.items())}
+        summaries = {seed: read_summary(path) for seed, path in sorted(runs.items())}
         self.curves = {seed: s[0] for seed, s in summaries.items()}
         self.img_per_sec = {seed: s[1] for seed, s in summaries.items()}
         self.fidelity = {seed: fidelity(path) for seed, path in runs.items()} if fidelity else {}
@@ -179,20 +189,25 @@ class RowResults:
         return {seed: t[0.0] for seed, t in self.top1.items()}
 
 
-def build_table(results: Dict[str, RowResults], occlusions: Sequence[float]) -> str:
-    """The Markdown table: one line per row, cells 'mean ± 95% half-width' over seeds."""
+def build_table(results: Dict[str, RowResults], occlusions: Sequence[float], num_classes: int) -> str:
+    """The Markdown table: one line per row, cells 'mean ± 95% half-width' over seeds, the seeds' standard
+    deviation of clean top-1, and each seed's take-off epoch (first epoch at twice chance top-1)."""
     with_fidelity = any(r.fidelity for r in results.values())
-    header = (['method', 'seeds', 'clean top-1', 'vs (a)'] + [f'top-1 occl. {r:g}' for r in occlusions]
-              + (['fidelity error'] if with_fidelity else []) + ['img/s'])
+    chance2 = 200.0 / num_classes
+    header = (['method', 'seeds', 'clean top-1', 'seed sd', 'vs (a)'] + [f'top-1 occl. {r:g}' for r in occlusions]
+              + (['fidelity error'] if with_fidelity else []) + [f'take-off epoch (top-1 >= {chance2:g}%)', 'img/s'])
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     base = results[BASELINE].clean() if BASELINE in results else {}
     for key, res in results.items():
         clean = res.clean()
-        cells = [ROWS[key], str(len(clean)), interval_cell(list(clean.values()), 1),
+        sd = f'{statistics.stdev(clean.values()):.1f}' if len(clean) > 1 else '—'
+        cells = [ROWS[key], str(len(clean)), interval_cell(list(clean.values()), 1), sd,
                  '—' if key == BASELINE else difference_cell(paired_difference(clean, base))]
         cells += [interval_cell([t[r] for t in res.top1.values()], 1) for r in occlusions]
         if with_fidelity:
             cells.append(interval_cell(list(res.fidelity.values()), 3) if res.fidelity else '—')
+        cells.append(take_off_cell([take_off_epoch(c, chance2) for c in res.curves.values()],
+                                   max(len(c) for c in res.curves.values())))
         cells.append(interval_cell(list(res.img_per_sec.values()), 0))
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
@@ -249,6 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--fidelity-batch', type=int, default=50, help='images per mixed batch (even)')
     parser.add_argument('--teacher-checkpoint', default='', help='the teacher a stored-maps row was made from')
     parser.add_argument('--occlusion', type=float, nargs='+', default=[0.25, 0.5], help='occlusion columns')
+    parser.add_argument('--num-classes', type=int, default=10, help='classes of the data (chance = 1 / this)')
     args = parser.parse_args(argv)
     if args.fidelity_batch < 2 or args.fidelity_batch % 2:
         parser.error(f'--fidelity-batch must be even and >= 2, got {args.fidelity_batch}')
@@ -265,7 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     results = {row: RowResults(seeds, fidelity if args.fidelity_images else None)
                for row, seeds in runs.items()}
-    table = build_table(results, args.occlusion)
+    table = build_table(results, args.occlusion, args.num_classes)
     with open(os.path.join(args.out, 'table.md'), 'w') as f:
         f.write(table + '\n')
     plot_curves(results, os.path.join(args.out, 'top1_per_epoch.png'))

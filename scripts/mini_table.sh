@@ -160,5 +160,6 @@ for seed in $SEEDS; do
 done
 while [ -n "$(jobs -rp)" ]; do wait_one; done
 "$PYTHON" "$HERE/scripts/mini_table.py" --out "$OUT" --data-dir "$DATA" --fidelity-images "$FIDELITY_IMAGES" \
+    --num-classes "${NUM_CLASSES:-10}" \
     --teacher-checkpoint "$TEACHER"
 echo "mini_table: $(( $(date +%s) - start )) s; table and plots in $OUT"

@@ -46,6 +46,34 @@ def test_fidelity_is_measured_once_per_run_and_setting(mini, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['fidelity.json']
 
 
+def test_take_off_is_the_first_epoch_at_twice_chance(mini):
+    assert mini.take_off_epoch([10.0, 19.9, 20.0, 15.0, 60.0], 20.0) == 3
+    assert mini.take_off_epoch([25.0], 20.0) == 1
+    assert mini.take_off_epoch([10.0, 12.0], 20.0) is None
+    assert mini.take_off_cell([4, None, 8], 20) == '4 >20 8'
+
+
+def _row(mini, clean, curves):
+    res = object.__new__(mini.RowResults)  # the table's inputs without run folders
+    res.top1 = {seed: {0.0: top1, 0.5: top1 / 2} for seed, top1 in clean.items()}
+    res.curves, res.fidelity = curves, {}
+    res.img_per_sec = {seed: 100.0 for seed in clean}
+    return res
+
+
+def test_table_rows_give_seed_sd_paired_difference_and_take_off(mini):
+    base = _row(mini, {0: 70.0, 1: 72.0, 2: 74.0}, {0: [10, 30], 1: [10, 25], 2: [30, 40]})
+    row = _row(mini, {0: 71.0, 1: 74.0, 2: 77.0}, {0: [10, 10], 1: [21, 22], 2: [19, 20]})
+    table = mini.build_table({'a_mixup_cutmix': base, 'c_tokenmix_area': row}, [0.5], 10).splitlines()
+    assert table[0] == ('| method | seeds | clean top-1 | seed sd | vs (a) | top-1 occl. 0.5 '
+                        '| take-off epoch (top-1 >= 20%) | img/s |')
+    # (a): mean 72, sd 2, t(0.975, 2) * 2 / sqrt(3) = 4.97; (c): differences 1, 2, 3 -> +2.0 ± 2.5, sd 3
+    assert table[2] == '| (a) Mixup + CutMix, soft-target CE | 3 | 72.0 ± 5.0 | 2.0 | — | 36.0 ± 2.5 | 2 2 1 | 100 ± 0 |'
+    assert table[3] == '| (c) TokenMix, area targets | 3 | 74.0 ± 7.5 | 3.0 | +2.0 ± 2.5 | 37.0 ± 3.7 | >2 1 2 | 100 ± 0 |'
+    # 100 classes: twice chance is 2%
+    assert 'top-1 >= 2%' in mini.build_table({'a_mixup_cutmix': base}, [0.5], 100)
+
+
 def test_cells_format_mean_and_interval(mini):
     assert mini.interval_cell([70.0], 1) == '70.0'
     assert mini.interval_cell([1.0, 2.0, 3.0, 4.0, 5.0], 1) == '3.0 ± 2.0'
