@@ -284,11 +284,14 @@ def read_valid_labels(path: str) -> torch.Tensor:
     """The class indices of --valid-labels (one integer a line)."""
     try:
         with open(path) as f:
-            return torch.tensor([int(line) for line in f if line.strip()], dtype=torch.long)
+            labels = torch.tensor([int(line) for line in f if line.strip()], dtype=torch.long)
     except OSError as e:
         raise ConfigError(f"--valid-labels '{path}': {e.strerror}") from None
     except ValueError as e:
         raise ConfigError(f"--valid-labels '{path}': not one integer a line ({e})") from None
+    if len(labels) and int(labels.min()) < 0:  # a negative index would silently pick a class from the end
+        raise ConfigError(f"--valid-labels '{path}': class indices must be >= 0, got {int(labels.min())}")
+    return labels
 
 
 def compile_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:

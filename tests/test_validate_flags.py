@@ -135,6 +135,15 @@ def test_valid_labels_restrict_the_classes(validate, two_classes, checkpoint, tm
     assert code == 2 and 'lists 3 classes' in err
 
 
+def test_valid_labels_must_be_class_indices(validate, tmp_path):
+    labels = tmp_path / 'labels.txt'
+    labels.write_text('3\n-1\n')
+    with pytest.raises(validate.ConfigError, match=f"--valid-labels '{labels}': class indices must be >= 0, got -1"):
+        validate.read_valid_labels(str(labels))
+    labels.write_text('3\n\n5\n')
+    assert validate.read_valid_labels(str(labels)).tolist() == [3, 5]
+
+
 def test_real_labels_replace_the_folder_labels(validate, two_classes, checkpoint, tmp_path, capsys):
     """ReaL labels: images 1-2 are 7, image 3 none (not counted), 4-6 are 3: the model (always 7) gets 2 of 5."""
     real = tmp_path / 'real.json'

@@ -553,8 +553,6 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error('--tokenmix needs --cutmix > 0 (the token branch) and/or --mixup > 0')
     teacher_flags = dict(teacher_checkpoint='--teacher-checkpoint', teacher_pretrained='--teacher-pretrained',
                          teacher_img_size='--teacher-img-size', teacher_amp='--teacher-amp')
-    if args.teacher_topk < 0:
-        parser.error(f'--teacher-topk must be >= 0 (0 = whole map), got {args.teacher_topk}')
     if args.teacher_maps:
         for dest, flag in teacher_flags.items():
             if getattr(args, dest):
@@ -615,11 +613,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parse_train_args(argv)[0]
 
 
-def args_to_yaml(args: argparse.Namespace, keys: Optional[List[str]] = None) -> str:
+def args_to_yaml(args: argparse.Namespace) -> str:
     """The flags of a run as YAML that `-c` reads back (only parser keys, so it reloads without a warning)."""
     values = vars(args)
-    keys = keys if keys is not None else list(dict.fromkeys(a.dest for a in build_parser()._actions
-                                                            if a.dest != 'help'))
+    keys = list(dict.fromkeys(a.dest for a in build_parser()._actions if a.dest != 'help'))
     return yaml.safe_dump({k: values[k] for k in keys if k in values}, default_flow_style=False, sort_keys=False)
 
 

@@ -38,6 +38,7 @@ RULES: Dict[str, Rule] = dict(
     workers=NON_NEGATIVE, recovery_interval=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, cooldown_epochs=NON_NEGATIVE,
     patience_epochs=NON_NEGATIVE, start_epoch=NON_NEGATIVE, decay_milestones=NON_NEGATIVE,
     mixup_off_epoch=NON_NEGATIVE, recount=NON_NEGATIVE, tokenmix_min_tokens=NON_NEGATIVE, tta=NON_NEGATIVE,
+    teacher_topk=NON_NEGATIVE,
     warmup_lr=NON_NEGATIVE, min_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, lr_noise=NON_NEGATIVE,
     lr_noise_pct=NON_NEGATIVE, lr_noise_std=NON_NEGATIVE, mixup=NON_NEGATIVE, cutmix=NON_NEGATIVE,
     color_jitter=NON_NEGATIVE, aug_repeats=NON_NEGATIVE, epoch_repeats=NON_NEGATIVE, train_size_probs=NON_NEGATIVE,
