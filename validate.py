@@ -188,10 +188,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     problem = check_shared_values(args, flag_names(parser))  # train.py's rules for the flags both take
     if problem:
         parser.error(problem)
-    for flag, value in (('--patch-size', args.patch_size or 1), ('--log-freq', args.log_freq),
-                        ('--num-gpu', args.num_gpu)):
-        if value < 1:
-            parser.error(f'{flag} must be >= 1, got {value}')
     if args.naflex_loader:  # accepted for timm's command lines, but cannot apply here
         parser.error("--naflex-loader: NaFlex batches of varying size do not fit this evaluation (occlusion masks "
                      "and shards need fixed-size images); use timm's validate.py")

@@ -270,6 +270,7 @@ def test_flags_that_cannot_apply_stop_with_one_line(validate, argv, message, cap
     (['--torchcompile', 'nosuch'], '--torchcompile nosuch: unknown backend'),
     (['--fuser', 'nosuch'], "argument --fuser: invalid choice: 'nosuch'"),
     (['--occlusion', '1.0'], '--occlusion ratios must lie in [0, 1), got 1.0'),
+    (['--patch-size', '0'], '--patch-size must be >= 1, got 0'),
 ])
 def test_bad_values_are_one_line_naming_the_flag(validate, argv, message, capsys):
     """Checked with train.py's rules before any model or data is touched; the usage is not printed."""

@@ -19,7 +19,8 @@ from timm.utils import ParseKwargs
 from .args_checks import check_values, flag_names
 from .args_timm import IGNORED_KEYS, WEIGHT_SOURCES, mixing_enabled, unsupported_flags
 
-__all__ = ['OneLineParser', 'build_parser', 'parse_args', 'parse_train_args', 'args_to_yaml', 'mixing_enabled', 'resolve_lr']
+__all__ = ['OneLineParser', 'build_parser', 'parse_args', 'parse_train_args', 'args_to_yaml', 'mixing_enabled',
+           'resolve_lr']
 
 BOOL = argparse.BooleanOptionalAction
 

@@ -26,14 +26,15 @@ PROBABILITY: Rule = (lambda v: 0 <= v <= 1, 'in [0, 1]')
 FRACTION: Rule = (lambda v: 0 <= v < 1, 'in [0, 1)')
 
 # dest -> rule, applied to every value of a list flag; None values (flag not set) and dests the parser lacks are
-# skipped, so validate.py's parser uses the same table (num_samples and crop_border_pixels are its own)
+# skipped, so validate.py's parser uses the same table (num_samples to num_gpu are its own)
 RULES: Dict[str, Rule] = dict(
     batch_size=AT_LEAST_1, epochs=AT_LEAST_1, grad_accum_steps=AT_LEAST_1, log_interval=AT_LEAST_1,
     checkpoint_hist=AT_LEAST_1, val_interval=AT_LEAST_1, lr_base_size=AT_LEAST_1, lr_cycle_limit=AT_LEAST_1,
     validation_batch_size=AT_LEAST_1, img_size=AT_LEAST_1, in_chans=AT_LEAST_1, input_size=AT_LEAST_1,
     num_classes=AT_LEAST_1, teacher_img_size=AT_LEAST_1, tokenmix_patch_size=AT_LEAST_1,
     train_num_samples=AT_LEAST_1, val_num_samples=AT_LEAST_1, train_img_sizes=AT_LEAST_1,
-    train_batch_sizes=AT_LEAST_1, train_batches_per_epoch=AT_LEAST_1, num_samples=AT_LEAST_1,
+    train_batch_sizes=AT_LEAST_1, train_batches_per_epoch=AT_LEAST_1,
+    num_samples=AT_LEAST_1, patch_size=AT_LEAST_1, log_freq=AT_LEAST_1, num_gpu=AT_LEAST_1,
     crop_border_pixels=NON_NEGATIVE,
     workers=NON_NEGATIVE, recovery_interval=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, cooldown_epochs=NON_NEGATIVE,
     patience_epochs=NON_NEGATIVE, start_epoch=NON_NEGATIVE, decay_milestones=NON_NEGATIVE,

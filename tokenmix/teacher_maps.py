@@ -37,7 +37,8 @@ from mixup_ext import TokenMix, crop_map, own_map_from_topk, token_grid
 from .errors import ConfigError
 
 __all__ = ['MANIFEST', 'FORMAT', 'MapStore', 'AuthorsMapStore', 'open_map_store', 'class_names', 'shard_name',
-           'shard_done', 'write_shard', 'write_json_atomic', 'StoredMapDataset', 'StoredMapsMixer', 'wrap_train_dataset']
+           'shard_done', 'write_shard', 'write_json_atomic', 'StoredMapDataset', 'StoredMapsMixer',
+           'wrap_train_dataset']
 
 _logger = logging.getLogger(__name__)
 
@@ -391,7 +392,7 @@ class StoredMapsMixer:
         return self.tokenmix(x, labels, own_maps=target[:, 1:].reshape(-1, rows, cols))
 
 
-def _check_store(store, args: Any, class_names: List[str], split_dir: str) -> None:
+def _check_store(store, args: Any, classes: List[str], split_dir: str) -> None:
     """The store must keep --teacher-topk classes and be for this split's classes, this split, and the teacher the
     config names (the authors' layout records only its K)."""
     if args.teacher_topk > store.topk:
@@ -403,9 +404,9 @@ def _check_store(store, args: Any, class_names: List[str], split_dir: str) -> No
                      'list and split not recorded, not checked)', store.root)
         return
     where = f"--teacher-maps '{store.root}'"
-    if manifest['classes'] != class_names:
+    if manifest['classes'] != classes:
         raise ConfigError(f'{where} was made for {len(manifest["classes"])} classes that differ from the train '
-                          f'split\'s {len(class_names)}')
+                          f'split\'s {len(classes)}')
     if os.path.basename(os.path.normpath(split_dir)) != manifest['split_folder']:
         raise ConfigError(f"{where} holds split '{manifest['split']}', the train split is "
                           f"'{os.path.basename(os.path.normpath(split_dir))}'")
