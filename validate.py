@@ -24,10 +24,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from timm.data import RealLabelsImagenet, resolve_data_config
-from timm.layers import apply_test_time_pool, set_fast_norm, set_layer_config
+from timm.layers import apply_test_time_pool, set_layer_config
 from timm.models import is_model
-from timm.utils import (ParseKwargs, check_batch_size_retry, decay_batch_step, random_seed, reparameterize_model,
-                        set_jit_fuser)
+from timm.utils import ParseKwargs, check_batch_size_retry, decay_batch_step, random_seed, reparameterize_model
 
 try:
     from sklearn.metrics import f1_score, precision_score, recall_score
@@ -36,7 +35,8 @@ except ImportError:
     has_sklearn = False
 
 from models import load_checkpoint_weights
-from tokenmix.args_checks import output_problem
+from tokenmix.args import OneLineParser
+from tokenmix.args_checks import check_shared_values, flag_names, output_problem
 from tokenmix.data import build_dataset, num_dataset_classes
 from tokenmix.distributed import init_device, is_primary
 from tokenmix.errors import ConfigError, run_cli
@@ -123,7 +123,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                      help='cast the model and inputs to this dtype instead of AMP (default: float32)')
     run.add_argument('--tf-preprocessing', action='store_true',
                      help="TensorFlow's preprocessing (needs TensorFlow installed)")
-    run.add_argument('--fuser', default='', help="TorchScript fuser: '', 'te', 'old' or 'nvfuser'")
+    run.add_argument('--fuser', default='', choices=('', 'te', 'old', 'nvfuser'), help='TorchScript fuser')
     run.add_argument('--fast-norm', action='store_true', help="timm's experimental fast norm layers")
     compile_group = run.add_mutually_exclusive_group()
     compile_group.add_argument('--torchscript', action='store_true', help='torch.jit.script the model')
@@ -168,7 +168,8 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='Validate checkpoints: top-1/top-5, clean and occluded')
+    """validate.py's parser: timm's validate.py flags, plus occlusion; an error is one line."""
+    parser = OneLineParser(prog='validate.py', description='Validate checkpoints: top-1/top-5, clean and occluded')
     for add in (_add_dataset_args, _add_model_args, _add_run_args, _add_occlusion_args, _add_output_args):
         add(parser)
     return parser
@@ -184,11 +185,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for ratio in args.occlusion:
         if not 0. <= ratio < 1.:
             parser.error(f'--occlusion ratios must lie in [0, 1), got {ratio}')
-    for flag, value in (('-b/--batch-size', args.batch_size), ('--patch-size', args.patch_size or 1),
-                        ('--num-classes', args.num_classes or 1), ('--img-size', args.img_size or 1),
-                        ('--log-freq', args.log_freq), ('--num-gpu', args.num_gpu)):
-        if value < 1:
-            parser.error(f'{flag} must be >= 1, got {value}')
+    problem = check_shared_values(args, flag_names(parser))  # train.py's rules for the flags both take
+    if problem:
+        parser.error(problem)
     if args.naflex_loader:  # accepted for timm's command lines, but cannot apply here
         parser.error("--naflex-loader: NaFlex batches of varying size do not fit this evaluation (occlusion masks "
                      "and shards need fixed-size images); use timm's validate.py")
@@ -272,18 +271,6 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return '\n'.join('  '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in cells)
 
 
-def setup_runtime(args: argparse.Namespace) -> None:
-    """timm's global switches: seed, TorchScript fuser, fast norm layers."""
-    random_seed(args.seed)
-    if args.fuser:
-        try:
-            set_jit_fuser(args.fuser)
-        except (AssertionError, RuntimeError) as e:
-            raise ConfigError(f'--fuser {args.fuser}: {e}') from None
-    if args.fast_norm:
-        set_fast_norm()
-
-
 def dataset_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The `create_dataset` arguments of validate.py's own flags (the shared ones are read by `build_dataset`)."""
     return dict(num_samples=args.num_samples, load_bytes=args.tf_preprocessing)
@@ -293,11 +280,14 @@ def read_valid_labels(path: str) -> torch.Tensor:
     """The class indices of --valid-labels (one integer a line)."""
     try:
         with open(path) as f:
-            return torch.tensor([int(line) for line in f if line.strip()], dtype=torch.long)
+            labels = torch.tensor([int(line) for line in f if line.strip()], dtype=torch.long)
     except OSError as e:
         raise ConfigError(f"--valid-labels '{path}': {e.strerror}") from None
     except ValueError as e:
         raise ConfigError(f"--valid-labels '{path}': not one integer a line ({e})") from None
+    if len(labels) and int(labels.min()) < 0:  # a negative index would silently pick a class from the end
+        raise ConfigError(f"--valid-labels '{path}': class indices must be >= 0, got {int(labels.min())}")
+    return labels
 
 
 def compile_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
@@ -318,6 +308,8 @@ def read_real_labels(dataset, path: str) -> RealLabelsImagenet:
         real = RealLabelsImagenet(dataset.filenames(basename=True), real_json=path)
     except OSError as e:
         raise ConfigError(f"--real-labels '{path}': {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--real-labels '{path}': not valid JSON ({e})") from None
     except AssertionError:
         raise ConfigError(f"--real-labels '{path}' lists another number of images than the split "
                           f"has ({len(dataset)})") from None
@@ -375,6 +367,10 @@ def evaluate_with_retry(run: Callable[[int], Dict[str, Any]], batch_size: int, r
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Validate --checkpoint (a file or each file of a folder) at each --occlusion ratio; print and write the rows.
+
+    Bad input raises ConfigError (see `run_main`); 0 when every checkpoint was validated.
+    """
     args = parse_args(argv)
     if args.results_file:  # checked before hours of evaluation, not after the table
         if os.path.isdir(args.results_file):
@@ -392,7 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError('--metrics-avg needs scikit-learn, which is not installed')
     device = init_device(args)
     setup_logging(is_primary(args))
-    setup_runtime(args)
+    random_seed(args.seed)  # --fuser and --fast-norm are set by build_student, as for train.py
     if args.pretrained_ignored:
         _logger.info("--pretrained ignored: the weights of --checkpoint are validated")
     dataset = build_dataset(args, args.split, '--split', is_training=False, **dataset_kwargs(args))

@@ -1,5 +1,6 @@
 """Top-k maps, the map store and training from stored maps: alignment with the online teacher, orientation,
 precompute with one and two processes (killed once, resumed), the authors' per-image layout, clear errors."""
+import argparse
 import json
 import os
 import random
@@ -28,7 +29,7 @@ from models import Teacher, build_teacher
 from tokenmix.args import parse_args
 from tokenmix.errors import ConfigError
 from tokenmix.teacher_maps import (FORMAT, MANIFEST, AuthorsMapStore, MapStore, StoredMapDataset, StoredMapsMixer,
-                                   map_box, open_map_store, write_json_atomic, write_shard)
+                                   map_box, open_map_store, wrap_train_dataset, write_json_atomic, write_shard)
 
 GEOMETRIC = ['Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel']
 IMAGE_W, IMAGE_H = 48, 40
@@ -324,6 +325,27 @@ def test_precompute_refuses_other_settings_in_the_same_store(tool, tiny_store, t
     assert 'holds a store made with other settings (topk)' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('extra, message', [
+    (['--num-classes', '0'], '--num-classes must be >= 1, got 0'),
+    (['--img-size', '0'], '--img-size must be >= 1, got 0'),
+    (['--device', 'nosuch'], '--device nosuch: '),
+    (['--out', '{file}'], "--out '{file}': '{file}' is a file, not a folder"),
+])
+def test_precompute_bad_values_are_one_line(tool, tiny_data, teacher_checkpoint, tmp_path, capsys, extra, message):
+    """Values that were silently replaced by defaults (0) or ended in a traceback."""
+    (tmp_path / 'file').write_text('x')
+    fill = dict(file=str(tmp_path / 'file'))
+    argv = _precompute_argv(tiny_data, teacher_checkpoint, str(tmp_path / 'out')) + [e.format(**fill) for e in extra]
+    try:
+        code = tool.run_cli(tool.main, 'precompute_teacher_maps.py', argv)
+    except SystemExit as e:  # a parser error
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('precompute_teacher_maps.py: error: ' + message.format(**fill)), err
+    assert not os.path.exists(tmp_path / 'out')
+
+
 def test_train_from_stored_maps_with_workers_and_resume(train_script, train_argv, tiny_store, tmp_path):
     argv = train_argv('--tokenmix', '--mixup', '0.8', '--cutmix', '1.0', '--teacher-maps', tiny_store,
                       '--teacher-topk', '3', '--teacher-model', TINY_TEACHER, '--aa', 'rand-m9-mstd0.5-inc1',
@@ -413,3 +435,11 @@ def test_stored_map_flag_errors(extra, message, capsys):
 def test_missing_store_is_one_line(train_script, train_argv, tmp_path, capsys):
     assert train_script.run_main(train_argv('--tokenmix', '--cutmix', '1', '--teacher-maps', str(tmp_path / 'no'))) == 2
     assert capsys.readouterr().err.strip().endswith(f"--teacher-maps '{tmp_path / 'no'}' is not a directory")
+
+
+def test_authors_layout_with_fewer_classes_than_teacher_topk(tmp_path):
+    """The authors' files hold K classes a position: a larger --teacher-topk would silently mean K."""
+    dataset = _write_pattern_stores(tmp_path)  # authors' files of K = 2
+    args = argparse.Namespace(teacher_maps=str(tmp_path / 'authors'), teacher_model='', teacher_topk=3)
+    with pytest.raises(ConfigError, match="--teacher-topk 3: --teacher-maps '.*authors' keeps only the top 2"):
+        wrap_train_dataset(args, dataset, (3, 32, 32), 16)

@@ -63,6 +63,9 @@ def test_yaml_defaults_and_command_line_override(tmp_path):
     ('opt: nosuch\n', '--opt nosuch: unknown optimizer'),
     ('- a\n- b\n', 'expected a mapping'),
     ('lr: [1\n', 'not valid YAML'),
+    ('epochs:\n', 'key "epochs" needs a value, got null (default: 300)'),
+    ('opt: ~\n', "key \"opt\" needs a value, got null (default: 'sgd')"),
+    ('model_kwargs: null\n', 'key "model_kwargs" needs a value, got null (default: {})'),
 ])
 def test_bad_yaml_value_is_one_line_naming_the_key(tmp_path, capsys, text, message):
     cfg = tmp_path / 'c.yaml'
@@ -74,6 +77,8 @@ def test_bad_yaml_value_is_one_line_naming_the_key(tmp_path, capsys, text, messa
 @pytest.mark.parametrize('argv, message', [
     ([], '--data-dir is required'),
     (['--data-dir', 'd', '--mixup', '0.8', '-b', '7'], '-b/--batch-size must be even'),
+    (['--data-dir', 'd', '--mixup', '0.8', '--train-img-sizes', '32', '48', '--train-batch-sizes', '8', '5'],
+     '--train-batch-sizes must be even when mixing'),
     (['--data-dir', 'd', '--tokenmix'], '--tokenmix needs --cutmix > 0'),
     (['--data-dir', 'd', '--teacher-checkpoint', 't.pth'], '--teacher-checkpoint needs --teacher-model'),
     (['--data-dir', 'd', '--teacher-model', 'resnet18', '--teacher-pretrained'], 'used by TokenMix only'),
@@ -103,7 +108,7 @@ def test_bad_yaml_value_is_one_line_naming_the_key(tmp_path, capsys, text, messa
     (['--data-dir', 'd', '--val-interval', '0'], '--val-interval must be >= 1'),
     (['--data-dir', 'd', '--worker-seeding', 'x'], "invalid choice: 'x'"),
     (['--data-dir', 'd', '--mean', '0.5', '0.5'], '--mean takes 1 or 3 values'),
-    (['--data-dir', 'd', '--in-chans', '1', '--std', '0.2', '0.2', '0.2'], '--std takes 1 or 1 values'),
+    (['--data-dir', 'd', '--in-chans', '1', '--std', '0.2', '0.2', '0.2'], '--std takes 1 value (1 input channel)'),
     (['--data-dir', 'd', '--train-img-sizes', '32', '48', '--train-batch-sizes', '4'],
      '--train-batch-sizes takes one value per --train-img-sizes size (2), got 1'),
     (['--data-dir', 'd', '--input-img-mode', 'XYZ'], '--input-img-mode XYZ: not a PIL image mode'),
@@ -242,3 +247,10 @@ def test_every_flag_of_timms_train_py_is_accepted():
         timm_flags = f.read().split()
     ours = {s for a in build_parser()._actions for s in a.option_strings}
     assert len(timm_flags) == 176 and [s for s in timm_flags if s not in ours] == []
+
+
+def test_only_the_batches_that_are_mixed_must_be_even():
+    """With --train-batch-sizes, -b only sizes the (unmixed) validation batches."""
+    args = parse_args(['--data-dir', 'd', '--mixup', '0.8', '-b', '7', '--train-img-sizes', '32', '48',
+                       '--train-batch-sizes', '8', '6'])
+    assert (args.batch_size, args.train_batch_sizes) == (7, [8, 6])

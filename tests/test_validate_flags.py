@@ -135,6 +135,15 @@ def test_valid_labels_restrict_the_classes(validate, two_classes, checkpoint, tm
     assert code == 2 and 'lists 3 classes' in err
 
 
+def test_valid_labels_must_be_class_indices(validate, tmp_path):
+    labels = tmp_path / 'labels.txt'
+    labels.write_text('3\n-1\n')
+    with pytest.raises(validate.ConfigError, match=f"--valid-labels '{labels}': class indices must be >= 0, got -1"):
+        validate.read_valid_labels(str(labels))
+    labels.write_text('3\n\n5\n')
+    assert validate.read_valid_labels(str(labels)).tolist() == [3, 5]
+
+
 def test_real_labels_replace_the_folder_labels(validate, two_classes, checkpoint, tmp_path, capsys):
     """ReaL labels: images 1-2 are 7, image 3 none (not counted), 4-6 are 3: the model (always 7) gets 2 of 5."""
     real = tmp_path / 'real.json'
@@ -149,6 +158,11 @@ def test_real_labels_replace_the_folder_labels(validate, two_classes, checkpoint
     code, _, err = run(validate, capsys, '--data-dir', two_classes, '--split', 'val', *TINY, '--checkpoint',
                        checkpoint, '--num-classes', '10', '--real-labels', str(real))
     assert code == 2 and '--real-labels' in err and 'number of images' in err
+    real.write_text('not json')
+    code, _, err = run(validate, capsys, '--data-dir', two_classes, '--split', 'val', *TINY, '--checkpoint',
+                       checkpoint, '--num-classes', '10', '--real-labels', str(real))
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"validate.py: error: --real-labels '{real}': not "
+                                                                  'valid JSON'), err
 
 
 def test_metrics_avg_and_results_format(validate, two_classes, checkpoint, tmp_path, capsys):
@@ -241,6 +255,29 @@ def test_flags_that_cannot_apply_stop_with_one_line(validate, argv, message, cap
         validate.run_main(['--data-dir', '.', '-m', 'resnet18', *argv])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['-j', '-1'], '-j/--workers must be >= 0, got -1'),
+    (['--crop-pct', '0'], '--crop-pct must be > 0, got 0.0'),
+    (['--in-chans', '0'], '--in-chans must be >= 1, got 0'),
+    (['--input-size', '3', '0', '0'], '--input-size must be >= 1, got 0'),
+    (['--num-samples', '0'], '--num-samples must be >= 1, got 0'),
+    (['--crop-border-pixels', '-2'], '--crop-border-pixels must be >= 0, got -2'),
+    (['--mean', '0.5', '0.5'], '--mean takes 1 or 3 values (one per input channel), got 2'),
+    (['--interpolation', 'nosuch'], '--interpolation nosuch: unknown interpolation'),
+    (['--input-img-mode', 'XYZ'], '--input-img-mode XYZ: not a PIL image mode'),
+    (['--torchcompile', 'nosuch'], '--torchcompile nosuch: unknown backend'),
+    (['--fuser', 'nosuch'], "argument --fuser: invalid choice: 'nosuch'"),
+    (['--occlusion', '1.0'], '--occlusion ratios must lie in [0, 1), got 1.0'),
+    (['--patch-size', '0'], '--patch-size must be >= 1, got 0'),
+])
+def test_bad_values_are_one_line_naming_the_flag(validate, argv, message, capsys):
+    """Checked with train.py's rules before any model or data is touched; the usage is not printed."""
+    with pytest.raises(SystemExit) as exit_info:
+        validate.run_main(['--data-dir', '.', '-m', 'resnet18', *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f'validate.py: error: {message}') and err.count('\n') == 1, err
 
 
 def test_bulk_names_missing_weights_and_tensorflow_stop_with_one_line(validate, two_classes, monkeypatch, capsys):

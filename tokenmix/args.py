@@ -11,15 +11,16 @@ rules in `args_checks`.
 import argparse
 import math
 import re
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Set, Tuple
 
 import yaml
 from timm.utils import ParseKwargs
 
 from .args_checks import check_values, flag_names
-from .args_timm import IGNORED_KEYS, WEIGHT_SOURCES, unsupported_flags
+from .args_timm import IGNORED_KEYS, WEIGHT_SOURCES, mixing_enabled, unsupported_flags
 
-__all__ = ['build_parser', 'parse_args', 'parse_train_args', 'args_to_yaml', 'mixing_enabled', 'resolve_lr']
+__all__ = ['OneLineParser', 'build_parser', 'parse_args', 'parse_train_args', 'args_to_yaml', 'mixing_enabled',
+           'resolve_lr']
 
 BOOL = argparse.BooleanOptionalAction
 
@@ -317,7 +318,7 @@ def _add_tokenmix_args(parser: argparse.ArgumentParser) -> None:
                        help='run the teacher under autocast with --amp-dtype')
     group.add_argument('--teacher-topk', type=int, default=0, metavar='K',
                        help='zero the own-class map where the class is outside the teacher\'s top K (authors: 5; '
-                            'default: 0 = whole map)')
+                            'default: 0 = whole map; with --teacher-maps, every class the store keeps)')
     group.add_argument('--teacher-maps', default='', type=str, metavar='DIR',
                        help='stored teacher maps (tools/precompute_teacher_maps.py, or the authors\' per-image .pt '
                             'folder) instead of an online teacher; with --teacher-model, that name is checked')
@@ -406,16 +407,16 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
                        help='token distillation type (default: soft)')
 
 
-class _Parser(argparse.ArgumentParser):
-    """An error is one line (`train.py: error: ...`, exit code 2): the usage of ~190 flags would bury it."""
+class OneLineParser(argparse.ArgumentParser):
+    """An error is one line (`PROG: error: ...`, exit code 2): the usage of dozens of flags would bury it."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The training parser, arguments grouped as in timm's train.py."""
-    parser = _Parser(prog='train.py', description='TokenMix training (timm flags)')
+    parser = OneLineParser(prog='train.py', description='TokenMix training (timm flags)')
     parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                         help='YAML config file: its values are the defaults, the command line overrides them')
     for add in (_add_dataset_args, _add_model_args, _add_device_args, _add_optimizer_args, _add_schedule_args,
@@ -440,9 +441,12 @@ def _is_bool_action(action: argparse.Action) -> bool:
 
 
 def _coerce(action: argparse.Action, value: Any) -> Tuple[Any, Optional[str]]:
-    """A YAML value as the flag would have parsed it, or (None, what is wrong)."""
+    """A YAML value as the flag would have parsed it, or (None, what is wrong).
+
+    null is taken only where the flag's own default is None (timm writes those flags as null in its args.yaml).
+    """
     if value is None:
-        return None, None
+        return None, (None if action.default is None else f'needs a value, got null (default: {action.default!r})')
     if _is_bool_action(action):
         return (value, None) if isinstance(value, bool) else (None, f'expects true or false, got {value!r}')
     if isinstance(action, ParseKwargs):
@@ -531,11 +535,6 @@ def _prefer_command_line_weights(args: argparse.Namespace, given: Set[str], from
     return notes
 
 
-def mixing_enabled(args: argparse.Namespace) -> bool:
-    """Whether Mixup/CutMix (or TokenMix) is active, as timm decides it."""
-    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-
-
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Errors that the flags alone reveal; each names its flag. Resolves derived defaults."""
     args.data_dir = args.data_dir or args.data
@@ -544,15 +543,17 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for problem in (check_values(args, flag_names(parser)), unsupported_flags(args)):
         if problem:
             parser.error(problem)
-    if mixing_enabled(args) and args.batch_size % 2:
-        parser.error(f'-b/--batch-size must be even when mixing (--mixup/--cutmix/--tokenmix pair sample i '
-                     f'with B-1-i), got {args.batch_size}')
+    # the batches that are mixed: --train-batch-sizes when given (-b then only sizes validation batches)
+    flag, sizes = ('--train-batch-sizes', args.train_batch_sizes) if args.train_batch_sizes else \
+        ('-b/--batch-size', [args.batch_size])
+    odd = [size for size in sizes if size % 2]
+    if mixing_enabled(args) and odd:
+        parser.error(f'{flag} must be even when mixing (--mixup/--cutmix/--tokenmix pair sample i with B-1-i), '
+                     f'got {odd[0]}')
     if args.tokenmix and not mixing_enabled(args):
         parser.error('--tokenmix needs --cutmix > 0 (the token branch) and/or --mixup > 0')
     teacher_flags = dict(teacher_checkpoint='--teacher-checkpoint', teacher_pretrained='--teacher-pretrained',
                          teacher_img_size='--teacher-img-size', teacher_amp='--teacher-amp')
-    if args.teacher_topk < 0:
-        parser.error(f'--teacher-topk must be >= 0 (0 = whole map), got {args.teacher_topk}')
     if args.teacher_maps:
         for dest, flag in teacher_flags.items():
             if getattr(args, dest):
@@ -613,11 +614,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parse_train_args(argv)[0]
 
 
-def args_to_yaml(args: argparse.Namespace, keys: Optional[List[str]] = None) -> str:
+def args_to_yaml(args: argparse.Namespace) -> str:
     """The flags of a run as YAML that `-c` reads back (only parser keys, so it reloads without a warning)."""
     values = vars(args)
-    keys = keys if keys is not None else list(dict.fromkeys(a.dest for a in build_parser()._actions
-                                                            if a.dest != 'help'))
+    keys = list(dict.fromkeys(a.dest for a in build_parser()._actions if a.dest != 'help'))
     return yaml.safe_dump({k: values[k] for k in keys if k in values}, default_flow_style=False, sort_keys=False)
 
 

@@ -16,7 +16,7 @@ from timm.data.transforms import str_to_interp_mode
 from timm.optim import get_optimizer_info
 from timm.scheduler import create_scheduler_v2
 
-__all__ = ['check_values', 'output_problem']
+__all__ = ['check_values', 'check_shared_values', 'flag_names', 'output_problem']
 
 Rule = Tuple[Callable[[Any], bool], str]
 AT_LEAST_1: Rule = (lambda v: v >= 1, '>= 1')
@@ -25,7 +25,8 @@ POSITIVE: Rule = (lambda v: v > 0, '> 0')
 PROBABILITY: Rule = (lambda v: 0 <= v <= 1, 'in [0, 1]')
 FRACTION: Rule = (lambda v: 0 <= v < 1, 'in [0, 1)')
 
-# dest -> rule, applied to every value of a list flag; None values (flag not set) are skipped
+# dest -> rule, applied to every value of a list flag; None values (flag not set) and dests the parser lacks are
+# skipped, so validate.py's parser uses the same table (num_samples to num_gpu are its own)
 RULES: Dict[str, Rule] = dict(
     batch_size=AT_LEAST_1, epochs=AT_LEAST_1, grad_accum_steps=AT_LEAST_1, log_interval=AT_LEAST_1,
     checkpoint_hist=AT_LEAST_1, val_interval=AT_LEAST_1, lr_base_size=AT_LEAST_1, lr_cycle_limit=AT_LEAST_1,
@@ -33,9 +34,12 @@ RULES: Dict[str, Rule] = dict(
     num_classes=AT_LEAST_1, teacher_img_size=AT_LEAST_1, tokenmix_patch_size=AT_LEAST_1,
     train_num_samples=AT_LEAST_1, val_num_samples=AT_LEAST_1, train_img_sizes=AT_LEAST_1,
     train_batch_sizes=AT_LEAST_1, train_batches_per_epoch=AT_LEAST_1,
+    num_samples=AT_LEAST_1, patch_size=AT_LEAST_1, log_freq=AT_LEAST_1, num_gpu=AT_LEAST_1,
+    crop_border_pixels=NON_NEGATIVE,
     workers=NON_NEGATIVE, recovery_interval=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, cooldown_epochs=NON_NEGATIVE,
     patience_epochs=NON_NEGATIVE, start_epoch=NON_NEGATIVE, decay_milestones=NON_NEGATIVE,
     mixup_off_epoch=NON_NEGATIVE, recount=NON_NEGATIVE, tokenmix_min_tokens=NON_NEGATIVE, tta=NON_NEGATIVE,
+    teacher_topk=NON_NEGATIVE,
     warmup_lr=NON_NEGATIVE, min_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, lr_noise=NON_NEGATIVE,
     lr_noise_pct=NON_NEGATIVE, lr_noise_std=NON_NEGATIVE, mixup=NON_NEGATIVE, cutmix=NON_NEGATIVE,
     color_jitter=NON_NEGATIVE, aug_repeats=NON_NEGATIVE, epoch_repeats=NON_NEGATIVE, train_size_probs=NON_NEGATIVE,
@@ -94,12 +98,8 @@ def _pairs(args: argparse.Namespace) -> Optional[str]:
         return f'--decay-milestones must be increasing, got {args.decay_milestones}'
     if args.lr_noise is not None and len(args.lr_noise) > 2:
         return f'--lr-noise takes one or two epoch fractions, got {args.lr_noise}'
-    if args.aug_splits not in (0,) and args.aug_splits < 2:
+    if args.aug_splits != 0 and args.aug_splits < 2:
         return f'--aug-splits must be 0 or >= 2, got {args.aug_splits}'
-    channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    for flag, value in (('--mean', args.mean), ('--std', args.std)):
-        if value is not None and len(value) not in (1, channels):
-            return f'{flag} takes 1 or {channels} values (one per input channel), got {len(value)}'
     sizes = args.train_img_sizes
     for flag, value in (('--train-batch-sizes', args.train_batch_sizes), ('--train-size-probs', args.train_size_probs)):
         if value is not None and (sizes is None or len(value) != len(sizes)):
@@ -112,8 +112,41 @@ def _compile_backends() -> Tuple[str, ...]:
     return tuple(torch._dynamo.list_backends(exclude_tags=()))
 
 
+def _channels(args: argparse.Namespace) -> Optional[str]:
+    """--mean and --std give one value, or one per input channel."""
+    channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    for flag, value in (('--mean', args.mean), ('--std', args.std)):
+        if value is not None and len(value) not in (1, channels):
+            counts = '1 value (1 input channel)' if channels == 1 else f'1 or {channels} values (one per input channel)'
+            return f'{flag} takes {counts}, got {len(value)}'
+    return None
+
+
+def _interpolation(flag: str, mode: str, extra: Tuple[str, ...]) -> Optional[str]:
+    """`mode` is one of timm's interpolation names or one of `extra` ('': the model's; 'random' in training)."""
+    if mode in extra:
+        return None
+    try:
+        str_to_interp_mode(mode)
+    except KeyError:
+        return f'{flag} {mode}: unknown interpolation'
+    return None
+
+
+def _shared_names(args: argparse.Namespace) -> Optional[str]:
+    """Names of flags validate.py shares: interpolation, image mode, compile backend."""
+    problem = _interpolation('--interpolation', args.interpolation, ('',))
+    if problem:
+        return problem
+    if args.input_img_mode is not None and args.input_img_mode not in Image.MODES:
+        return f'--input-img-mode {args.input_img_mode}: not a PIL image mode ({", ".join(Image.MODES)})'
+    if args.torchcompile and args.torchcompile not in _compile_backends():
+        return f'--torchcompile {args.torchcompile}: unknown backend (see torch._dynamo.list_backends())'
+    return None
+
+
 def _names(args: argparse.Namespace) -> Optional[str]:
-    """Names timm looks up: optimizer, scheduler, interpolation, random erasing, crop mode, AutoAugment policy."""
+    """Names timm looks up: optimizer, scheduler, train interpolation, random erasing, crop mode, AutoAugment."""
     name = args.opt.lower().split('_')[-1]
     try:
         get_optimizer_info(name)
@@ -125,21 +158,13 @@ def _names(args: argparse.Namespace) -> Optional[str]:
         return f'--sched {args.sched}: unknown scheduler'
     if args.lr_base_scale not in ('', 'linear', 'sqrt'):
         return f'--lr-base-scale must be "linear" or "sqrt", got "{args.lr_base_scale}"'
-    for flag, mode, extra in (('--train-interpolation', args.train_interpolation, ('random', '')),
-                              ('--interpolation', args.interpolation, ('',))):
-        if mode not in extra:
-            try:
-                str_to_interp_mode(mode)
-            except KeyError:
-                return f'{flag} {mode}: unknown interpolation'
+    problem = _interpolation('--train-interpolation', args.train_interpolation, ('random', ''))
+    if problem:
+        return problem
     if args.remode not in ERASE_MODES:
         return f'--remode must be one of {ERASE_MODES[:3]}, got "{args.remode}"'
     if args.train_crop_mode is not None and args.train_crop_mode not in CROP_MODES:
         return f'--train-crop-mode must be one of {CROP_MODES}, got "{args.train_crop_mode}"'
-    if args.input_img_mode is not None and args.input_img_mode not in Image.MODES:
-        return f'--input-img-mode {args.input_img_mode}: not a PIL image mode ({", ".join(Image.MODES)})'
-    if args.torchcompile and args.torchcompile not in _compile_backends():
-        return f'--torchcompile {args.torchcompile}: unknown backend (see torch._dynamo.list_backends())'
     if args.aa:
         try:
             create_transform(32, is_training=True, auto_augment=args.aa)
@@ -148,9 +173,15 @@ def _names(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+def check_shared_values(args: argparse.Namespace, flags: Dict[str, str]) -> Optional[str]:
+    """The checks of the flags validate.py shares with train.py (ranges, --mean/--std per channel, interpolation,
+    image mode, compile backend): the first problem as one line naming the flag, or None."""
+    return _ranges(args, flags) or _channels(args) or _shared_names(args)
+
+
 def check_values(args: argparse.Namespace, flags: Dict[str, str]) -> Optional[str]:
-    """The first out-of-range value or unknown name among the flags, as one line naming the flag."""
-    return _ranges(args, flags) or _pairs(args) or _names(args)
+    """The first out-of-range value or unknown name among train.py's flags, as one line naming the flag."""
+    return check_shared_values(args, flags) or _pairs(args) or _names(args)
 
 
 def output_problem(path: str, flag: str = '--output', shown: Optional[str] = None) -> Optional[str]:

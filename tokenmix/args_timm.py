@@ -8,7 +8,7 @@ about the run itself. A YAML holding them still loads; they are ignored with one
 import argparse
 from typing import Dict, Optional, Tuple
 
-__all__ = ['IGNORED_KEYS', 'WEIGHT_SOURCES', 'UNSUPPORTED', 'unsupported_flags']
+__all__ = ['IGNORED_KEYS', 'WEIGHT_SOURCES', 'UNSUPPORTED', 'mixing_enabled', 'unsupported_flags']
 
 OLD_TIMM_KEYS = frozenset((
     'alpha_kd', 'amp_impl', 'aot_autograd', 'aug_repeat', 'bn_tf', 'dynamo', 'dynamo_backend', 'initial_batch_size',
@@ -39,6 +39,11 @@ UNSUPPORTED: Dict[str, Tuple[str, str]] = {
 NO_OP_VALUES = {'tta': (0, 1)}
 
 
+def mixing_enabled(args: argparse.Namespace) -> bool:
+    """Whether Mixup/CutMix (or TokenMix) is active, as timm decides it."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
 def unsupported_flags(args: argparse.Namespace) -> Optional[str]:
     """One line for the first flag set that cannot apply here, or the first combination timm refuses."""
     for dest, (flag, why) in UNSUPPORTED.items():
@@ -54,7 +59,7 @@ def unsupported_flags(args: argparse.Namespace) -> Optional[str]:
         return '--split-bn needs --aug-splits >= 2 or --resplit'
     if args.split_bn and args.sync_bn:
         return '--split-bn and --sync-bn exclude each other'
-    if args.aug_splits and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+    if args.aug_splits and mixing_enabled(args):
         return '--aug-splits cannot be mixed (--mixup/--cutmix): the pairs would cross augmentation splits'
     if args.aug_splits and args.no_prefetcher:
         return '--aug-splits needs the prefetcher (drop --no-prefetcher): timm collates split batches there'

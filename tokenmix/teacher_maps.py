@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,8 +36,9 @@ from mixup_ext import TokenMix, crop_map, own_map_from_topk, token_grid
 
 from .errors import ConfigError
 
-__all__ = ['MANIFEST', 'FORMAT', 'MapStore', 'AuthorsMapStore', 'open_map_store', 'shard_name', 'shard_done',
-           'write_shard', 'write_json_atomic', 'StoredMapDataset', 'StoredMapsMixer', 'wrap_train_dataset']
+__all__ = ['MANIFEST', 'FORMAT', 'MapStore', 'AuthorsMapStore', 'open_map_store', 'class_names', 'shard_name',
+           'shard_done', 'write_shard', 'write_json_atomic', 'StoredMapDataset', 'StoredMapsMixer',
+           'wrap_train_dataset']
 
 _logger = logging.getLogger(__name__)
 
@@ -50,7 +51,13 @@ _REPLAY_CELLS = 4  # geometric ops replayed on 4 x 4 points a token, then averag
 
 
 def shard_name(shard: int) -> str:
+    """The file name (without extension) of shard number `shard`."""
     return f'shard-{shard:05d}'
+
+
+def class_names(class_to_idx: Dict[str, int]) -> List[str]:
+    """Class folder names in label order: the class list a store's manifest records and training checks."""
+    return [name for name, _ in sorted(class_to_idx.items(), key=lambda item: item[1])]
 
 
 def write_json_atomic(path: str, value: Any) -> None:
@@ -131,7 +138,10 @@ class MapStore:
 
 
 class AuthorsMapStore:
-    """The authors' layout, ``ROOT/<class folder>/<image stem>.pt`` with fp16 ``[2, K, h, w]`` (centre square)."""
+    """The authors' layout, ``ROOT/<class folder>/<image stem>.pt`` with fp16 ``[2, K, h, w]`` (centre square).
+
+    K (`topk`) is read from the first file, so a larger --teacher-topk is refused as for a manifest's store.
+    """
 
     coverage = 'centre'
 
@@ -143,6 +153,7 @@ class AuthorsMapStore:
                 self.files.update(f'{entry.name}/{name}' for name in os.listdir(entry.path) if name.endswith('.pt'))
         if not self.files:
             raise ConfigError(f"--teacher-maps '{root}': neither a {MANIFEST} nor <class>/<image>.pt files")
+        self.topk = self._load(min(self.files)).shape[1]
 
     @staticmethod
     def _file(key: str) -> str:
@@ -152,15 +163,20 @@ class AuthorsMapStore:
     def __contains__(self, key: str) -> bool:
         return self._file(key) in self.files
 
+    def _load(self, file: str) -> torch.Tensor:
+        entry = torch.load(os.path.join(self.root, file), map_location='cpu')
+        if not isinstance(entry, torch.Tensor) or entry.ndim != 4 or entry.shape[0] != 2:
+            raise ConfigError(f"--teacher-maps: '{file}' is not a [2, K, h, w] tensor "
+                              f'(got {tuple(getattr(entry, "shape", ())) or type(entry).__name__})')
+        return entry
+
     def read(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        entry = torch.load(os.path.join(self.root, self._file(key)), map_location='cpu')
-        if entry.ndim != 4 or entry.shape[0] != 2:
-            raise ConfigError(f"--teacher-maps: '{self._file(key)}' is not a [2, K, h, w] tensor "
-                              f'(got {tuple(entry.shape)})')
+        """Top-K values (float32) and class indices (int64) of one image, each K x h x w."""
+        entry = self._load(self._file(key))
         return entry[0].float(), entry[1].float().round().long()
 
 
-def open_map_store(root: str):
+def open_map_store(root: str) -> Union[MapStore, AuthorsMapStore]:
     """A :class:`MapStore` when `root` has a manifest, else the authors' per-image layout."""
     if not os.path.isdir(root):
         raise ConfigError(f"--teacher-maps '{root}' is not a directory")
@@ -376,28 +392,31 @@ class StoredMapsMixer:
         return self.tokenmix(x, labels, own_maps=target[:, 1:].reshape(-1, rows, cols))
 
 
-def _check_store(store, args: Any, class_names: List[str], split_dir: str) -> None:
-    """The store must be for this split's classes, this split, and the teacher the config names."""
+def _check_store(store, args: Any, classes: List[str], split_dir: str) -> None:
+    """The store must keep --teacher-topk classes and be for this split's classes, this split, and the teacher the
+    config names (the authors' layout records only its K)."""
+    if args.teacher_topk > store.topk:
+        raise ConfigError(f"--teacher-topk {args.teacher_topk}: --teacher-maps '{store.root}' keeps only the top "
+                          f'{store.topk}')
     manifest = getattr(store, 'manifest', None)
     if manifest is None:
         _logger.info('--teacher-maps %s: authors\' per-image layout (maps cover the centre square; teacher, class '
                      'list and split not recorded, not checked)', store.root)
         return
     where = f"--teacher-maps '{store.root}'"
-    if manifest['classes'] != class_names:
+    if manifest['classes'] != classes:
         raise ConfigError(f'{where} was made for {len(manifest["classes"])} classes that differ from the train '
-                          f'split\'s {len(class_names)}')
+                          f'split\'s {len(classes)}')
     if os.path.basename(os.path.normpath(split_dir)) != manifest['split_folder']:
         raise ConfigError(f"{where} holds split '{manifest['split']}', the train split is "
                           f"'{os.path.basename(os.path.normpath(split_dir))}'")
     if args.teacher_model and args.teacher_model != manifest['teacher']:
         raise ConfigError(f"{where} was made by teacher '{manifest['teacher']}', not --teacher-model "
                           f"'{args.teacher_model}'")
-    if args.teacher_topk > store.topk:
-        raise ConfigError(f'--teacher-topk {args.teacher_topk}: {where} keeps only the top {store.topk}')
 
 
-def wrap_train_dataset(args: Any, dataset, input_size: Sequence[int], token_size: int):
+def wrap_train_dataset(args: Any, dataset: torch.utils.data.Dataset, input_size: Sequence[int],
+                       token_size: int) -> torch.utils.data.Dataset:
     """The train dataset wrapped to carry stored maps (--teacher-maps), or `dataset` itself without that flag."""
     if not args.teacher_maps:
         return dataset
@@ -405,8 +424,7 @@ def wrap_train_dataset(args: Any, dataset, input_size: Sequence[int], token_size
     if not hasattr(reader, 'class_to_idx') or not hasattr(reader, 'root'):
         raise ConfigError('--teacher-maps needs an image-folder train split (--dataset left empty)')
     store = open_map_store(args.teacher_maps)
-    classes = [c for c, _ in sorted(reader.class_to_idx.items(), key=lambda item: item[1])]
-    _check_store(store, args, classes, reader.root)
+    _check_store(store, args, class_names(reader.class_to_idx), reader.root)
     grid = token_grid(input_size[-2], input_size[-1], token_size)
     return StoredMapDataset(dataset, store, grid, args.teacher_topk)
 

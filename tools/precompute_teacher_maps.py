@@ -28,17 +28,20 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from models import build_teacher  # noqa: E402
+from tokenmix.args import OneLineParser  # noqa: E402
+from tokenmix.args_checks import output_problem  # noqa: E402
 from tokenmix.data import check_image_folder, split_folder  # noqa: E402
 from tokenmix.errors import ConfigError, run_cli  # noqa: E402
-from tokenmix.teacher_maps import (FORMAT, MANIFEST, MapStore, shard_done, shard_name, write_json_atomic,  # noqa: E402
-                                   write_shard)
+from tokenmix.teacher_maps import (FORMAT, MANIFEST, MapStore, class_names, shard_done, shard_name,  # noqa: E402
+                                   write_json_atomic, write_shard)
 
 _logger = logging.getLogger('precompute_teacher_maps')
 MAX_FP16_INDEX = 2048  # fp16 holds every integer up to 2048 exactly
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The tool's flags; a bad value is one line naming the flag, exit code 2."""
+    parser = OneLineParser(prog='precompute_teacher_maps.py', description=__doc__.splitlines()[0])
     parser.add_argument('--data-dir', required=True, metavar='DIR', help='dataset root (ImageFolder splits)')
     parser.add_argument('--split', default='train', help='split folder to run over (default: train)')
     parser.add_argument('--teacher-model', required=True, metavar='NAME', help='timm name of the teacher')
@@ -58,8 +61,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
                         help='run the teacher under autocast (scores are stored in fp16 either way)')
     args = parser.parse_args(argv)
-    for name in ('topk', 'batch_size', 'shard_size'):
-        if getattr(args, name) < 1:
+    for name in ('topk', 'batch_size', 'shard_size', 'num_classes', 'img_size'):  # the last two: None = default
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
     if args.workers < 0:
         parser.error(f'--workers must be >= 0, got {args.workers}')
@@ -68,6 +71,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def manifest_for(args: argparse.Namespace, classes: Sequence[str], split_dir: str, num_images: int,
                  map_size: Sequence[int], topk: int) -> dict:
+    """The store's manifest: what made it (teacher, weights, sizes, k) and what it covers (split, classes, images)."""
     checkpoint = args.teacher_checkpoint
     return dict(
         format=FORMAT, teacher=args.teacher_model,
@@ -99,15 +103,22 @@ def topk_maps(teacher, images: torch.Tensor, k: int) -> np.ndarray:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Write (or finish) the store under --out; this rank's share of the shards when run by torchrun."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    device = torch.device(args.device or (f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'))
+    try:
+        device = torch.device(args.device or (f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError as e:
+        raise ConfigError(f'--device {args.device}: {e}') from None
+    problem = output_problem(args.out, '--out')
+    if problem:
+        raise ConfigError(problem)
 
     split_dir = split_folder(args.data_dir, args.split, '--split')
     class_to_idx = check_image_folder(split_dir)
-    classes = [c for c, _ in sorted(class_to_idx.items(), key=lambda item: item[1])]
+    classes = class_names(class_to_idx)
     num_classes = args.num_classes or len(classes)
     if num_classes > MAX_FP16_INDEX:
         raise ConfigError(f'--num-classes {num_classes}: class indices are stored in fp16, exact up to '
