@@ -189,7 +189,7 @@ def test_a_part_that_does_not_fit_is_shown_on_one_line_of_at_most_300_characters
 
 
 @pytest.mark.parametrize('stored', [dict(epoch=3), dict(epoch=3, version=1), dict(epoch=3, version=2),
-                                    dict(version=2)])
+                                    dict(version=2), dict(), dict(version=1)])
 def test_resume_starts_where_timm_resumes(tmp_path, stored):
     """timm's `resume_checkpoint` is the reference: version 2 files hold a finished epoch, older ones the next."""
     path = tmp_path / 'x.pth'

@@ -260,7 +260,8 @@ def resume(path: str, model: torch.nn.Module, *, optimizer=None, scheduler=None,
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             detail = ' '.join(str(e).split())[:300] or type(e).__name__
             raise ConfigError(f"--resume: checkpoint '{path}' does not fit this run's {part}: {detail}") from None
-    start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
+    # timm: 'epoch' is the last finished epoch in version 2 files, the next one before; none: start at 0
+    start_epoch = checkpoint['epoch'] + (1 if checkpoint.get('version', 1) > 1 else 0) if 'epoch' in checkpoint else 0
     states = checkpoint.get('rng_states')
     rng_state = states[rank] if isinstance(states, list) and len(states) == world_size else None
     reasons = _inexact_reasons(checkpoint, model, world_size, workers)
