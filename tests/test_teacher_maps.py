@@ -267,6 +267,16 @@ def _children(pid: int):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir('/proc'),
                     reason='needs torch.distributed and /proc')
+def test_writing_a_shard_again_removes_what_a_killed_writer_left(tmp_path):
+    # a worker killed during np.save / json.dump leaves its temporary files; the shard's next writer removes them
+    for name in ('shard-00003.npy.tmp-4242', 'shard-00003.json.tmp-4242', 'shard-00013.npy.tmp-77'):
+        (tmp_path / name).write_bytes(b'partial')
+    maps = np.ones((1, 2, 5, 2, 2), dtype=np.float16)
+    write_shard(str(tmp_path), 3, maps, ['0/a.png'])
+    assert sorted(os.listdir(tmp_path)) == ['shard-00003.json', 'shard-00003.npy', 'shard-00013.npy.tmp-77']
+    assert np.array_equal(np.load(tmp_path / 'shard-00003.npy'), maps)
+
+
 def test_precompute_two_processes_killed_then_resumed(tool, tiny_store, tiny_data, teacher_checkpoint, tmp_path):
     out = str(tmp_path / 'maps')
     argv = _precompute_argv(tiny_data, teacher_checkpoint, out, size=96, shard=2)  # 30 shards of 2 images

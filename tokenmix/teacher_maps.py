@@ -17,6 +17,7 @@ Two layouts are read:
   tensor ``[2, K, h, w]`` per image. Those maps cover only the **centre square** of each image (short side resized,
   centre crop 1.0); a crop reaching outside it reads zero there.
 """
+import glob
 import json
 import logging
 import os
@@ -75,11 +76,14 @@ def shard_done(root: str, shard: int) -> bool:
 
 def write_shard(root: str, shard: int, maps: np.ndarray, keys: Sequence[str]) -> None:
     """Write one shard (fp16 ``[n, 2, K, h, w]`` and its n image keys): data first, the key list last, each renamed
-    into place, so a killed run never leaves a shard that a reader would take as complete."""
+    into place, so a killed run never leaves a shard that a reader would take as complete. The temporary files a
+    killed writer of the same shard left behind are removed first (one process owns a shard at a time)."""
     if maps.dtype != np.float16 or maps.ndim != 5 or maps.shape[1] != 2 or maps.shape[0] != len(keys):
         raise ValueError(f'a shard is fp16 [n, 2, K, h, w] with n keys, got {maps.dtype} {maps.shape}, '
                          f'{len(keys)} keys')
     path = os.path.join(root, shard_name(shard))
+    for stale in glob.glob(glob.escape(path) + '.*.tmp-*'):
+        os.remove(stale)
     tmp = f'{path}.npy.tmp-{os.getpid()}'
     with open(tmp, 'wb') as f:
         np.save(f, maps)
