@@ -44,7 +44,7 @@ from tokenmix.fidelity import (fidelity_error, indicator_batch, load_demo_object
                                weights_from_indicator_targets)
 from tokenmix.mixing import build_mixer, build_teacher_from_args, mixer_generator  # noqa: E402
 from tokenmix.model import build_student, patch_size_of  # noqa: E402
-from tokenmix.teacher_maps import MapStore  # noqa: E402
+from tokenmix.teacher_maps import MapStore, write_json_atomic  # noqa: E402
 
 ROWS = {
     'a_mixup_cutmix': '(a) Mixup + CutMix, soft-target CE',
@@ -92,14 +92,14 @@ def difference_cell(diff: Optional[Difference]) -> str:
 
 
 def find_runs(runs_dir: str) -> Dict[str, Dict[int, str]]:
-    """Finished runs (validate.csv present) per row and seed, rows in table order."""
+    """Finished runs (validate.csv present) per row and seed, rows in table order, seeds in increasing order."""
     found: Dict[str, Dict[int, str]] = {}
     for name in sorted(os.listdir(runs_dir)):
         row, _, seed = name.rpartition('-s')
         path = os.path.join(runs_dir, name)
         if row in ROWS and seed.isdigit() and os.path.isfile(os.path.join(path, 'validate.csv')):
             found.setdefault(row, {})[int(seed)] = path
-    return {row: found[row] for row in ROWS if row in found}
+    return {row: dict(sorted(found[row].items())) for row in ROWS if row in found}
 
 
 def read_top1(run_dir: str) -> Dict[float, float]:
@@ -159,9 +159,7 @@ def cached_fidelity(run_dir: str, images: int, batch_size: int, measure: Callabl
         if {k: stored.get(k) for k in setting} == setting:
             return float(stored['error'])
     error = measure()
-    with open(path + '.partial', 'w') as f:
-        json.dump({**setting, 'error': error}, f)
-    os.replace(path + '.partial', path)
+    write_json_atomic(path, {**setting, 'error': error})
     return error
 
 
@@ -179,8 +177,8 @@ class RowResults:
     """One row's measurements, each a dict seed -> value (curves: seed -> eval top-1 per epoch)."""
 
     def __init__(self, runs: Dict[int, str], fidelity: Optional[Callable[[str], float]]) -> None:
-        self.top1 = {seed: read_top1(path) for seed, path in sorted(runs.items())}
-        summaries = {seed: read_summary(path) for seed, path in sorted(runs.items())}
+        self.top1 = {seed: read_top1(path) for seed, path in runs.items()}
+        summaries = {seed: read_summary(path) for seed, path in runs.items()}
         self.curves = {seed: s[0] for seed, s in summaries.items()}
         self.img_per_sec = {seed: s[1] for seed, s in summaries.items()}
         self.fidelity = {seed: fidelity(path) for seed, path in runs.items()} if fidelity else {}

@@ -118,7 +118,7 @@ fi
 ONLINE=(--tokenmix --bce-loss --teacher-model "$TEACHER_MODEL" --teacher-checkpoint "$TEACHER" --teacher-img-size 64)
 # One (seed, row) run: train, then validate clean and occluded; validate.csv marks it finished.
 run_one() {
-    local seed=$1 row=$2 flags run
+    local seed=$1 row=$2 flags run log
     case $row in
         a_mixup_cutmix) flags=() ;;
         b_mixup_cutmix_bce) flags=(--bce-loss) ;;
@@ -131,15 +131,16 @@ run_one() {
         g_tokenmix_random) flags=("${ONLINE[@]}" --tokenmix-mask random) ;;
     esac
     run="$OUT/runs/$row-s$seed"
+    log="$OUT/logs/$row-s$seed.log"
     [ -f "$run/validate.csv" ] && { echo "reusing $run"; return; }
     rm -rf "$run"
     "$PYTHON" "$HERE/train.py" -c "$STUDENT_CFG" "${DATA_FLAGS[@]}" --output "$OUT/runs" \
-        --experiment "$row-s$seed" --seed "$seed" "${flags[@]}" "${STUDENT_ARGS[@]}" > "$OUT/logs/$row-s$seed.log" 2>&1 \
-        || die "training $row seed $seed failed; see $OUT/logs/$row-s$seed.log"
+        --experiment "$row-s$seed" --seed "$seed" "${flags[@]}" "${STUDENT_ARGS[@]}" > "$log" 2>&1 \
+        || die "training $row seed $seed failed; see $log"
     "$PYTHON" "$HERE/validate.py" "${VAL_FLAGS[@]}" --model tokenmix_vit_tiny_p8_64 --img-size 32 \
         --model-kwargs patch_size=4 --checkpoint "$run/model_best.pth.tar" --occlusion 0 0.25 0.5 \
         --occlusion-mode random --patch-size 4 --seed 0 -j 1 --results-file "$run/validate.csv.partial" \
-        >> "$OUT/logs/$row-s$seed.log" 2>&1 || die "validating $row seed $seed failed; see $OUT/logs/$row-s$seed.log"
+        >> "$log" 2>&1 || die "validating $row seed $seed failed; see $log"
     mv "$run/validate.csv.partial" "$run/validate.csv"
     echo "finished $row seed $seed ($(( $(date +%s) - start )) s)"
 }

@@ -46,6 +46,16 @@ def test_fidelity_is_measured_once_per_run_and_setting(mini, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['fidelity.json']
 
 
+def test_runs_are_found_per_row_in_seed_order(mini, tmp_path):
+    for name in ('c_tokenmix_area-s10', 'c_tokenmix_area-s2', 'a_mixup_cutmix-s1', 'a_mixup_cutmix-s3', 'other-s0'):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'validate.csv').write_text('')
+    (tmp_path / 'a_mixup_cutmix-s0').mkdir()  # unfinished: no validate.csv
+    runs = mini.find_runs(str(tmp_path))
+    assert list(runs) == ['a_mixup_cutmix', 'c_tokenmix_area']
+    assert list(runs['a_mixup_cutmix']) == [1, 3] and list(runs['c_tokenmix_area']) == [2, 10]
+
+
 def test_take_off_is_the_first_epoch_at_twice_chance(mini):
     assert mini.take_off_epoch([10.0, 19.9, 20.0, 15.0, 60.0], 20.0) == 3
     assert mini.take_off_epoch([25.0], 20.0) == 1
