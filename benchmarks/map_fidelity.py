@@ -41,6 +41,7 @@ for path in (ROOT, os.path.join(ROOT, 'scripts')):
 from mini_table import t_interval  # noqa: E402
 from mixup_ext import TokenMix, own_class_maps, truncate_to_topk  # noqa: E402
 from models import build_teacher  # noqa: E402
+from tokenmix.errors import ConfigError, run_cli  # noqa: E402
 from tokenmix.fidelity import (fidelity_error, load_demo_objects, normalise_shares, token_paste_masks,  # noqa: E402
                                visible_shares)
 from tokenmix.mixing import mixer_generator  # noqa: E402
@@ -182,12 +183,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print the fidelity table of every row; bad input raises ConfigError (one line via `run_cli`)."""
     args = parse_args(argv)
     try:
         images, labels, objects = load_demo_objects(args.data_dir, 'val', args.images, MEAN, STD)
     except (ValueError, FileNotFoundError) as e:
-        print(f'map_fidelity.py: error: --data-dir: {e}', file=sys.stderr)
-        return 2
+        raise ConfigError(f'--data-dir: {e}') from None
     share = object_pixel_share(objects)
     quartile, edges = quartile_of(share)
     print(f'{len(labels)} val images of {args.data_dir}; digit pixel share: mean {share.mean():.3f}, '
@@ -198,8 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 teacher = build_teacher(args.teacher_model, checkpoint=path, num_classes=10, img_size=size or None)
             except (ValueError, FileNotFoundError, RuntimeError) as e:
-                print(f'map_fidelity.py: error: --teacher-checkpoint {path}: {e}', file=sys.stderr)
-                return 2
+                raise ConfigError(f'--teacher-checkpoint {path}: {e}') from None
             full = teacher_maps(teacher, images, args.batch_size)
             top1 = (full.mean((2, 3)).argmax(1) == labels).float().mean().item()
             stem = os.path.basename(path).split('.')[0]
@@ -210,9 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.oracle and f'oracle {full.shape[-2]}x{full.shape[-1]}' not in maps:
                 maps[f'oracle {full.shape[-2]}x{full.shape[-1]}'] = oracle_maps(objects, full.shape[-2:])
     if args.reference not in maps:
-        print(f"map_fidelity.py: error: --reference '{args.reference}' is not a row (rows: {', '.join(maps)})",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"--reference '{args.reference}' is not a row (rows: {', '.join(maps)})")
     for patch, min_tokens in zip(args.patch_size, args.min_tokens):
         results = measure(labels, objects, maps, patch_size=patch, min_tokens=min_tokens, mask_type=args.mask,
                           target_norm=args.target_norm, draws=args.draws, batch_size=args.batch_size, seed=args.seed,
@@ -229,4 +227,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_cli(main, 'map_fidelity.py'))

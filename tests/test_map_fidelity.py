@@ -87,7 +87,8 @@ def test_cli_rows_and_bad_flags(tiny_data, teacher_checkpoint, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(['--data-dir', tiny_data, '--patch-size', '4', '8', '--min-tokens', '5'])
     assert e.value.code == 2 and 'one value per --patch-size' in capsys.readouterr().err
-    assert bench.main(['--data-dir', teacher_checkpoint + '.missing']) == 2
+    assert bench.run_cli(bench.main, 'map_fidelity.py', ['--data-dir', teacher_checkpoint + '.missing']) == 2
     assert '--data-dir' in capsys.readouterr().err
-    assert bench.main(['--data-dir', tiny_data, '--images', '30', '-b', '10', '--reference', 'no such row']) == 2
+    assert bench.run_cli(bench.main, 'map_fidelity.py',
+                         ['--data-dir', tiny_data, '--images', '30', '-b', '10', '--reference', 'no such row']) == 2
     assert "--reference 'no such row' is not a row (rows: area)" in capsys.readouterr().err
