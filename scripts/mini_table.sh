@@ -8,12 +8,16 @@
 # 25% / 50% of the 4 px patches dropped; scripts/mini_table.py adds target fidelity (demo data), images/s, 95%
 # intervals over seeds, the paired difference to (a) and two plots.
 #
-# Usage: scripts/mini_table.sh [--quick] [--out DIR] [--dataset cifar10|cifar100 --data-dir DIR [--dataset-download]]
+# Usage: scripts/mini_table.sh [--quick] [--out DIR] [--student-config YAML]
+#                              [--dataset cifar10|cifar100 --data-dir DIR [--dataset-download]]
 #   --quick      tiny demo data (30 train / 10 val images a class), 1 seed, 1 epoch, 1-epoch teacher: checks every
 #                column and plot in a few minutes (with --dataset: 1 seed, 1 epoch on the given data)
 #   --out        working folder (default: output/mini_table[_quick][_<dataset>]); it holds data/ (demo), teacher/,
 #                maps/ (demo), runs/<row>-s<seed>/, table.md, top1_per_epoch.png and fidelity.png (demo).
 #                Finished runs (validate.csv present) are reused, so an interrupted table resumes.
+#   --student-config  the student's train.py config (default: configs/mini/vit_student.yaml, or
+#                configs/mini/cifar_student.yaml with --dataset); validate.py gets its model, image size, model_kwargs
+#                and gp, so another architecture (configs/mini/candidates/) is validated as trained
 #   --dataset    cifar10 / cifar100 through timm's torch/cifar10 / torch/cifar100 (torchvision's CIFAR files under
 #                --data-dir); configs/mini/cifar_*.yaml; no stored-maps row (the store needs an image folder) and
 #                no fidelity column (CIFAR has no object masks)
@@ -24,17 +28,19 @@
 #   faster in total than one run with two threads). Each run's output goes to OUT/logs/<row>-s<seed>.log.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-USAGE="usage: scripts/mini_table.sh [--quick] [--out DIR] [--dataset cifar10|cifar100 --data-dir DIR [--dataset-download]]"
+USAGE="usage: scripts/mini_table.sh [--quick] [--out DIR] [--student-config YAML] [--dataset cifar10|cifar100 --data-dir DIR [--dataset-download]]"
 die() { echo "mini_table.sh: error: $1" >&2; exit 2; }
 QUICK=0
 OUT=
 DATASET=
 DATA_DIR=
 DOWNLOAD=()
+STUDENT_CFG=
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; shift ;;
         --out) [ $# -ge 2 ] || die "--out needs a folder"; OUT=$2; shift 2 ;;
+        --student-config) [ $# -ge 2 ] || die "--student-config needs a YAML file"; STUDENT_CFG=$2; shift 2 ;;
         --dataset) [ $# -ge 2 ] || die "--dataset needs cifar10 or cifar100"; DATASET=$2; shift 2 ;;
         --data-dir) [ $# -ge 2 ] || die "--data-dir needs a folder"; DATA_DIR=$2; shift 2 ;;
         --dataset-download) DOWNLOAD=(--dataset-download); shift ;;
@@ -49,6 +55,7 @@ case "$DATASET" in
     *) die "--dataset must be cifar10 or cifar100, got '$DATASET'" ;;
 esac
 [ -z "$DATASET" ] || [ -n "$DATA_DIR" ] || die "--dataset $DATASET needs --data-dir DIR (torchvision's CIFAR folder)"
+[ -z "$STUDENT_CFG" ] || [ -f "$STUDENT_CFG" ] || die "--student-config: no file '$STUDENT_CFG'"
 REPO=$HERE
 source "$HERE/scripts/python_env.sh"
 ALL_ROWS="a_mixup_cutmix b_mixup_cutmix_bce c_tokenmix_area d_tokenmix_teacher e_tokenmix_teacher_top5
@@ -81,7 +88,7 @@ mkdir -p "$OUT"
 
 if [ -z "$DATASET" ]; then
     DATA="$OUT/data"
-    STUDENT_CFG="$HERE/configs/mini/vit_student.yaml"
+    STUDENT_CFG=${STUDENT_CFG:-$HERE/configs/mini/vit_student.yaml}
     TEACHER_CFG="$HERE/configs/mini/cnn_teacher.yaml"
     DATA_FLAGS=(--data-dir "$DATA")
     VAL_FLAGS=(--data-dir "$DATA" --split val)
@@ -94,7 +101,7 @@ if [ -z "$DATASET" ]; then
     fi
 else
     DATA="$DATA_DIR"
-    STUDENT_CFG="$HERE/configs/mini/cifar_student.yaml"
+    STUDENT_CFG=${STUDENT_CFG:-$HERE/configs/mini/cifar_student.yaml}
     TEACHER_CFG="$HERE/configs/mini/cifar_teacher.yaml"
     DATA_FLAGS=(--data-dir "$DATA" --dataset "torch/$DATASET" --num-classes "$NUM_CLASSES")
     VAL_FLAGS=("${DATA_FLAGS[@]}" --split validation)
@@ -115,6 +122,13 @@ if [ -z "$DATASET" ] && [[ " $ROWS " == *" f_tokenmix_stored_maps "* ]] && [ ! -
     touch "$MAPS/.done"
 fi
 
+# the student's architecture flags for validate.py, read from its config
+read -r -a VAL_MODEL <<< "$("$PYTHON" -c 'import sys, yaml
+c = yaml.safe_load(open(sys.argv[1]))
+flags = ["--model", c["model"], "--img-size", str(c["img_size"])]
+flags += ["--model-kwargs"] + [f"{k}={v}" for k, v in (c.get("model_kwargs") or {}).items()]
+flags += ["--gp", c["gp"]] if c.get("gp") else []
+print(" ".join(flags))' "$STUDENT_CFG")"
 ONLINE=(--tokenmix --bce-loss --teacher-model "$TEACHER_MODEL" --teacher-checkpoint "$TEACHER" --teacher-img-size 64)
 # One (seed, row) run: train, then validate clean and occluded; validate.csv marks it finished.
 run_one() {
@@ -137,8 +151,7 @@ run_one() {
     "$PYTHON" "$HERE/train.py" -c "$STUDENT_CFG" "${DATA_FLAGS[@]}" --output "$OUT/runs" \
         --experiment "$row-s$seed" --seed "$seed" "${flags[@]}" "${STUDENT_ARGS[@]}" > "$log" 2>&1 \
         || die "training $row seed $seed failed; see $log"
-    "$PYTHON" "$HERE/validate.py" "${VAL_FLAGS[@]}" --model tokenmix_vit_tiny_p8_64 --img-size 32 \
-        --model-kwargs patch_size=4 --checkpoint "$run/model_best.pth.tar" --occlusion 0 0.25 0.5 \
+    "$PYTHON" "$HERE/validate.py" "${VAL_FLAGS[@]}" "${VAL_MODEL[@]}" --checkpoint "$run/model_best.pth.tar" --occlusion 0 0.25 0.5 \
         --occlusion-mode random --patch-size 4 --seed 0 -j 1 --results-file "$run/validate.csv.partial" \
         >> "$log" 2>&1 || die "validating $row seed $seed failed; see $log"
     mv "$run/validate.csv.partial" "$run/validate.csv"

@@ -51,6 +51,24 @@ def test_bad_jobs_exits_2():
     assert proc.returncode == 2 and "JOBS must be a positive whole number, got '0'" in proc.stderr
 
 
+def test_missing_student_config_exits_2(tmp_path):
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'mini_table.sh'), '--student-config',
+                           str(tmp_path / 'none.yaml')], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"--student-config: no file '{tmp_path / 'none.yaml'}'" in proc.stderr
+
+
+def test_gpu_driver_refuses_a_folder_without_data_or_teacher(tmp_path):
+    driver = os.path.join(ROOT, 'benchmarks', 'gpu_mini_table.sh')
+    cfg = os.path.join(ROOT, 'configs', 'mini', 'vit_student.yaml')
+    proc = subprocess.run(['bash', driver, str(tmp_path), str(tmp_path / 'out'), cfg], capture_output=True, text=True)
+    assert proc.returncode == 2 and f'PREP: no demo data in {tmp_path}/data' in proc.stderr
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'objects.json').write_text('{}')
+    proc = subprocess.run(['bash', driver, str(tmp_path), str(tmp_path / 'out'), cfg], capture_output=True, text=True)
+    assert proc.returncode == 2 and f'PREP: no teacher in {tmp_path}/teacher/model_best.pth.tar' in proc.stderr
+    assert not (tmp_path / 'out').exists()
+
+
 def test_unknown_argument_exits_2():
     proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'mini_table.sh'), '--fast'],
                           capture_output=True, text=True)
