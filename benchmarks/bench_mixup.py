@@ -8,17 +8,23 @@
 Usage: python benchmarks/bench_mixup.py [--repeats N] [--threads N]
 """
 import argparse
+import os
 import platform
 import random
 import statistics
+import sys
 import time
 from typing import Callable, List
 
 import torch
 from timm.data import Mixup
 
-from mixup_ext import TokenMix, block_token_masks
-from mixup_ext.masks import block_token_masks_reference
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file from a checkout that was not pip-installed
+    sys.path.insert(0, ROOT)
+
+from mixup_ext import TokenMix, block_token_masks  # noqa: E402
+from mixup_ext.masks import block_token_masks_reference  # noqa: E402
 
 
 def median_seconds(*fns: Callable[[], object], repeats: int, burst: int = 5) -> List[float]:

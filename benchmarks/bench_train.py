@@ -18,6 +18,7 @@ CPU defaults use the demo's tiny models; benchmarks/gpu_check.sh runs DeiT-S + R
 Figures on a shared machine are noisy: compare ratios from one run, not absolute numbers across runs.
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -30,12 +31,16 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ParseKwargs
 
-import models  # noqa: F401  registers the tiny models
-from mixup_ext import TokenMix, crop_map, own_map_from_topk
-from models import Teacher
-from tokenmix.engine import Training, train_one_epoch
-from tokenmix.teacher_maps import StoredMapsMixer
-from tokenmix.model import patch_size_of
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file from a checkout that was not pip-installed
+    sys.path.insert(0, ROOT)
+
+import models  # noqa: F401,E402  registers the tiny models
+from mixup_ext import TokenMix, crop_map, own_map_from_topk  # noqa: E402
+from models import Teacher  # noqa: E402
+from tokenmix.engine import Training, train_one_epoch  # noqa: E402
+from tokenmix.teacher_maps import StoredMapsMixer  # noqa: E402
+from tokenmix.model import patch_size_of  # noqa: E402
 
 
 class SyntheticLoader:

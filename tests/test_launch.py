@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -96,3 +97,22 @@ def test_table_script_from_a_fresh_clone_uses_its_venv(clone):
     train, validate = commands[0], commands[1]
     assert train[:3] == ['env', f'PYTHON={python}', os.path.join(clone, 'distributed_train.sh')]
     assert validate[:2] == [python, os.path.join(clone, 'validate.py')]
+
+
+ENTRY_POINTS = ['train.py', 'validate.py', 'benchmarks/bench_mixup.py', 'benchmarks/bench_train.py',
+                'benchmarks/map_fidelity.py', 'tools/precompute_teacher_maps.py', 'tools/show_cam.py',
+                'tools/show_mix.py', 'tools/timm_parity.py', 'scripts/mini_table.py']
+
+
+@pytest.mark.parametrize('script', ENTRY_POINTS)
+def test_script_runs_from_a_checkout_that_was_not_pip_installed(script):
+    """As on a machine that has the packages but not `pip install -e .` (the GPU machine): the interpreter starts
+    without site's .pth files, so the editable install's import hook is absent, and runs the file as `python FILE`."""
+    site_dirs = [p for p in sys.path if p.endswith('site-packages')]
+    path = os.path.join(ROOT, script)
+    runner = ('import runpy, sys; sys.path[:0] = [sys.argv[1]]; sys.path += sys.argv[2:3]; sys.argv = sys.argv[3:]; '
+              'runpy.run_path(sys.argv[0], run_name="__main__")')
+    proc = subprocess.run([sys.executable, '-S', '-c', runner, os.path.dirname(path), site_dirs[0], path, '--help'],
+                          capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith('usage:')
