@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The table and plots of scripts/mini_table.sh: per row, top-1 (clean, occluded), target fidelity and images/s over
-paired seeds, each as mean ± 95% t interval, with the paired difference to the Mixup + CutMix row.
+paired seeds, each as mean ± 95% t interval, with the paired differences to the two Mixup + CutMix rows.
 
 Reads OUT/runs/<row>-s<seed>/ (train.py's args.yaml and summary.csv, validate.py's validate.csv) and writes
 OUT/table.md, OUT/top1_per_epoch.png and OUT/fidelity.png. Seeds are paired: seed s gives every row the same
@@ -55,7 +55,8 @@ ROWS = {
     'f_tokenmix_stored_maps': '(f) TokenMix, teacher, stored top-5 maps',
     'g_tokenmix_random': '(g) TokenMix, random masks, teacher full maps',
 }
-BASELINE = 'a_mixup_cutmix'
+# paired differences are given to both Mixup + CutMix rows: (a) is DeiT's baseline, (b) the TokenMix rows' like for like
+BASELINES = {'a_mixup_cutmix': 'vs (a)', 'b_mixup_cutmix_bce': 'vs (b)'}
 Interval = Tuple[float, float]  # mean, half-width of the 95% interval (nan for one value)
 Difference = Tuple[float, float, int]  # mean paired difference, its half-width, number of pairs
 
@@ -192,15 +193,15 @@ def build_table(results: Dict[str, RowResults], occlusions: Sequence[float], num
     deviation of clean top-1, and each seed's take-off epoch (first epoch at twice chance top-1)."""
     with_fidelity = any(r.fidelity for r in results.values())
     chance2 = 200.0 / num_classes
-    header = (['method', 'seeds', 'clean top-1', 'seed sd', 'vs (a)'] + [f'top-1 occl. {r:g}' for r in occlusions]
+    header = (['method', 'seeds', 'clean top-1', 'seed sd', *BASELINES.values()] + [f'top-1 occl. {r:g}' for r in occlusions]
               + (['fidelity error'] if with_fidelity else []) + [f'take-off epoch (top-1 >= {chance2:g}%)', 'img/s'])
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    base = results[BASELINE].clean() if BASELINE in results else {}
+    bases = {name: results[name].clean() if name in results else {} for name in BASELINES}
     for key, res in results.items():
         clean = res.clean()
         sd = f'{statistics.stdev(clean.values()):.1f}' if len(clean) > 1 else '—'
-        cells = [ROWS[key], str(len(clean)), interval_cell(list(clean.values()), 1), sd,
-                 '—' if key == BASELINE else difference_cell(paired_difference(clean, base))]
+        cells = [ROWS[key], str(len(clean)), interval_cell(list(clean.values()), 1), sd]
+        cells += ['—' if key == name else difference_cell(paired_difference(clean, base)) for name, base in bases.items()]
         cells += [interval_cell([t[r] for t in res.top1.values()], 1) for r in occlusions]
         if with_fidelity:
             cells.append(interval_cell(list(res.fidelity.values()), 3) if res.fidelity else '—')

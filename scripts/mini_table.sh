@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The mini benchmark (CPU): the tiny ViT at 32 px with 4 px patches (8 x 8 tokens) on the cluttered-digits demo data
+# The mini benchmark: the tiny conv-stem ViT at 32 px with 4 px tokens (8 x 8 tokens) on the cluttered-digits demo data
 # or on CIFAR-10/100, one row per method, each over paired seeds (seed s: same initial weights and data order in
 # every row). Rows: (a) Mixup + CutMix, soft-target CE; (b) the same with BCE; (c) TokenMix, area targets;
 # (d) TokenMix, the CNN teacher's online full own-class maps; (e) its top-5 maps; (f) its stored top-5 maps

@@ -47,7 +47,7 @@ def test_cifar10_quick_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'skipping f_tokenmix_stored_maps: stored maps need an image-folder dataset' in proc.stdout
     table = (out / 'table.md').read_text().splitlines()
-    assert table[0] == ('| method | seeds | clean top-1 | seed sd | vs (a) | top-1 occl. 0.25 | top-1 occl. 0.5 '
+    assert table[0] == ('| method | seeds | clean top-1 | seed sd | vs (a) | vs (b) | top-1 occl. 0.25 | top-1 occl. 0.5 '
                         '| take-off epoch (top-1 >= 20%) | img/s |')  # CIFAR-10: twice chance is 20%
     rows = [[c.strip() for c in line.strip('|').split('|')] for line in table[2:]]
     assert [r[0][:3] for r in rows] == ['(a)', '(d)']
@@ -55,7 +55,7 @@ def test_cifar10_quick_table(tmp_path):
         with open(out / 'runs' / f'{name}-s0' / 'validate.csv') as f:
             measured = {float(r['occlusion']): float(r['top1']) for r in csv.DictReader(f)}
         assert len(measured) == 3 and all(v % 5 == 0 for v in measured.values())  # 20 test images: steps of 5%
-        assert [row[2]] + row[5:7] == [f'{measured[r]:.1f}' for r in (0.0, 0.25, 0.5)]
+        assert [row[2]] + row[6:8] == [f'{measured[r]:.1f}' for r in (0.0, 0.25, 0.5)]
         args = (out / 'runs' / f'{name}-s0' / 'args.yaml').read_text()
         assert 'dataset: torch/cifar10' in args and 'num_classes: 10' in args
     assert (out / 'top1_per_epoch.png').is_file() and not (out / 'fidelity.png').exists()

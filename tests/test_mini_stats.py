@@ -74,12 +74,18 @@ def _row(mini, clean, curves):
 def test_table_rows_give_seed_sd_paired_difference_and_take_off(mini):
     base = _row(mini, {0: 70.0, 1: 72.0, 2: 74.0}, {0: [10, 30], 1: [10, 25], 2: [30, 40]})
     row = _row(mini, {0: 71.0, 1: 74.0, 2: 77.0}, {0: [10, 10], 1: [21, 22], 2: [19, 20]})
-    table = mini.build_table({'a_mixup_cutmix': base, 'c_tokenmix_area': row}, [0.5], 10).splitlines()
-    assert table[0] == ('| method | seeds | clean top-1 | seed sd | vs (a) | top-1 occl. 0.5 '
+    bce = _row(mini, {0: 71.0, 1: 71.0, 2: 71.0}, {0: [30, 40], 1: [30, 40], 2: [30, 40]})
+    table = mini.build_table({'a_mixup_cutmix': base, 'b_mixup_cutmix_bce': bce, 'c_tokenmix_area': row}, [0.5],
+                             10).splitlines()
+    assert table[0] == ('| method | seeds | clean top-1 | seed sd | vs (a) | vs (b) | top-1 occl. 0.5 '
                         '| take-off epoch (top-1 >= 20%) | img/s |')
     # (a): mean 72, sd 2, t(0.975, 2) * 2 / sqrt(3) = 4.97; (c): differences 1, 2, 3 -> +2.0 ± 2.5, sd 3
-    assert table[2] == '| (a) Mixup + CutMix, soft-target CE | 3 | 72.0 ± 5.0 | 2.0 | — | 36.0 ± 2.5 | 2 2 1 | 100 ± 0 |'
-    assert table[3] == '| (c) TokenMix, area targets | 3 | 74.0 ± 7.5 | 3.0 | +2.0 ± 2.5 | 37.0 ± 3.7 | >2 1 2 | 100 ± 0 |'
+    # vs (b): (a) - (b) = -1, 1, 3 -> +1.0 ± 5.0; (c) - (b) = 0, 3, 6 -> +3.0 ± 7.5
+    assert table[2] == ('| (a) Mixup + CutMix, soft-target CE | 3 | 72.0 ± 5.0 | 2.0 | — | +1.0 ± 5.0 | 36.0 ± 2.5 '
+                        '| 2 2 1 | 100 ± 0 |')
+    assert table[3] == '| (b) Mixup + CutMix, BCE | 3 | 71.0 ± 0.0 | 0.0 | -1.0 ± 5.0 | — | 35.5 ± 0.0 | 1 1 1 | 100 ± 0 |'
+    assert table[4] == ('| (c) TokenMix, area targets | 3 | 74.0 ± 7.5 | 3.0 | +2.0 ± 2.5 | +3.0 ± 7.5 | 37.0 ± 3.7 '
+                        '| >2 1 2 | 100 ± 0 |')
     # 100 classes: twice chance is 2%
     assert 'top-1 >= 2%' in mini.build_table({'a_mixup_cutmix': base}, [0.5], 100)
 

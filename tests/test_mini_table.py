@@ -18,12 +18,12 @@ def test_quick_table_has_every_method_and_column(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=600, env={**os.environ, 'JOBS': '2'})
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / 'table.md').read_text().splitlines()
-    assert table[0] == ('| method | seeds | clean top-1 | seed sd | vs (a) | top-1 occl. 0.25 | top-1 occl. 0.5 '
+    assert table[0] == ('| method | seeds | clean top-1 | seed sd | vs (a) | vs (b) | top-1 occl. 0.25 | top-1 occl. 0.5 '
                         '| fidelity error | take-off epoch (top-1 >= 20%) | img/s |')
     rows = [line.strip('|').split('|') for line in table[2:]]
     assert [r[0].strip()[:3] for r in rows] == ['(a)', '(b)', '(c)', '(d)', '(e)', '(f)', '(g)']
     for row, method in zip(rows, mini.ROWS):
-        seeds, clean, sd, diff, *top1, fidelity, take_off, speed = [c.strip() for c in row[1:]]
+        seeds, clean, sd, diff, diff_b, *top1, fidelity, take_off, speed = [c.strip() for c in row[1:]]
         assert seeds == '1' and sd == '—'
         # one epoch on 300 images stays at chance (10 classes): never reaches 20%
         assert take_off == '>1'
@@ -32,6 +32,7 @@ def test_quick_table_has_every_method_and_column(tmp_path):
             measured = {float(r['occlusion']): float(r['top1']) for r in csv.DictReader(f)}
         assert [clean] + top1 == [f'{measured[ratio]:.1f}' for ratio in (0.0, 0.25, 0.5)]
         assert diff == '—' if row is rows[0] else re.fullmatch(r'[+-]\d+\.\d', diff)
+        assert diff_b == '—' if row is rows[1] else re.fullmatch(r'[+-]\d+\.\d', diff_b)
         assert re.fullmatch(r'\d\.\d{3}', fidelity) and 0 < float(fidelity) < 1
         assert re.fullmatch(r'\d+', speed) and int(speed) > 0
     assert '\n'.join(table) in proc.stdout
