@@ -39,7 +39,7 @@ MODULES = {
 GOALS = {'mixup_ext': 90.0}
 DEFAULT_GOAL = 80.0
 # what the tests load besides the packages (mutmut copies the packages and tests/ itself)
-ALSO_COPY = ['train.py', 'validate.py', 'tools', 'configs']
+ALSO_COPY = ['train.py', 'validate.py', 'tools', 'configs', 'scripts', 'benchmarks']
 # lines that only hold message text: a raise with its message, a string continuation line, a log call
 NO_MUTATE_LINES = [r'^\s*raise \w+\(', r'^\s*f?[\'"].*[\'"],?\)*( from \w+)?$', r'_logger\.\w+\(']
 
