@@ -9,8 +9,8 @@
 # table failed, 0 otherwise (also when the deadline stopped them).
 #
 # Usage: benchmarks/gpu_mini_table.sh PREP OUT_ROOT CONFIG.yaml [CONFIG.yaml ...]
-# Environment: DEADLINE (seconds, default 400), EARLY (seconds, default 120), JOBS (runs at a time per recipe, default 7), SEEDS / ROWS / EPOCHS
-#   (passed on to mini_table.sh), PYTHON (default python3).
+# Environment: DEADLINE (seconds, default 400), EARLY (seconds, default 120), JOBS (runs at a time per recipe,
+#   default 7), SEEDS / ROWS / EPOCHS (passed on to mini_table.sh), PYTHON (default python3).
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 die() { echo "gpu_mini_table.sh: error: $1" >&2; exit 2; }
@@ -24,15 +24,21 @@ DEADLINE=${DEADLINE:-400}
 EARLY=${EARLY:-120}
 export JOBS=${JOBS:-7} PYTHON=${PYTHON:-python3} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 start=$(date +%s)
-declare -A table_of
-for cfg in "$@"; do
+declare -A table_of seen
+for cfg in "$@"; do  # every config checked before any table starts
     [ -f "$cfg" ] || die "no config '$cfg'"
+    name=$(basename "$cfg" .yaml)
+    [ -z "${seen[$name]:-}" ] || die "two configs named $name: each table's folder is OUT_ROOT/<config name>"
+    seen[$name]=1
+done
+for cfg in "$@"; do
     name=$(basename "$cfg" .yaml)
     dir="$OUT_ROOT/$name"
     mkdir -p "$dir/teacher"
     [ -e "$dir/data" ] || ln -s "$PREP/data" "$dir/data"
     cp "$PREP/teacher/model_best.pth.tar" "$dir/teacher/"
-    # a session of its own, so that the deadline stops the table with every run it started
+    # a session of its own, so that the deadline stops the table with every run it started: a background child of
+    # this non-interactive script is no process-group leader, so setsid does not fork and $! is the new group's id
     setsid "$HERE/scripts/mini_table.sh" --out "$dir" --student-config "$cfg" > "$OUT_ROOT/$name.log" 2>&1 &
     table_of[$!]=$name
 done

@@ -9,11 +9,12 @@
   last feature map is 8 x 8 at 64 x 64 input and lines up with the student's tokens. Its head is global average
   pooling then one linear layer, so its class activation maps average exactly to its logits.
 
-Both default to 10 classes (the demo's digits) and take ``num_classes``; the ViT takes ``img_size``. They have no
+All three default to 10 classes (the demo's digits) and take ``num_classes``; the ViTs take ``img_size``. They have no
 pretrained weights: ``pretrained_cfg`` only carries the data config (input size, mean / std, crop).
 """
 from typing import Optional, Tuple, Union
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -48,12 +49,15 @@ class ConvStemPatchEmbed(PatchEmbed):
     """
 
     def __init__(self, img_size: Optional[Union[int, Tuple[int, int]]] = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, bias: bool = True, device=None, dtype=None, **kwargs) -> None:
+                 embed_dim: int = 768, bias: bool = True, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None, **kwargs) -> None:
+        # PatchEmbed sets the grid, the norm and the flags, and builds a patchify projection that is replaced below
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, bias=bias,
                          device=device, dtype=dtype, **kwargs)
         size = self.patch_size[0]
         if self.patch_size[1] != size or size < 2 or size & (size - 1):
-            raise ValueError(f'ConvStemPatchEmbed needs a square power-of-two patch size of at least 2, got {patch_size}')
+            raise ValueError(
+                f'ConvStemPatchEmbed needs a square power-of-two patch size of at least 2, got {patch_size}')
         stages = size.bit_length() - 1
         dd = {'device': device, 'dtype': dtype}
         layers, width = [], in_chans

@@ -116,6 +116,21 @@ def read_summary(run_dir: str) -> Tuple[List[float], float]:
     return [float(r['eval_top1']) for r in rows], statistics.fmean(float(r['train_img_per_sec']) for r in rows)
 
 
+def validate_flags(run_dir: str) -> List[str]:
+    """validate.py's flags for one run, read from the run's args.yaml: the architecture as trained (model, image
+    size, model_kwargs, global pool) and its token size for the occlusion patches (one flag or value an item)."""
+    args = parse_train_args(['-c', os.path.join(run_dir, 'args.yaml'), '--data-dir', run_dir])
+    flags = ['--model', args.model, '--img-size', str(args.img_size)]
+    if args.model_kwargs:
+        flags += ['--model-kwargs', *(f'{key}={value!r}' for key, value in args.model_kwargs.items())]
+    if args.gp:
+        flags += ['--gp', args.gp]
+    token_size = args.tokenmix_patch_size or patch_size_of(build_student(args, args.num_classes))
+    if token_size:
+        flags += ['--patch-size', str(token_size)]
+    return flags
+
+
 def run_fidelity(run_dir: str, data_dir: str, images: int, batch_size: int, teacher_checkpoint: str) -> float:
     """Target fidelity error of one run's mixer on `images` demo val images (mean over batches)."""
     args = parse_train_args(['-c', os.path.join(run_dir, 'args.yaml'), '--data-dir', data_dir])
@@ -193,7 +208,8 @@ def build_table(results: Dict[str, RowResults], occlusions: Sequence[float], num
     deviation of clean top-1, and each seed's take-off epoch (first epoch at twice chance top-1)."""
     with_fidelity = any(r.fidelity for r in results.values())
     chance2 = 200.0 / num_classes
-    header = (['method', 'seeds', 'clean top-1', 'seed sd', *BASELINES.values()] + [f'top-1 occl. {r:g}' for r in occlusions]
+    header = (['method', 'seeds', 'clean top-1', 'seed sd', *BASELINES.values()]
+              + [f'top-1 occl. {r:g}' for r in occlusions]
               + (['fidelity error'] if with_fidelity else []) + [f'take-off epoch (top-1 >= {chance2:g}%)', 'img/s'])
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     bases = {name: results[name].clean() if name in results else {} for name in BASELINES}
@@ -201,7 +217,8 @@ def build_table(results: Dict[str, RowResults], occlusions: Sequence[float], num
         clean = res.clean()
         sd = f'{statistics.stdev(clean.values()):.1f}' if len(clean) > 1 else '—'
         cells = [ROWS[key], str(len(clean)), interval_cell(list(clean.values()), 1), sd]
-        cells += ['—' if key == name else difference_cell(paired_difference(clean, base)) for name, base in bases.items()]
+        cells += ['—' if key == name else difference_cell(paired_difference(clean, base))
+                  for name, base in bases.items()]
         cells += [interval_cell([t[r] for t in res.top1.values()], 1) for r in occlusions]
         if with_fidelity:
             cells.append(interval_cell(list(res.fidelity.values()), 3) if res.fidelity else '—')

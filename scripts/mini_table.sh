@@ -6,7 +6,7 @@
 # (tools/precompute_teacher_maps.py; demo data only); (g) random token masks with the targets of (d). TokenMix rows
 # train with BCE, as the authors do, so (b) is their like-for-like baseline. Each run is validated clean and with
 # 25% / 50% of the 4 px patches dropped; scripts/mini_table.py adds target fidelity (demo data), images/s, 95%
-# intervals over seeds, the paired difference to (a) and two plots.
+# intervals over seeds, the paired differences to (a) and (b) and two plots.
 #
 # Usage: scripts/mini_table.sh [--quick] [--out DIR] [--student-config YAML]
 #                              [--dataset cifar10|cifar100 --data-dir DIR [--dataset-download]]
@@ -16,19 +16,20 @@
 #                maps/ (demo), runs/<row>-s<seed>/, table.md, top1_per_epoch.png and fidelity.png (demo).
 #                Finished runs (validate.csv present) are reused, so an interrupted table resumes.
 #   --student-config  the student's train.py config (default: configs/mini/vit_student.yaml, or
-#                configs/mini/cifar_student.yaml with --dataset); validate.py gets its model, image size, model_kwargs
-#                and gp, so another architecture (configs/mini/candidates/) is validated as trained
+#                configs/mini/cifar_student.yaml with --dataset); validate.py gets each run's model, image size,
+#                model_kwargs, gp and token size from its args.yaml, so any architecture is validated as trained
 #   --dataset    cifar10 / cifar100 through timm's torch/cifar10 / torch/cifar100 (torchvision's CIFAR files under
 #                --data-dir); configs/mini/cifar_*.yaml; no stored-maps row (the store needs an image folder) and
 #                no fidelity column (CIFAR has no object masks)
 #   --dataset-download  let torchvision download CIFAR into --data-dir
-# Environment: PYTHON (default: the active virtualenv, else .venv, else conda; scripts/python_env.sh), SEEDS (default "0 1 2 3 4";
-#   quick: "0"), EPOCHS (student epochs; default: the config's), ROWS (row names to run; default: all), JOBS (runs
+# Environment: PYTHON (default: the active virtualenv, else .venv, else conda; scripts/python_env.sh), SEEDS
+#   (default "0 1 2 3 4"; quick: "0"), EPOCHS (student epochs; default: the config's), ROWS (row names to run; default: all), JOBS (runs
 #   at a time, default 1; with 2 on a 2-core machine each run gets one thread, which trains these small models
 #   faster in total than one run with two threads). Each run's output goes to OUT/logs/<row>-s<seed>.log.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-USAGE="usage: scripts/mini_table.sh [--quick] [--out DIR] [--student-config YAML] [--dataset cifar10|cifar100 --data-dir DIR [--dataset-download]]"
+USAGE="usage: scripts/mini_table.sh [--quick] [--out DIR] [--student-config YAML]"
+USAGE+=" [--dataset cifar10|cifar100 --data-dir DIR [--dataset-download]]"
 die() { echo "mini_table.sh: error: $1" >&2; exit 2; }
 QUICK=0
 OUT=
@@ -122,17 +123,10 @@ if [ -z "$DATASET" ] && [[ " $ROWS " == *" f_tokenmix_stored_maps "* ]] && [ ! -
     touch "$MAPS/.done"
 fi
 
-# the student's architecture flags for validate.py, read from its config
-read -r -a VAL_MODEL <<< "$("$PYTHON" -c 'import sys, yaml
-c = yaml.safe_load(open(sys.argv[1]))
-flags = ["--model", c["model"], "--img-size", str(c["img_size"])]
-flags += ["--model-kwargs"] + [f"{k}={v}" for k, v in (c.get("model_kwargs") or {}).items()]
-flags += ["--gp", c["gp"]] if c.get("gp") else []
-print(" ".join(flags))' "$STUDENT_CFG")"
 ONLINE=(--tokenmix --bce-loss --teacher-model "$TEACHER_MODEL" --teacher-checkpoint "$TEACHER" --teacher-img-size 64)
 # One (seed, row) run: train, then validate clean and occluded; validate.csv marks it finished.
 run_one() {
-    local seed=$1 row=$2 flags run log
+    local seed=$1 row=$2 flags run log listed model_flags
     case $row in
         a_mixup_cutmix) flags=() ;;
         b_mixup_cutmix_bce) flags=(--bce-loss) ;;
@@ -151,8 +145,13 @@ run_one() {
     "$PYTHON" "$HERE/train.py" -c "$STUDENT_CFG" "${DATA_FLAGS[@]}" --output "$OUT/runs" \
         --experiment "$row-s$seed" --seed "$seed" "${flags[@]}" "${STUDENT_ARGS[@]}" > "$log" 2>&1 \
         || die "training $row seed $seed failed; see $log"
-    "$PYTHON" "$HERE/validate.py" "${VAL_FLAGS[@]}" "${VAL_MODEL[@]}" --checkpoint "$run/model_best.pth.tar" --occlusion 0 0.25 0.5 \
-        --occlusion-mode random --patch-size 4 --seed 0 -j 1 --results-file "$run/validate.csv.partial" \
+    # the architecture as trained and its token size, one flag or value a line, from the run's args.yaml
+    listed=$("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from mini_table import validate_flags
+print("\n".join(validate_flags(sys.argv[2])))' "$HERE/scripts" "$run" 2>> "$log") \
+        || die "reading the model of $row seed $seed from $run/args.yaml failed; see $log"
+    mapfile -t model_flags <<< "$listed"
+    "$PYTHON" "$HERE/validate.py" "${VAL_FLAGS[@]}" "${model_flags[@]}" --checkpoint "$run/model_best.pth.tar" \
+        --occlusion 0 0.25 0.5 --occlusion-mode random --seed 0 -j 1 --results-file "$run/validate.csv.partial" \
         >> "$log" 2>&1 || die "validating $row seed $seed failed; see $log"
     mv "$run/validate.csv.partial" "$run/validate.csv"
     echo "finished $row seed $seed ($(( $(date +%s) - start )) s)"

@@ -2,11 +2,12 @@
 seeds the table relies on: rows with the same --seed start from the same weights and see the same batches."""
 import math
 import os
+import shutil
 
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import ROOT, load_script
 
 
 @pytest.fixture(scope='module')
@@ -81,11 +82,12 @@ def test_table_rows_give_seed_sd_paired_difference_and_take_off(mini):
                         '| take-off epoch (top-1 >= 20%) | img/s |')
     # (a): mean 72, sd 2, t(0.975, 2) * 2 / sqrt(3) = 4.97; (c): differences 1, 2, 3 -> +2.0 ± 2.5, sd 3
     # vs (b): (a) - (b) = -1, 1, 3 -> +1.0 ± 5.0; (c) - (b) = 0, 3, 6 -> +3.0 ± 7.5
-    assert table[2] == ('| (a) Mixup + CutMix, soft-target CE | 3 | 72.0 ± 5.0 | 2.0 | — | +1.0 ± 5.0 | 36.0 ± 2.5 '
-                        '| 2 2 1 | 100 ± 0 |')
-    assert table[3] == '| (b) Mixup + CutMix, BCE | 3 | 71.0 ± 0.0 | 0.0 | -1.0 ± 5.0 | — | 35.5 ± 0.0 | 1 1 1 | 100 ± 0 |'
-    assert table[4] == ('| (c) TokenMix, area targets | 3 | 74.0 ± 7.5 | 3.0 | +2.0 ± 2.5 | +3.0 ± 7.5 | 37.0 ± 3.7 '
-                        '| >2 1 2 | 100 ± 0 |')
+    assert table[2] == ('| (a) Mixup + CutMix, soft-target CE | 3 | 72.0 ± 5.0 | 2.0 | — | +1.0 ± 5.0 '
+                        '| 36.0 ± 2.5 | 2 2 1 | 100 ± 0 |')
+    assert table[3] == ('| (b) Mixup + CutMix, BCE | 3 | 71.0 ± 0.0 | 0.0 | -1.0 ± 5.0 | — | 35.5 ± 0.0 '
+                        '| 1 1 1 | 100 ± 0 |')
+    assert table[4] == ('| (c) TokenMix, area targets | 3 | 74.0 ± 7.5 | 3.0 | +2.0 ± 2.5 | +3.0 ± 7.5 '
+                        '| 37.0 ± 3.7 | >2 1 2 | 100 ± 0 |')
     # 100 classes: twice chance is 2%
     assert 'top-1 >= 2%' in mini.build_table({'a_mixup_cutmix': base}, [0.5], 100)
 
@@ -120,3 +122,22 @@ def test_rows_with_one_seed_share_initial_weights_and_batches(train_script, trai
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert torch.equal(targets_a, targets_b) and torch.equal(images_a, images_b)
     assert len(set(targets_a.tolist())) > 1  # a real shuffled batch, not one class
+
+
+@pytest.mark.parametrize('config, expected', [
+    ('vit_student.yaml', ['--model', 'tokenmix_vit_tiny_convstem_64', '--img-size', '32', '--model-kwargs',
+                          'patch_size=4', '--patch-size', '4']),
+    ('candidates/gentle.yaml', ['--model', 'tokenmix_vit_tiny_p8_64', '--img-size', '32', '--model-kwargs',
+                                'patch_size=4', '--gp', 'avg', '--patch-size', '4']),
+])
+def test_validate_flags_give_the_architecture_as_trained(mini, tmp_path, config, expected):
+    """validate.py gets each run's model, size, kwargs, pooling and token size from the run's args.yaml."""
+    shutil.copy(os.path.join(ROOT, 'configs', 'mini', config), tmp_path / 'args.yaml')
+    assert mini.validate_flags(str(tmp_path)) == expected
+    text = (tmp_path / 'args.yaml').read_text()  # an 8 px token grid; each kwarg stays one item, strings quoted
+    (tmp_path / 'args.yaml').write_text(text.replace('model_kwargs: {patch_size: 4}',
+                                                     "model_kwargs: {patch_size: 8, mlp_ratio: 2.0, act_layer: 'gelu_tanh'}"))
+    flags = mini.validate_flags(str(tmp_path))
+    assert flags[flags.index('--model-kwargs') + 1:flags.index('--model-kwargs') + 4] == [
+        'patch_size=8', 'mlp_ratio=2.0', "act_layer='gelu_tanh'"]
+    assert flags[-2:] == ['--patch-size', '8']

@@ -5,7 +5,6 @@ import re
 from conftest import ROOT, load_script
 
 mutation = load_script(os.path.join('tools', 'mutation.py'))
-COPIED_BY_MUTMUT = {'mixup_ext', 'models', 'tokenmix', 'tests'}  # source_paths and the tests folder
 
 
 def test_every_file_the_module_suites_open_is_copied_next_to_the_mutants():
@@ -19,7 +18,7 @@ def test_every_file_the_module_suites_open_is_copied_next_to_the_mutants():
         needed |= set(re.findall(r"os\.path\.join\(ROOT, '([^'/]+)'", text))
         needed |= set(re.findall(r"load_script\(os\.path\.join\('([^']+)'", text))
     assert {'scripts', 'tools'} <= needed  # what the suites open today
-    missing = needed - COPIED_BY_MUTMUT - set(mutation.ALSO_COPY)
+    missing = needed - set(mutation.SOURCE_PATHS) - {'tests'} - set(mutation.ALSO_COPY)
     assert not missing, f'add {sorted(missing)} to ALSO_COPY'
 
 
@@ -33,4 +32,5 @@ def test_config_names_the_module_its_tests_and_the_copied_files(tmp_path):
     assert '\nonly_mutate =\n    models/teacher.py\n' in text
     assert '\npytest_add_cli_args_test_selection =\n    tests/test_teacher.py\n    tests/test_tiny_models.py\n' in text
     assert ''.join(f'\n    {p}' for p in mutation.ALSO_COPY) in text
+    assert '\nsource_paths =\n    mixup_ext\n    models\n    tokenmix\n' in text
     assert text.endswith('process_isolation = forkserver\n')

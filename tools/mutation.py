@@ -38,7 +38,8 @@ MODULES = {
 }
 GOALS = {'mixup_ext': 90.0}
 DEFAULT_GOAL = 80.0
-# what the tests load besides the packages (mutmut copies the packages and tests/ itself)
+# the packages mutmut copies (with tests/) into its mutants folder, and what the tests load besides them
+SOURCE_PATHS = ['mixup_ext', 'models', 'tokenmix']
 ALSO_COPY = ['train.py', 'validate.py', 'tools', 'configs', 'scripts', 'benchmarks']
 # lines that only hold message text: a raise with its message, a string continuation line, a log call
 NO_MUTATE_LINES = [r'^\s*raise \w+\(', r'^\s*f?[\'"].*[\'"],?\)*( from \w+)?$', r'_logger\.\w+\(']
@@ -60,7 +61,7 @@ def write_config(work: str, module: str) -> None:
 
     with open(os.path.join(work, 'setup.cfg'), 'w') as f:
         f.write('[mutmut]\n'
-                f'source_paths ={listed(["mixup_ext", "models", "tokenmix"])}\n'
+                f'source_paths ={listed(SOURCE_PATHS)}\n'
                 f'only_mutate ={listed(mutated)}\n'
                 f'pytest_add_cli_args_test_selection ={listed(tests)}\n'
                 f'do_not_mutate_patterns ={listed(NO_MUTATE_LINES)}\n'
