@@ -261,6 +261,26 @@ def test_bad_teacher_options(kwargs, message):
         Teacher(_model('resnet10t'), **kwargs)
 
 
+@pytest.mark.parametrize('dtype', ['bfloat16', torch.bfloat16, 'float16', torch.float16])
+def test_amp_dtype_by_name_or_as_a_torch_dtype(dtype):
+    assert Teacher(_model('resnet10t'), amp_dtype=dtype).amp_dtype == getattr(torch, str(dtype).split('.')[-1])
+    with pytest.raises(ValueError, match='amp_dtype must be float16 or bfloat16'):
+        Teacher(_model('resnet10t'), amp_dtype=torch.float32)
+
+
+def test_fixed_size_vit_teacher_refuses_another_input_size():
+    """A ViT built for 64 px cannot be fed 32 px (its position embedding is fixed): one clear error at build time;
+    built with dynamic_img_size=True it takes 32 px and gives a 4 x 4 map of 8 px tokens."""
+    torch.manual_seed(0)
+    vit = timm.create_model('tokenmix_vit_tiny_p8_64').eval()
+    with pytest.raises(ValueError, match=r'the ViT teacher takes 64x64 inputs, got 32x32: resize with img_size=64 '
+                                         r'\(--teacher-img-size\) or build the teacher with dynamic_img_size=True'):
+        Teacher(vit, img_size=32)
+    assert Teacher(vit, img_size=64)(torch.randn(1, 3, 32, 32)).shape == (1, 10, 8, 8)
+    dynamic = timm.create_model('tokenmix_vit_tiny_p8_64', dynamic_img_size=True).eval()
+    assert Teacher(dynamic, img_size=32)(torch.randn(1, 3, 32, 32)).shape == (1, 10, 4, 4)
+
+
 def test_build_teacher_needs_exactly_one_weight_source(tmp_path):
     with pytest.raises(ValueError, match='needs weights.*--teacher-checkpoint'):
         build_teacher('resnet18')
