@@ -169,6 +169,14 @@ def test_renormalises_student_batch_to_teacher_statistics():
     same = Teacher(model, student_mean=IMAGENET_MEAN, student_std=IMAGENET_STD)
     assert not same.renormalizes
     torch.testing.assert_close(same(as_teacher), Teacher(model)(as_teacher), rtol=0, atol=0)
+    # the teacher's mean with another std still needs the affine map (either statistic differing is enough)
+    other_std = (0.2, 0.2, 0.2)
+    half = Teacher(model, student_mean=IMAGENET_MEAN, student_std=other_std)
+    as_half = (pixels - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(other_std)[:, None, None]
+    assert half.renormalizes
+    torch.testing.assert_close(half(as_half), Teacher(model)(as_teacher), rtol=1e-4, atol=1e-5)
+    # the affine map is not part of the teacher's weights: its state dict is the network's
+    assert set(teacher.state_dict()) == {f'model.{key}' for key in model.state_dict()}
 
 
 def _pil_resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -218,6 +226,41 @@ def test_teacher_is_frozen_and_no_gradient_reaches_it():
     torch.testing.assert_close(teacher.model.bn1.running_mean, stats, rtol=0, atol=0)
 
 
+def test_float16_autocast_runs_the_network_in_float16():
+    """The autocast dtype is the one asked for, not the device's default (bfloat16 on the CPU)."""
+    model = _model('resnet10t')
+    seen = []
+    model.layer4.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    maps = Teacher(model, amp_dtype='float16')(_images())
+    assert seen == [torch.float16] and maps.dtype == torch.float32
+
+
+def test_channels_last_only_when_asked():
+    model = _model('resnet10t')
+    assert not Teacher(model).channels_last and model.conv1[0].weight.is_contiguous()
+    Teacher(model, channels_last=True)
+    assert model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv1[0].weight.is_contiguous()
+
+
+def test_classifier_without_bias_or_as_a_1x1_convolution():
+    """A bias-free linear head gives exact maps with a zero bias; a 1 x 1 convolution is a linear classifier too,
+    a larger kernel is not."""
+    model = _model('resnet10t')
+    model.fc = nn.Linear(model.fc.in_features, 7, bias=False)
+    x = _images()
+    torch.testing.assert_close(Teacher(model)(x).mean((2, 3)), model(x), rtol=1e-4, atol=1e-5)
+    assert models.teacher._classifiers(model) == (model.fc,)
+    width = model.fc.in_features
+    for kernel, accepted in ((1, True), (3, False), ((1, 3), False)):
+        model.fc = nn.Conv2d(width, 7, kernel)
+        if accepted:
+            assert models.teacher._classifiers(model) == (model.fc,)
+        else:
+            with pytest.raises(ValueError, match='has no linear classifier \\(Conv2d\\)'):
+                models.teacher._classifiers(model)
+
+
 def test_bfloat16_autocast_and_channels_last_keep_the_maps():
     model = _model('resnet10t')
     x = _images()
@@ -255,6 +298,8 @@ def test_unsupported_models_give_clear_errors(make, message):
     (dict(student_mean=(0.5, 0.5, 0.5)), 'both student_mean and student_std'),
     (dict(student_mean=(0.5,), student_std=(0.5,)), 'student_mean needs 3'),
     (dict(amp_dtype='float64'), 'amp_dtype must be float16 or bfloat16'),
+    (dict(amp_dtype='bf16'), "amp_dtype must be float16 or bfloat16 \\(or None\\), got 'bf16'"),
+    (dict(student_mean=(0.5,) * 3, student_std=(0.5, 0.5)), 'student_std needs 3'),
 ])
 def test_bad_teacher_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
