@@ -487,3 +487,80 @@ def test_bad_inputs_name_the_argument():
                          ({'cutmix_alpha': 0.}, 'mixup_alpha')]:
         with pytest.raises(ValueError, match=name):
             TokenMix(**{'mixup_alpha': 0., 'cutmix_alpha': 1., **kwargs})
+
+
+# ---------------------------------------------------------------- constructor bounds (from the mutation run)
+def test_defaults_are_timm_mixups():
+    """Every argument TokenMix shares with timm.data.Mixup has timm's default, so a drop-in keeps its behaviour."""
+    import inspect
+    ours = inspect.signature(TokenMix).parameters
+    timms = inspect.signature(timm.data.Mixup).parameters
+    shared = [name for name in timms if name in ours]
+    assert len(shared) == 10
+    assert {name: ours[name].default for name in shared} == {name: timms[name].default for name in shared}
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(cutmix_minmax=(0.3, 0.3)), dict(cutmix_minmax=(0.5, 1.0)), dict(prob=1.0), dict(prob=0.0),
+    dict(switch_prob=0.0), dict(switch_prob=1.0), dict(label_smoothing=0.0), dict(label_smoothing=0.99),
+    dict(patch_size=1), dict(mixup_alpha=0.0, cutmix_alpha=0.5),
+])
+def test_constructor_accepts_the_bounds(kwargs):
+    TokenMix(**kwargs)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(cutmix_minmax=(0.0, 0.5)), r'cutmix_minmax must be \(min, max\) with 0 < min <= max <= 1'),
+    (dict(cutmix_minmax=(0.6, 0.4)), 'cutmix_minmax must be'),
+    (dict(cutmix_minmax=(0.5, 1.5)), 'cutmix_minmax must be'),
+    (dict(mixup_alpha=-1.0), r'mixup_alpha and cutmix_alpha must be >= 0, got -1.0 and 0.0'),
+    (dict(cutmix_alpha=-1.0), 'must be >= 0'),
+    (dict(prob=1.5), r'prob and switch_prob must lie in \[0, 1\], got 1.5 and 0.5'),
+    (dict(switch_prob=1.5), r'got 1.0 and 1.5'),
+    (dict(switch_prob=-0.5), r'got 1.0 and -0.5'),
+    (dict(label_smoothing=1.0), r'label_smoothing must lie in \[0, 1\), got 1.0'),
+    (dict(label_smoothing=1.5), 'label_smoothing must lie in'),
+    (dict(patch_size=0), 'patch_size must be positive, got 0'),
+    (dict(mode='row'), r"^mode must be one of \('batch', 'pair', 'elem'\), got 'row'$"),
+    (dict(mask_type='box'), r"^mask_type must be one of"),
+    (dict(lam_mode='uniform'), r"^lam_mode must be one of"),
+    (dict(target='cam'), r"^target must be one of"),
+    (dict(target_norm='l2'), r"^target_norm must be one of"),
+])
+def test_constructor_refuses_out_of_range_values_naming_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TokenMix(**kwargs)
+
+
+def test_minmax_switches_the_region_branch_on_and_nothing_is_mixed_before_a_call():
+    mixer = TokenMix(mixup_alpha=0.0, cutmix_minmax=(0.3, 0.6))
+    assert mixer.cutmix_alpha == 1.0
+    assert mixer.last_mask is None and mixer.last_weights is None
+
+
+def test_area_target_ignores_given_maps_and_labels_of_any_integer_dtype():
+    """target='area' never uses own_maps; int32 labels give the same targets as int64."""
+    x = torch.randn(6, 3, 32, 32)
+    maps = torch.rand(6, 4, 4)
+    kwargs = dict(mixup_alpha=0.0, cutmix_alpha=1.0, switch_prob=1.0, min_tokens=2, patch_size=8, num_classes=5,
+                  target='area')
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    _, plain = TokenMix(**kwargs, generator=gen(4))(x.clone(), y)
+    _, given = TokenMix(**kwargs, generator=gen(4))(x.clone(), y, maps)
+    _, int32 = TokenMix(**kwargs, generator=gen(4))(x.clone(), y.int())
+    assert torch.equal(given, plain) and torch.equal(int32, plain)
+
+
+def test_correct_lam_false_keeps_the_drawn_lam_instead_of_the_mask_share():
+    kwargs = dict(mixup_alpha=0.0, cutmix_alpha=1.0, switch_prob=1.0, min_tokens=2, patch_size=8, num_classes=5,
+                  target='area', label_smoothing=0.0, mode='elem')
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 5
+    corrected, drawn = TokenMix(**kwargs, generator=gen(5)), TokenMix(**kwargs, correct_lam=False, generator=gen(5))
+    corrected(x.clone(), y)
+    drawn(x.clone(), y)
+    assert torch.equal(corrected.last_mask, drawn.last_mask)  # same draws, same masks
+    share = corrected.last_mask.float().mean((1, 2))
+    torch.testing.assert_close(corrected.last_weights[:, 1], share)
+    # the drawn lam is continuous, the mask share a multiple of 1/16 (plus min_tokens): they differ on every row
+    assert ((drawn.last_weights[:, 1] - share).abs() > 1e-4).all()
+    torch.testing.assert_close(drawn.last_weights.sum(1), torch.ones(8))
