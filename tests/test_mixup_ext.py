@@ -564,3 +564,22 @@ def test_correct_lam_false_keeps_the_drawn_lam_instead_of_the_mask_share():
     # the drawn lam is continuous, the mask share a multiple of 1/16 (plus min_tokens): they differ on every row
     assert ((drawn.last_weights[:, 1] - share).abs() > 1e-4).all()
     torch.testing.assert_close(drawn.last_weights.sum(1), torch.ones(8))
+
+
+@pytest.mark.parametrize('sampler', [random_token_masks, block_token_masks])
+def test_token_counts_at_the_bounds(sampler):
+    """0 and all tokens are valid counts (an int or per sample); one count outside [0, h * w] is refused. (Block
+    masks may fall short of a large count, as the authors' sampler does, so only random masks must fill the grid.)"""
+    assert not sampler(3, (4, 4), 0, generator=gen()).any()
+    full = sampler(2, (4, 4), torch.tensor([0, 16]), generator=gen()).sum((1, 2)).tolist()
+    assert full[0] == 0 and (full[1] == 16 if sampler is random_token_masks else 0 < full[1] <= 16)
+    for counts in (17, -1, torch.tensor([-1, 3]), torch.tensor([3, 17])):
+        with pytest.raises(ValueError, match=r'num_tokens must lie in \[0, 16\] for this grid'):
+            sampler(2, (4, 4), counts, generator=gen())
+
+
+@pytest.mark.parametrize('box', [(2, 0, 2, 4), (0, 3, 4, 3), (3, 0, 2, 4)])
+def test_crop_map_refuses_an_empty_box(box):
+    from mixup_ext import crop_map
+    with pytest.raises(ValueError, match=r'crop box must have x1 > x0 and y1 > y0'):
+        crop_map(torch.rand(8, 8), box, (2, 2))
