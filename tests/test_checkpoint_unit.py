@@ -251,3 +251,28 @@ def test_continue_history_keeps_the_recorded_best_over_a_worse_or_odd_best_file(
     assert (saver.best_metric, saver.best_epoch) == (5.0, 1)
     assert [(p.rsplit('/', 1)[-1], m) for p, m in saver.checkpoint_files] == [('checkpoint-1.pth.tar', 5.0),
                                                                             ('checkpoint-2.pth.tar', 3.0)]
+
+
+def test_temporary_files_sit_hidden_beside_their_target_and_old_ones_go_at_start(tmp_path):
+    """A killed writer leaves `.NAME.tmp` (or timm's `tmp.pth.tar`) in the checkpoint folder: the next saver removes
+    them, and nothing else."""
+    from tokenmix.checkpoint import temp_path
+    assert temp_path(str(tmp_path / 'last.pth.tar')) == str(tmp_path / '.last.pth.tar.tmp')
+    for name in ('.last.pth.tar.tmp', '.checkpoint-3.pth.tar.tmp', 'tmp.pth.tar', 'checkpoint-2.pth.tar', 'notes.tmp'):
+        (tmp_path / name).write_bytes(b'x')
+    model = _model(0)
+    AtomicCheckpointSaver(model=model, optimizer=_optimizer(model), checkpoint_dir=str(tmp_path),
+                          recovery_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-2.pth.tar', 'notes.tmp']
+
+
+def test_a_saved_checkpoint_carries_timms_keys(tmp_path):
+    """arch (the --model name, else the model's class), version 2 (timm: the saved epoch is complete), and the
+    weights as the unwrap function gives them."""
+    model = _model(0)
+    saver = AtomicCheckpointSaver(model=model, optimizer=_optimizer(model), checkpoint_dir=str(tmp_path),
+                                  recovery_dir=str(tmp_path), unwrap_fn=lambda m: torch.nn.Sequential(m))
+    saver.save(0, 1.0, {})
+    state = torch.load(tmp_path / 'last.pth.tar', weights_only=False)
+    assert (state['arch'], state['version'], state['epoch']) == ('linear', 2, 0)
+    assert sorted(state['state_dict']) == ['0.bias', '0.weight']
