@@ -77,26 +77,26 @@ class ConvStemPatchEmbed(PatchEmbed):
         super().set_input_size(img_size=img_size)
 
 
-@register_model
-def tokenmix_vit_tiny_p8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT student: 64 px input, 8 px patches (8 x 8 tokens), dim 96, depth 4, 3 heads."""
+def _tiny_vit(variant: str, pretrained: bool, **kwargs) -> VisionTransformer:
+    """The tiny ViT shape shared by both students: 64 px input, 8 px tokens, dim 96, depth 4, 3 heads."""
     model_args = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3)
     return build_model_with_cfg(
-        VisionTransformer, 'tokenmix_vit_tiny_p8_64', pretrained,
+        VisionTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=3, feature_cls='getter'),
         **dict(model_args, **kwargs))
+
+
+@register_model
+def tokenmix_vit_tiny_p8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT student: 64 px input, 8 px patches (8 x 8 tokens), dim 96, depth 4, 3 heads."""
+    return _tiny_vit('tokenmix_vit_tiny_p8_64', pretrained, **kwargs)
 
 
 @register_model
 def tokenmix_vit_tiny_convstem_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT student with a conv stem: 64 px input, 8 px tokens (8 x 8 grid), dim 96, depth 4, 3 heads."""
-    model_args = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, embed_layer=ConvStemPatchEmbed)
-    return build_model_with_cfg(
-        VisionTransformer, 'tokenmix_vit_tiny_convstem_64', pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=3, feature_cls='getter'),
-        **dict(model_args, **kwargs))
+    return _tiny_vit('tokenmix_vit_tiny_convstem_64', pretrained, **dict(embed_layer=ConvStemPatchEmbed, **kwargs))
 
 
 @register_model

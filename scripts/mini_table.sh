@@ -23,9 +23,10 @@
 #                no fidelity column (CIFAR has no object masks)
 #   --dataset-download  let torchvision download CIFAR into --data-dir
 # Environment: PYTHON (default: the active virtualenv, else .venv, else conda; scripts/python_env.sh), SEEDS
-#   (default "0 1 2 3 4"; quick: "0"), EPOCHS (student epochs; default: the config's), ROWS (row names to run; default: all), JOBS (runs
-#   at a time, default 1; with 2 on a 2-core machine each run gets one thread, which trains these small models
-#   faster in total than one run with two threads). Each run's output goes to OUT/logs/<row>-s<seed>.log.
+#   (default "0 1 2 3 4"; quick: "0"), EPOCHS (student epochs; default: the config's), ROWS (row names to run;
+#   default: all), JOBS (runs at a time, default 1; with 2 on a 2-core machine each run gets one thread, which
+#   trains these small models faster in total than one run with two threads). Each run's output goes to
+#   OUT/logs/<row>-s<seed>.log.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 USAGE="usage: scripts/mini_table.sh [--quick] [--out DIR] [--student-config YAML]"

@@ -135,8 +135,8 @@ def test_validate_flags_give_the_architecture_as_trained(mini, tmp_path, config,
     shutil.copy(os.path.join(ROOT, 'configs', 'mini', config), tmp_path / 'args.yaml')
     assert mini.validate_flags(str(tmp_path)) == expected
     text = (tmp_path / 'args.yaml').read_text()  # an 8 px token grid; each kwarg stays one item, strings quoted
-    (tmp_path / 'args.yaml').write_text(text.replace('model_kwargs: {patch_size: 4}',
-                                                     "model_kwargs: {patch_size: 8, mlp_ratio: 2.0, act_layer: 'gelu_tanh'}"))
+    kwargs = "model_kwargs: {patch_size: 8, mlp_ratio: 2.0, act_layer: 'gelu_tanh'}"
+    (tmp_path / 'args.yaml').write_text(text.replace('model_kwargs: {patch_size: 4}', kwargs))
     flags = mini.validate_flags(str(tmp_path))
     assert flags[flags.index('--model-kwargs') + 1:flags.index('--model-kwargs') + 4] == [
         'patch_size=8', 'mlp_ratio=2.0', "act_layer='gelu_tanh'"]

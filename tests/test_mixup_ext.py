@@ -1,4 +1,5 @@
 """mixup_ext: masks, targets and TokenMix as a drop-in for timm.data.Mixup."""
+import inspect
 import random
 
 import numpy as np
@@ -492,7 +493,6 @@ def test_bad_inputs_name_the_argument():
 # ---------------------------------------------------------------- constructor bounds (from the mutation run)
 def test_defaults_are_timm_mixups():
     """Every argument TokenMix shares with timm.data.Mixup has timm's default, so a drop-in keeps its behaviour."""
-    import inspect
     ours = inspect.signature(TokenMix).parameters
     timms = inspect.signature(timm.data.Mixup).parameters
     shared = [name for name in timms if name in ours]
