@@ -2,6 +2,7 @@
 seeds the table relies on: rows with the same --seed start from the same weights and see the same batches."""
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -126,7 +127,7 @@ def test_rows_with_one_seed_share_initial_weights_and_batches(train_script, trai
 
 @pytest.mark.parametrize('config, expected', [
     ('vit_student.yaml', ['--model', 'tokenmix_vit_tiny_convstem_64', '--img-size', '32', '--model-kwargs',
-                          'patch_size=4', '--patch-size', '4']),
+                          'patch_size=4', 'qk_norm=True', '--patch-size', '4']),
     ('candidates/gentle.yaml', ['--model', 'tokenmix_vit_tiny_p8_64', '--img-size', '32', '--model-kwargs',
                                 'patch_size=4', '--gp', 'avg', '--patch-size', '4']),
 ])
@@ -136,7 +137,7 @@ def test_validate_flags_give_the_architecture_as_trained(mini, tmp_path, config,
     assert mini.validate_flags(str(tmp_path)) == expected
     text = (tmp_path / 'args.yaml').read_text()  # an 8 px token grid; each kwarg stays one item, strings quoted
     kwargs = "model_kwargs: {patch_size: 8, mlp_ratio: 2.0, act_layer: 'gelu_tanh'}"
-    (tmp_path / 'args.yaml').write_text(text.replace('model_kwargs: {patch_size: 4}', kwargs))
+    (tmp_path / 'args.yaml').write_text(re.sub(r'model_kwargs: \{.*\}', kwargs, text))
     flags = mini.validate_flags(str(tmp_path))
     assert flags[flags.index('--model-kwargs') + 1:flags.index('--model-kwargs') + 4] == [
         'patch_size=8', 'mlp_ratio=2.0', "act_layer='gelu_tanh'"]
