@@ -99,9 +99,9 @@ def test_table_script_from_a_fresh_clone_uses_its_venv(clone):
     assert validate[:2] == [python, os.path.join(clone, 'validate.py')]
 
 
-ENTRY_POINTS = ['train.py', 'validate.py', 'benchmarks/bench_mixup.py', 'benchmarks/bench_train.py',
-                'benchmarks/map_fidelity.py', 'tools/precompute_teacher_maps.py', 'tools/show_cam.py',
-                'tools/show_mix.py', 'tools/timm_parity.py', 'scripts/mini_table.py']
+ENTRY_POINTS = ['train.py', 'validate.py', 'benchmarks/attention_entropy.py', 'benchmarks/bench_mixup.py',
+                'benchmarks/bench_train.py', 'benchmarks/map_fidelity.py', 'tools/precompute_teacher_maps.py',
+                'tools/show_cam.py', 'tools/show_mix.py', 'tools/timm_parity.py', 'scripts/mini_table.py']
 
 
 @pytest.mark.parametrize('script', ENTRY_POINTS)

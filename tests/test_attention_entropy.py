@@ -1,0 +1,76 @@
+"""benchmarks/attention_entropy.py: the class token's attention as timm computes it, its entropy, and the report
+read from a run folder."""
+import math
+import os
+import shutil
+
+import pytest
+import timm
+import torch
+
+import models  # noqa: F401  (registers the tiny models)
+from conftest import ROOT, load_script
+from tokenmix.fidelity import load_demo_objects
+
+
+@pytest.fixture(scope='module')
+def tool():
+    return load_script(os.path.join('benchmarks', 'attention_entropy.py'))
+
+
+def test_entropy_of_uniform_and_one_hot(tool):
+    weights = torch.stack([torch.full((65,), 1 / 65), torch.eye(65)[3]])
+    assert torch.allclose(tool.entropy(weights), torch.tensor([math.log(65), 0.0]), atol=1e-6)
+
+
+@pytest.mark.parametrize('qk_norm', [False, True])
+def test_logits_give_timms_own_attention_weights(tool, qk_norm):
+    """Softmax of the recomputed logits = the weights timm's unfused Attention applies (scale and q/k norms included)."""
+    torch.manual_seed(0)
+    model = timm.create_model('tokenmix_vit_tiny_convstem_64', img_size=32, patch_size=4, qk_norm=qk_norm).eval()
+    for block in model.blocks:
+        if qk_norm:  # trained norms are not the identity: make them matter
+            torch.nn.init.normal_(block.attn.q_norm.weight, 1.0, 0.5)
+            torch.nn.init.normal_(block.attn.k_norm.bias, 0.0, 0.5)
+    images = torch.randn(3, 3, 32, 32)
+    logits = tool.class_token_logits(model, images)
+    seen = []
+    for block in model.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0][:, :, 0]))
+    with torch.no_grad():
+        model.forward_features(images)
+    assert logits.shape == (4, 3, 3, 65)
+    assert torch.allclose(logits.softmax(-1), torch.stack(seen), atol=1e-6)
+    assert not any(block.attn.qkv._forward_hooks for block in model.blocks)  # hooks removed
+
+
+def test_report_reads_the_run_and_rejects_a_cnn(tool, tiny_data, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(os.path.join(ROOT, 'configs', 'mini', 'vit_student.yaml'), run / 'args.yaml')
+    torch.manual_seed(0)
+    model = timm.create_model('tokenmix_vit_tiny_convstem_64', img_size=32, patch_size=4, qk_norm=True,
+                              num_classes=10).eval()
+    torch.save({'state_dict': model.state_dict()}, run / 'last.pth.tar')
+    lines = tool.report(str(run), tiny_data, 20, 'last.pth.tar')
+    assert lines[0] == f'{run} (last.pth.tar, 20 images; uniform attention: 4.17 nats)'
+    assert len(lines) == 6 and all(line.startswith(f'  block {i}: ') for i, line in enumerate(lines[1:5]))
+    cfg = timm.data.resolve_data_config({}, model=model)
+    images, _, _ = load_demo_objects(tiny_data, 'val', 20, cfg['mean'], cfg['std'])
+    expected = tool.entropy(tool.class_token_logits(model, images).softmax(-1)).mean(1)[0]
+    assert lines[1].split('per head ')[1].split(';')[0] == ' '.join(f'{v:.2f}' for v in expected.tolist())
+    with torch.no_grad():
+        spread = model.forward_features(images)[:, 0].std(0).mean().item()
+    assert lines[5] == f'  class-token feature spread over images: {spread:.3f}'
+
+    shutil.copy(os.path.join(ROOT, 'configs', 'mini', 'cnn_teacher.yaml'), run / 'args.yaml')
+    with pytest.raises(ValueError, match='is not a ViT with a class token'):
+        tool.report(str(run), tiny_data, 20, 'last.pth.tar')
+
+
+def test_missing_checkpoint_is_named(tool, tmp_path, capsys):
+    (tmp_path / 'args.yaml').write_text('model: tokenmix_vit_tiny_convstem_64\n')
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([str(tmp_path), '--data-dir', str(tmp_path)])
+    assert exit_info.value.code == 2 and f'{tmp_path}: no last.pth.tar' in capsys.readouterr().err
