@@ -25,7 +25,7 @@ def test_entropy_of_uniform_and_one_hot(tool):
 
 @pytest.mark.parametrize('qk_norm', [False, True])
 def test_logits_give_timms_own_attention_weights(tool, qk_norm):
-    """Softmax of the recomputed logits = the weights timm's unfused Attention applies (scale and q/k norms included)."""
+    """Softmax of the recomputed logits = the weights timm's unfused Attention applies (scale, q/k norms included)."""
     torch.manual_seed(0)
     model = timm.create_model('tokenmix_vit_tiny_convstem_64', img_size=32, patch_size=4, qk_norm=qk_norm).eval()
     for block in model.blocks:
