@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Has a ViT run's attention collapsed? The class token's attention entropy per block and head, over demo val images.
+"""Where does a ViT run's class token look? Its attention entropy per block and head, and its attention on the digit.
 
 A mini-table run that sits at the prior's loss (docs/results.md) can be told from a slow one here: at chance the
 class token of a collapsed run attends to a few tokens whatever the image (entropy far below ln(tokens + 1), the
 uniform attention of an untrained model, and below a training run's), so its features hardly vary between images.
 Prints, per run folder (train.py's output, read through its args.yaml so the model is built as trained): each head's
 entropy in nats and the range of its logits (largest minus smallest, mean over images), the uniform entropy, and the
-spread of the final class-token features over images.
+spread of the final class-token features over images; and per block the class token's attention on the digit
+relative to uniform attention (1: no preference, 2: twice the uniform share), from the data's pixel masks: the
+paper's "more focus on the foreground", measured rather than pictured.
 
     python benchmarks/attention_entropy.py output/mini_table/runs/a_mixup_cutmix-s0 --data-dir output/mini_table/data
 """
@@ -16,6 +18,7 @@ import sys
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.data import resolve_data_config
 from timm.models.vision_transformer import VisionTransformer
 
@@ -24,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import load_checkpoint_weights  # noqa: E402
 from tokenmix.args import parse_args as parse_train_args  # noqa: E402
 from tokenmix.fidelity import load_demo_objects  # noqa: E402
-from tokenmix.model import build_student  # noqa: E402
+from tokenmix.model import build_student, patch_size_of  # noqa: E402
 
 
 def class_token_logits(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
@@ -53,6 +56,19 @@ def entropy(weights: torch.Tensor) -> torch.Tensor:
     return -(weights * weights.clamp_min(1e-12).log()).sum(-1)
 
 
+def object_focus(weights: torch.Tensor, objects: torch.Tensor, patch_size: int, prefix_tokens: int = 1) -> torch.Tensor:
+    """Per block, the class token's attention on the object relative to uniform attention over the patch tokens.
+
+    weights: blocks x images x heads x (prefix + patch tokens) attention weights; objects: bool images x H x W pixel
+    masks. For each image and head, the object share (fraction of object pixels, per token) averaged with the
+    attention weights over the patch tokens, divided by its plain average; then the mean over images and heads.
+    """
+    shares = F.avg_pool2d(objects[:, None].float(), patch_size).flatten(1)  # images x patch tokens
+    patches = weights[..., prefix_tokens:]
+    on_object = (patches * shares[None, :, None]).sum(-1) / patches.sum(-1)
+    return (on_object / shares.mean(-1)[None, :, None]).mean((1, 2))
+
+
 def feature_spread(model: VisionTransformer, images: torch.Tensor) -> float:
     """Standard deviation over images of the normalised class-token features, averaged over channels: near 0 when
     the model sees every image alike."""
@@ -69,7 +85,7 @@ def report(run_dir: str, data_dir: str, images: int, checkpoint: str) -> List[st
     load_checkpoint_weights(model, os.path.join(run_dir, checkpoint))
     model.eval()
     config = resolve_data_config(vars(args), model=model)
-    x, _, _ = load_demo_objects(data_dir, 'val', images, config['mean'], config['std'])
+    x, _, objects = load_demo_objects(data_dir, 'val', images, config['mean'], config['std'])
     logits = class_token_logits(model, x)
     weights = logits.softmax(-1)
     per_head = entropy(weights).mean(1)
@@ -80,6 +96,9 @@ def report(run_dir: str, data_dir: str, images: int, checkpoint: str) -> List[st
               + '; logit range ' + ' '.join(f'{v:.1f}' for v in logit_range.tolist())
               for i, (row, logit_range) in enumerate(zip(per_head, spread))]
     lines.append(f'  class-token feature spread over images: {feature_spread(model, x):.3f}')
+    focus = object_focus(weights, objects, patch_size_of(model), model.num_prefix_tokens)
+    lines.append('  class-token attention on the digit per block (1 = uniform): '
+                 + ' '.join(f'{v:.2f}' for v in focus.tolist()))
     return lines
 
 

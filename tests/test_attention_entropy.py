@@ -23,6 +23,21 @@ def test_entropy_of_uniform_and_one_hot(tool):
     assert torch.allclose(tool.entropy(weights), torch.tensor([math.log(65), 0.0]), atol=1e-6)
 
 
+def test_object_focus_against_hand_counts(tool):
+    """4 x 4 pixels, 2 px tokens: the object fills token 0 and half of token 3 (shares 1, 0, 0, 0.5; mean 0.375)."""
+    objects = torch.zeros(1, 4, 4, dtype=torch.bool)
+    objects[0, :2, :2] = True
+    objects[0, 2:, 2] = True
+    on_token_0 = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0])  # half on the class token, which does not count
+    uniform = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
+    on_token_3 = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])
+    weights = torch.stack([on_token_0, uniform, on_token_3])[:, None, None]  # 3 blocks x 1 image x 1 head x 5
+    focus = tool.object_focus(weights, objects, patch_size=2)
+    assert torch.allclose(focus, torch.tensor([1 / 0.375, 1.0, 0.5 / 0.375]))
+    two_heads = torch.stack([on_token_0, on_token_3])[None, None]  # 1 block x 1 image x 2 heads x 5
+    assert torch.allclose(tool.object_focus(two_heads, objects, 2), torch.tensor([(1 + 0.5) / 2 / 0.375]))
+
+
 @pytest.mark.parametrize('qk_norm', [False, True])
 def test_logits_give_timms_own_attention_weights(tool, qk_norm):
     """Softmax of the recomputed logits = the weights timm's unfused Attention applies (scale, q/k norms included)."""
@@ -55,14 +70,18 @@ def test_report_reads_the_run_and_rejects_a_cnn(tool, tiny_data, tmp_path):
     torch.save({'state_dict': model.state_dict()}, run / 'last.pth.tar')
     lines = tool.report(str(run), tiny_data, 20, 'last.pth.tar')
     assert lines[0] == f'{run} (last.pth.tar, 20 images; uniform attention: 4.17 nats)'
-    assert len(lines) == 6 and all(line.startswith(f'  block {i}: ') for i, line in enumerate(lines[1:5]))
+    assert len(lines) == 7 and all(line.startswith(f'  block {i}: ') for i, line in enumerate(lines[1:5]))
     cfg = timm.data.resolve_data_config({}, model=model)
-    images, _, _ = load_demo_objects(tiny_data, 'val', 20, cfg['mean'], cfg['std'])
-    expected = tool.entropy(tool.class_token_logits(model, images).softmax(-1)).mean(1)[0]
+    images, _, objects = load_demo_objects(tiny_data, 'val', 20, cfg['mean'], cfg['std'])
+    weights = tool.class_token_logits(model, images).softmax(-1)
+    expected = tool.entropy(weights).mean(1)[0]
     assert lines[1].split('per head ')[1].split(';')[0] == ' '.join(f'{v:.2f}' for v in expected.tolist())
     with torch.no_grad():
         spread = model.forward_features(images)[:, 0].std(0).mean().item()
     assert lines[5] == f'  class-token feature spread over images: {spread:.3f}'
+    focus = tool.object_focus(weights, objects, 4)
+    assert lines[6] == '  class-token attention on the digit per block (1 = uniform): ' + ' '.join(
+        f'{v:.2f}' for v in focus.tolist())
 
     shutil.copy(os.path.join(ROOT, 'configs', 'mini', 'cnn_teacher.yaml'), run / 'args.yaml')
     with pytest.raises(ValueError, match='is not a ViT with a class token'):
