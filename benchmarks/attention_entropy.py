@@ -11,11 +11,14 @@ relative to uniform attention (1: no preference, 2: twice the uniform share), fr
 paper's "more focus on the foreground", measured rather than pictured.
 
     python benchmarks/attention_entropy.py output/mini_table/runs/a_mixup_cutmix-s0 --data-dir output/mini_table/data
+    python benchmarks/attention_entropy.py --table output/mini_table/runs --data-dir output/mini_table/data \\
+        --images 1000 --checkpoint model_best.pth.tar     # every run, then the rows' digit focus with intervals
 """
 import argparse
+import math
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,9 @@ from timm.data import resolve_data_config
 from timm.models.vision_transformer import VisionTransformer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
 
+from mini_table import ROWS, find_runs, paired_difference, t_interval  # noqa: E402
 from models import load_checkpoint_weights  # noqa: E402
 from tokenmix.args import parse_args as parse_train_args  # noqa: E402
 from tokenmix.fidelity import load_demo_objects  # noqa: E402
@@ -76,8 +81,9 @@ def feature_spread(model: VisionTransformer, images: torch.Tensor) -> float:
         return model.forward_features(images)[:, 0].std(0).mean().item()
 
 
-def report(run_dir: str, data_dir: str, images: int, checkpoint: str) -> List[str]:
-    """One run's lines: entropy per block (one value per head, mean over images) and the feature spread."""
+def measure(run_dir: str, data_dir: str, images: int, checkpoint: str) -> Dict[str, torch.Tensor]:
+    """One run's attention figures over the first `images` demo val images: per block and head the entropy and the
+    logit range (means over images), the feature spread, and per block the attention on the digit."""
     args = parse_train_args(['-c', os.path.join(run_dir, 'args.yaml'), '--data-dir', data_dir])
     model = build_student(args, args.num_classes or 10)
     if not isinstance(model, VisionTransformer) or not model.has_class_token:
@@ -88,33 +94,78 @@ def report(run_dir: str, data_dir: str, images: int, checkpoint: str) -> List[st
     x, _, objects = load_demo_objects(data_dir, 'val', images, config['mean'], config['std'])
     logits = class_token_logits(model, x)
     weights = logits.softmax(-1)
-    per_head = entropy(weights).mean(1)
-    spread = (logits.amax(-1) - logits.amin(-1)).mean(1)  # range of the logits, per block and head
-    uniform = torch.log(torch.tensor(float(weights.shape[-1]))).item()
-    lines = [f'{run_dir} ({checkpoint}, {len(x)} images; uniform attention: {uniform:.2f} nats)']
+    return {'images': torch.tensor(len(x)), 'uniform': torch.tensor(float(weights.shape[-1])).log(),
+            'entropy': entropy(weights).mean(1), 'logit_range': (logits.amax(-1) - logits.amin(-1)).mean(1),
+            'spread': torch.tensor(feature_spread(model, x)),
+            'focus': object_focus(weights, objects, patch_size_of(model), model.num_prefix_tokens)}
+
+
+def report(run_dir: str, checkpoint: str, figures: Dict[str, torch.Tensor]) -> List[str]:
+    """One run's lines: entropy and logit range per block (one value per head), feature spread, digit focus."""
+    lines = [f'{run_dir} ({checkpoint}, {int(figures["images"])} images; '
+             f'uniform attention: {figures["uniform"].item():.2f} nats)']
     lines += [f'  block {i}: class-token attention entropy per head ' + ' '.join(f'{v:.2f}' for v in row.tolist())
               + '; logit range ' + ' '.join(f'{v:.1f}' for v in logit_range.tolist())
-              for i, (row, logit_range) in enumerate(zip(per_head, spread))]
-    lines.append(f'  class-token feature spread over images: {feature_spread(model, x):.3f}')
-    focus = object_focus(weights, objects, patch_size_of(model), model.num_prefix_tokens)
+              for i, (row, logit_range) in enumerate(zip(figures['entropy'], figures['logit_range']))]
+    lines.append(f'  class-token feature spread over images: {figures["spread"].item():.3f}')
     lines.append('  class-token attention on the digit per block (1 = uniform): '
-                 + ' '.join(f'{v:.2f}' for v in focus.tolist()))
+                 + ' '.join(f'{v:.2f}' for v in figures['focus'].tolist()))
     return lines
+
+
+def focus_table(focus: Dict[str, Dict[int, torch.Tensor]], base: str) -> str:
+    """Markdown: per mini-table row, the attention on the digit (last block; mean over blocks) as mean ± 95% interval
+    over seeds, and its paired difference to row `base` over the seeds both have."""
+    def cell(values: Dict[int, float], reference: Optional[Dict[int, float]]) -> List[str]:
+        mean, half = t_interval(list(values.values()))
+        cells = [f'{mean:.2f}' if math.isnan(half) else f'{mean:.2f} ± {half:.2f}']
+        diff = paired_difference(values, reference) if reference else None
+        if diff is None:
+            return cells + ['—']
+        return cells + [f'{diff[0]:+.2f}' if math.isnan(diff[1]) else f'{diff[0]:+.2f} ± {diff[1]:.2f}']
+
+    label = ROWS.get(base, base)
+    lines = [f'| method | seeds | on the digit, last block | vs {label} | mean over blocks | vs {label} |',
+             '|---|---|---|---|---|---|']
+    for row, seeds in focus.items():
+        last = {seed: value[-1].item() for seed, value in seeds.items()}
+        mean = {seed: value.mean().item() for seed, value in seeds.items()}
+        base_seeds = focus.get(base) if row != base else None
+        cells = cell(last, base_seeds and {s: v[-1].item() for s, v in base_seeds.items()})
+        cells += cell(mean, base_seeds and {s: v.mean().item() for s, v in base_seeds.items()})
+        lines.append(f'| {ROWS.get(row, row)} | {len(seeds)} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('runs', nargs='+', metavar='RUN_DIR', help="train.py output folders (args.yaml inside)")
+    parser.add_argument('runs', nargs='*', metavar='RUN_DIR', help="train.py output folders (args.yaml inside)")
+    parser.add_argument('--table', default='', metavar='RUNS_DIR',
+                        help="also every finished run of a mini table's runs/ folder, then a table over seeds")
+    parser.add_argument('--paired-to', default='b_mixup_cutmix_bce', metavar='ROW',
+                        help='row the table gives paired differences to (default: b_mixup_cutmix_bce)')
     parser.add_argument('--data-dir', required=True, help='demo data written by tools/make_demo_data.py')
     parser.add_argument('--images', type=int, default=200, help='val images (default: 200)')
     parser.add_argument('--checkpoint', default='last.pth.tar', help='file in each run folder (default: last)')
     args = parser.parse_args(argv)
-    for run in args.runs:
+    if args.table and not os.path.isdir(args.table):
+        parser.error(f'--table {args.table}: no such folder')
+    table_runs = find_runs(args.table) if args.table else {}
+    runs = list(args.runs) + [path for seeds in table_runs.values() for path in seeds.values()]
+    if not runs:
+        parser.error('give RUN_DIR folders or --table with finished runs')
+    for run in runs:
         for name in ('args.yaml', args.checkpoint):
             if not os.path.isfile(os.path.join(run, name)):
                 parser.error(f'{run}: no {name}')
-    for run in args.runs:
-        print('\n'.join(report(run, args.data_dir, args.images, args.checkpoint)))
+    focus = {}
+    for run in runs:
+        figures = measure(run, args.data_dir, args.images, args.checkpoint)
+        print('\n'.join(report(run, args.checkpoint, figures)))
+        focus[run] = figures['focus']
+    if table_runs:
+        print(focus_table({row: {seed: focus[path] for seed, path in seeds.items()}
+                           for row, seeds in table_runs.items()}, args.paired_to))
     return 0
 
 

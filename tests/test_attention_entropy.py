@@ -3,6 +3,7 @@ read from a run folder."""
 import math
 import os
 import shutil
+import statistics
 
 import pytest
 import timm
@@ -68,7 +69,7 @@ def test_report_reads_the_run_and_rejects_a_cnn(tool, tiny_data, tmp_path):
     model = timm.create_model('tokenmix_vit_tiny_convstem_64', img_size=32, patch_size=4, qk_norm=True,
                               num_classes=10).eval()
     torch.save({'state_dict': model.state_dict()}, run / 'last.pth.tar')
-    lines = tool.report(str(run), tiny_data, 20, 'last.pth.tar')
+    lines = tool.report(str(run), 'last.pth.tar', tool.measure(str(run), tiny_data, 20, 'last.pth.tar'))
     assert lines[0] == f'{run} (last.pth.tar, 20 images; uniform attention: 4.17 nats)'
     assert len(lines) == 7 and all(line.startswith(f'  block {i}: ') for i, line in enumerate(lines[1:5]))
     cfg = timm.data.resolve_data_config({}, model=model)
@@ -85,7 +86,43 @@ def test_report_reads_the_run_and_rejects_a_cnn(tool, tiny_data, tmp_path):
 
     shutil.copy(os.path.join(ROOT, 'configs', 'mini', 'cnn_teacher.yaml'), run / 'args.yaml')
     with pytest.raises(ValueError, match='is not a ViT with a class token'):
-        tool.report(str(run), tiny_data, 20, 'last.pth.tar')
+        tool.measure(str(run), tiny_data, 20, 'last.pth.tar')
+
+
+def test_table_over_seeds_with_paired_differences(tool, tiny_data, tmp_path, capsys):
+    """--table: every finished run of a runs/ folder, then per row mean ± t interval and the paired difference."""
+    runs = tmp_path / 'runs'
+    for row in ('a_mixup_cutmix', 'b_mixup_cutmix_bce'):
+        for seed in (0, 1, 2):
+            run = runs / f'{row}-s{seed}'
+            run.mkdir(parents=True)
+            shutil.copy(os.path.join(ROOT, 'configs', 'mini', 'vit_student.yaml'), run / 'args.yaml')
+            torch.manual_seed(seed + 10 * len(row))
+            model = timm.create_model('tokenmix_vit_tiny_convstem_64', img_size=32, patch_size=4, qk_norm=True,
+                                      num_classes=10)
+            torch.save({'state_dict': model.state_dict()}, run / 'last.pth.tar')
+            if seed < 2 or row == 'b_mixup_cutmix_bce':
+                (run / 'validate.csv').write_text('model\n')  # finished; a-s2 is not: left out
+    assert tool.main(['--table', str(runs), '--data-dir', tiny_data, '--images', '10']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith(str(runs)) for line in out) == 5
+    finished = [('a_mixup_cutmix', 0), ('a_mixup_cutmix', 1)] + [('b_mixup_cutmix_bce', s) for s in (0, 1, 2)]
+    focus = {(row, seed): tool.measure(str(runs / f'{row}-s{seed}'), tiny_data, 10, 'last.pth.tar')['focus']
+             for row, seed in finished}
+    a_last = [focus['a_mixup_cutmix', s][-1].item() for s in (0, 1)]
+    b_last = [focus['b_mixup_cutmix_bce', s][-1].item() for s in (0, 1, 2)]
+    b_mean = [focus['b_mixup_cutmix_bce', s].mean().item() for s in (0, 1, 2)]
+    diff = [a - b for a, b in zip(a_last, b_last)]
+    t2, t3 = 12.7062047, 4.30265273  # t(0.975) with 1 and 2 degrees of freedom
+    half = lambda v, t: t * statistics.stdev(v) / math.sqrt(len(v))  # noqa: E731
+    a_row = out[-2].split(' | ')
+    assert a_row[0] == '| (a) Mixup + CutMix, soft-target CE' and a_row[1] == '2'
+    assert a_row[2] == f'{statistics.fmean(a_last):.2f} ± {half(a_last, t2):.2f}'
+    assert a_row[3] == f'{statistics.fmean(diff):+.2f} ± {half(diff, t2):.2f}'
+    b_row = out[-1].split(' | ')
+    assert b_row[1:4] == ['3', f'{statistics.fmean(b_last):.2f} ± {half(b_last, t3):.2f}', '—']
+    assert b_row[4] == f'{statistics.fmean(b_mean):.2f} ± {half(b_mean, t3):.2f}' and b_row[5] == '— |'
+    assert out[-4].startswith('| method | seeds | on the digit, last block | vs (b) Mixup + CutMix, BCE |')
 
 
 def test_missing_checkpoint_is_named(tool, tmp_path, capsys):
