@@ -15,7 +15,6 @@ paper's "more focus on the foreground", measured rather than pictured.
         --images 1000 --checkpoint model_best.pth.tar     # every run, then the rows' digit focus with intervals
 """
 import argparse
-import math
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -23,26 +22,30 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import resolve_data_config
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, 'scripts')):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
-from mini_table import ROWS, find_runs, paired_difference, t_interval  # noqa: E402
+from mini_table import ROWS, difference_cell, find_runs, interval_cell, paired_difference  # noqa: E402
 from models import load_checkpoint_weights  # noqa: E402
+from tokenmix.errors import ConfigError, run_cli  # noqa: E402
 from tokenmix.args import parse_args as parse_train_args  # noqa: E402
 from tokenmix.fidelity import load_demo_objects  # noqa: E402
 from tokenmix.model import build_student, patch_size_of  # noqa: E402
 
 
+@torch.no_grad()
 def class_token_logits(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     """The class token's attention logits (before the softmax), blocks x images x heads x tokens, recomputed from
     each block's q and k as timm's Attention does (its fused kernel does not return them)."""
     qkv = []
     hooks = [block.attn.qkv.register_forward_hook(lambda mod, inp, out: qkv.append(out)) for block in model.blocks]
     try:
-        with torch.no_grad():
-            model.forward_features(images)
+        model.forward_features(images)
     finally:
         for hook in hooks:
             hook.remove()
@@ -86,12 +89,17 @@ def measure(run_dir: str, data_dir: str, images: int, checkpoint: str) -> Dict[s
     logit range (means over images), the feature spread, and per block the attention on the digit."""
     args = parse_train_args(['-c', os.path.join(run_dir, 'args.yaml'), '--data-dir', data_dir])
     model = build_student(args, args.num_classes or 10)
-    if not isinstance(model, VisionTransformer) or not model.has_class_token:
-        raise ValueError(f'{run_dir}: {args.model} is not a ViT with a class token')
+    if not isinstance(model, VisionTransformer) or model.global_pool != 'token':
+        raise ConfigError(f'{run_dir}: {args.model} is not a ViT that classifies from its class token')
+    if any(type(block.attn) is not Attention for block in model.blocks):
+        raise ConfigError(f'{run_dir}: {args.model} has attention layers other than timm\'s Attention')
     load_checkpoint_weights(model, os.path.join(run_dir, checkpoint))
     model.eval()
     config = resolve_data_config(vars(args), model=model)
-    x, _, objects = load_demo_objects(data_dir, 'val', images, config['mean'], config['std'])
+    try:
+        x, _, objects = load_demo_objects(data_dir, 'val', images, config['mean'], config['std'])
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f'--data-dir: {e}') from None
     logits = class_token_logits(model, x)
     weights = logits.softmax(-1)
     return {'images': torch.tensor(len(x)), 'uniform': torch.tensor(float(weights.shape[-1])).log(),
@@ -116,13 +124,9 @@ def report(run_dir: str, checkpoint: str, figures: Dict[str, torch.Tensor]) -> L
 def focus_table(focus: Dict[str, Dict[int, torch.Tensor]], base: str) -> str:
     """Markdown: per mini-table row, the attention on the digit (last block; mean over blocks) as mean ± 95% interval
     over seeds, and its paired difference to row `base` over the seeds both have."""
-    def cell(values: Dict[int, float], reference: Optional[Dict[int, float]]) -> List[str]:
-        mean, half = t_interval(list(values.values()))
-        cells = [f'{mean:.2f}' if math.isnan(half) else f'{mean:.2f} ± {half:.2f}']
+    def cells(values: Dict[int, float], reference: Optional[Dict[int, float]]) -> List[str]:
         diff = paired_difference(values, reference) if reference else None
-        if diff is None:
-            return cells + ['—']
-        return cells + [f'{diff[0]:+.2f}' if math.isnan(diff[1]) else f'{diff[0]:+.2f} ± {diff[1]:.2f}']
+        return [interval_cell(list(values.values()), 2), difference_cell(diff, 2)]
 
     label = ROWS.get(base, base)
     lines = [f'| method | seeds | on the digit, last block | vs {label} | mean over blocks | vs {label} |',
@@ -131,9 +135,9 @@ def focus_table(focus: Dict[str, Dict[int, torch.Tensor]], base: str) -> str:
         last = {seed: value[-1].item() for seed, value in seeds.items()}
         mean = {seed: value.mean().item() for seed, value in seeds.items()}
         base_seeds = focus.get(base) if row != base else None
-        cells = cell(last, base_seeds and {s: v[-1].item() for s, v in base_seeds.items()})
-        cells += cell(mean, base_seeds and {s: v.mean().item() for s, v in base_seeds.items()})
-        lines.append(f'| {ROWS.get(row, row)} | {len(seeds)} | ' + ' | '.join(cells) + ' |')
+        row_cells = cells(last, base_seeds and {s: v[-1].item() for s, v in base_seeds.items()})
+        row_cells += cells(mean, base_seeds and {s: v.mean().item() for s, v in base_seeds.items()})
+        lines.append(f'| {ROWS.get(row, row)} | {len(seeds)} | ' + ' | '.join(row_cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -142,18 +146,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('runs', nargs='*', metavar='RUN_DIR', help="train.py output folders (args.yaml inside)")
     parser.add_argument('--table', default='', metavar='RUNS_DIR',
                         help="also every finished run of a mini table's runs/ folder, then a table over seeds")
-    parser.add_argument('--paired-to', default='b_mixup_cutmix_bce', metavar='ROW',
-                        help='row the table gives paired differences to (default: b_mixup_cutmix_bce)')
+    parser.add_argument('--paired-to', default=None, choices=list(ROWS), metavar='ROW',
+                        help='row the --table gives paired differences to (default: b_mixup_cutmix_bce)')
     parser.add_argument('--data-dir', required=True, help='demo data written by tools/make_demo_data.py')
     parser.add_argument('--images', type=int, default=200, help='val images (default: 200)')
     parser.add_argument('--checkpoint', default='last.pth.tar', help='file in each run folder (default: last)')
     args = parser.parse_args(argv)
+    if args.images < 1:
+        parser.error(f'--images must be >= 1, got {args.images}')
+    if args.paired_to and not args.table:
+        parser.error('--paired-to needs --table')
     if args.table and not os.path.isdir(args.table):
         parser.error(f'--table {args.table}: no such folder')
     table_runs = find_runs(args.table) if args.table else {}
-    runs = list(args.runs) + [path for seeds in table_runs.values() for path in seeds.values()]
+    # each run once, in the order given, then the table's in row and seed order
+    runs = list(dict.fromkeys([*args.runs, *(path for seeds in table_runs.values() for path in seeds.values())]))
     if not runs:
-        parser.error('give RUN_DIR folders or --table with finished runs')
+        parser.error('give RUN_DIR folders or --table with finished runs (validate.csv present)')
     for run in runs:
         for name in ('args.yaml', args.checkpoint):
             if not os.path.isfile(os.path.join(run, name)):
@@ -165,9 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         focus[run] = figures['focus']
     if table_runs:
         print(focus_table({row: {seed: focus[path] for seed, path in seeds.items()}
-                           for row, seeds in table_runs.items()}, args.paired_to))
+                           for row, seeds in table_runs.items()}, args.paired_to or 'b_mixup_cutmix_bce'))
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_cli(main, 'attention_entropy.py'))

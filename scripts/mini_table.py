@@ -84,12 +84,12 @@ def interval_cell(values: Sequence[float], digits: int) -> str:
     return f'{mean:.{digits}f}' if math.isnan(half) else f'{mean:.{digits}f} ± {half:.{digits}f}'
 
 
-def difference_cell(diff: Optional[Difference]) -> str:
-    """'+mean ± half-width' of a paired difference in top-1 points; '—' when there is none."""
+def difference_cell(diff: Optional[Difference], digits: int = 1) -> str:
+    """'+mean ± half-width' of a paired difference (top-1 points by default); '—' when there is none."""
     if diff is None:
         return '—'
     mean, half, _ = diff
-    return f'{mean:+.1f}' if math.isnan(half) else f'{mean:+.1f} ± {half:.1f}'
+    return f'{mean:+.{digits}f}' if math.isnan(half) else f'{mean:+.{digits}f} ± {half:.{digits}f}'
 
 
 def find_runs(runs_dir: str) -> Dict[str, Dict[int, str]]:

@@ -4,6 +4,8 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -25,18 +27,20 @@ def test_entropy_of_uniform_and_one_hot(tool):
 
 
 def test_object_focus_against_hand_counts(tool):
-    """4 x 4 pixels, 2 px tokens: the object fills token 0 and half of token 3 (shares 1, 0, 0, 0.5; mean 0.375)."""
-    objects = torch.zeros(1, 4, 4, dtype=torch.bool)
-    objects[0, :2, :2] = True
-    objects[0, 2:, 2] = True
-    on_token_0 = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0])  # half on the class token, which does not count
+    """4 x 4 pixels, 2 px tokens in row-major order. Image 0: the object fills token 1 (top right) and half of token 2
+    (bottom left): shares 0, 1, 0.5, 0, mean 0.375. Image 1: it fills token 2: shares 0, 0, 1, 0, mean 0.25."""
+    objects = torch.zeros(2, 4, 4, dtype=torch.bool)
+    objects[0, :2, 2:] = True
+    objects[0, 2:, 0] = True
+    objects[1, 2:, :2] = True
+    on_token_1 = torch.tensor([0.5, 0.0, 0.5, 0.0, 0.0])  # half on the class token, which does not count
     uniform = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
-    on_token_3 = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])
-    weights = torch.stack([on_token_0, uniform, on_token_3])[:, None, None]  # 3 blocks x 1 image x 1 head x 5
+    on_token_2 = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0])
+    weights = torch.stack([on_token_1, uniform, on_token_2])[:, None, None].expand(3, 2, 1, 5)  # 2 images, 1 head
     focus = tool.object_focus(weights, objects, patch_size=2)
-    assert torch.allclose(focus, torch.tensor([1 / 0.375, 1.0, 0.5 / 0.375]))
-    two_heads = torch.stack([on_token_0, on_token_3])[None, None]  # 1 block x 1 image x 2 heads x 5
-    assert torch.allclose(tool.object_focus(two_heads, objects, 2), torch.tensor([(1 + 0.5) / 2 / 0.375]))
+    assert torch.allclose(focus, torch.tensor([(1 / 0.375 + 0) / 2, 1.0, (0.5 / 0.375 + 1 / 0.25) / 2]))
+    two_heads = torch.stack([on_token_1, on_token_2])[None, None, :]  # 1 block x 1 image x 2 heads x 5
+    assert torch.allclose(tool.object_focus(two_heads, objects[:1], 2), torch.tensor([(1 + 0.5) / 2 / 0.375]))
 
 
 @pytest.mark.parametrize('qk_norm', [False, True])
@@ -46,8 +50,9 @@ def test_logits_give_timms_own_attention_weights(tool, qk_norm):
     model = timm.create_model('tokenmix_vit_tiny_convstem_64', img_size=32, patch_size=4, qk_norm=qk_norm).eval()
     for block in model.blocks:
         if qk_norm:  # trained norms are not the identity: make them matter
-            torch.nn.init.normal_(block.attn.q_norm.weight, 1.0, 0.5)
-            torch.nn.init.normal_(block.attn.k_norm.bias, 0.0, 0.5)
+            for norm in (block.attn.q_norm, block.attn.k_norm):
+                torch.nn.init.normal_(norm.weight, 1.0, 0.5)
+                torch.nn.init.normal_(norm.bias, 0.0, 0.5)
     images = torch.randn(3, 3, 32, 32)
     logits = tool.class_token_logits(model, images)
     seen = []
@@ -74,9 +79,22 @@ def test_report_reads_the_run_and_rejects_a_cnn(tool, tiny_data, tmp_path):
     assert len(lines) == 7 and all(line.startswith(f'  block {i}: ') for i, line in enumerate(lines[1:5]))
     cfg = timm.data.resolve_data_config({}, model=model)
     images, _, objects = load_demo_objects(tiny_data, 'val', 20, cfg['mean'], cfg['std'])
-    weights = tool.class_token_logits(model, images).softmax(-1)
-    expected = tool.entropy(weights).mean(1)[0]
-    assert lines[1].split('per head ')[1].split(';')[0] == ' '.join(f'{v:.2f}' for v in expected.tolist())
+    seen = []  # timm's own attention weights (unfused path), blocks x images x heads x tokens
+    hooks = [block.attn.attn_drop.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0][:, :, 0]))
+             for block in model.blocks]
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    with torch.no_grad():
+        model.forward_features(images)
+    for hook in hooks:
+        hook.remove()
+    weights = torch.stack(seen)
+    entropies = -(weights * weights.log()).sum(-1).mean(1)  # no weight is 0 in a random model's softmax
+    ranges = (weights.log().amax(-1) - weights.log().amin(-1)).mean(1)  # log w differences = logit differences
+    for i in range(4):
+        assert lines[1 + i] == (f'  block {i}: class-token attention entropy per head '
+                                + ' '.join(f'{v:.2f}' for v in entropies[i].tolist()) + '; logit range '
+                                + ' '.join(f'{v:.1f}' for v in ranges[i].tolist()))
     with torch.no_grad():
         spread = model.forward_features(images)[:, 0].std(0).mean().item()
     assert lines[5] == f'  class-token feature spread over images: {spread:.3f}'
@@ -85,7 +103,7 @@ def test_report_reads_the_run_and_rejects_a_cnn(tool, tiny_data, tmp_path):
         f'{v:.2f}' for v in focus.tolist())
 
     shutil.copy(os.path.join(ROOT, 'configs', 'mini', 'cnn_teacher.yaml'), run / 'args.yaml')
-    with pytest.raises(ValueError, match='is not a ViT with a class token'):
+    with pytest.raises(ValueError, match='is not a ViT that classifies from its class token'):
         tool.measure(str(run), tiny_data, 20, 'last.pth.tar')
 
 
@@ -114,11 +132,18 @@ def test_table_over_seeds_with_paired_differences(tool, tiny_data, tmp_path, cap
     b_mean = [focus['b_mixup_cutmix_bce', s].mean().item() for s in (0, 1, 2)]
     diff = [a - b for a, b in zip(a_last, b_last)]
     t2, t3 = 12.7062047, 4.30265273  # t(0.975) with 1 and 2 degrees of freedom
-    half = lambda v, t: t * statistics.stdev(v) / math.sqrt(len(v))  # noqa: E731
+
+    def half(values, t):
+        return t * statistics.stdev(values) / math.sqrt(len(values))
+
     a_row = out[-2].split(' | ')
     assert a_row[0] == '| (a) Mixup + CutMix, soft-target CE' and a_row[1] == '2'
     assert a_row[2] == f'{statistics.fmean(a_last):.2f} ± {half(a_last, t2):.2f}'
     assert a_row[3] == f'{statistics.fmean(diff):+.2f} ± {half(diff, t2):.2f}'
+    a_mean = [focus['a_mixup_cutmix', s].mean().item() for s in (0, 1)]
+    diff_mean = [a - b for a, b in zip(a_mean, b_mean)]
+    assert a_row[4] == f'{statistics.fmean(a_mean):.2f} ± {half(a_mean, t2):.2f}'
+    assert a_row[5] == f'{statistics.fmean(diff_mean):+.2f} ± {half(diff_mean, t2):.2f} |'
     b_row = out[-1].split(' | ')
     assert b_row[1:4] == ['3', f'{statistics.fmean(b_last):.2f} ± {half(b_last, t3):.2f}', '—']
     assert b_row[4] == f'{statistics.fmean(b_mean):.2f} ± {half(b_mean, t3):.2f}' and b_row[5] == '— |'
@@ -130,3 +155,33 @@ def test_missing_checkpoint_is_named(tool, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tool.main([str(tmp_path), '--data-dir', str(tmp_path)])
     assert exit_info.value.code == 2 and f'{tmp_path}: no last.pth.tar' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--table', 'RUNS', '--paired-to', 'z_row'], "argument --paired-to: invalid choice: 'z_row'"),
+    (['RUN', '--paired-to', 'a_mixup_cutmix'], '--paired-to needs --table'),
+    (['--table', 'NONE'], '--table NONE: no such folder'),
+    (['--table', 'RUNS'], 'give RUN_DIR folders or --table with finished runs (validate.csv present)'),
+    (['RUN', '--images', '0'], '--images must be >= 1, got 0'),
+])
+def test_bad_arguments_are_named(tool, tmp_path, capsys, argv, message):
+    (tmp_path / 'RUNS').mkdir()
+    (tmp_path / 'RUN').mkdir()
+    argv = [str(tmp_path / a) if a in ('RUNS', 'RUN', 'NONE') else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([*argv, '--data-dir', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message.replace('NONE', str(tmp_path / 'NONE')) in err
+
+
+def test_bad_data_dir_is_one_line(tool, tmp_path):
+    """Through run_cli, as the script runs: the data folder is named, exit 2, no traceback."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(os.path.join(ROOT, 'configs', 'mini', 'vit_student.yaml'), run / 'args.yaml')
+    model = timm.create_model('tokenmix_vit_tiny_convstem_64', img_size=32, patch_size=4, qk_norm=True, num_classes=10)
+    torch.save({'state_dict': model.state_dict()}, run / 'last.pth.tar')
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'attention_entropy.py'), str(run),
+                           '--data-dir', str(tmp_path / 'nodata')], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith('attention_entropy.py: error: --data-dir: ')
+    assert str(tmp_path / 'nodata') in proc.stderr and 'Traceback' not in proc.stderr
