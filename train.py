@@ -3,7 +3,7 @@
 
 Flags follow timm's train.py (a DeiT recipe written with timm flags runs unchanged) plus TokenMix and teacher
 flags; `-c FILE.yaml` gives defaults. Multi-process: `./distributed_train.sh NUM_PROC [args]` (torchrun).
-This file only orchestrates; the pieces live in the `tokenmix` package, one concern per module.
+This file only orchestrates; the pieces live in the `tokenmix_train` package, one concern per module.
 """
 import logging
 import os
@@ -18,19 +18,19 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, get_outdir, random_seed
 
-from tokenmix.args import parse_train_args, resolve_lr
-from tokenmix.args_checks import output_problem
-from tokenmix.checkpoint import AtomicCheckpointSaver, continue_history, restore_rng_state, resume
-from tokenmix.data import build_dataset, build_train_loader, num_dataset_classes
-from tokenmix.distributed import init_device, is_primary, sync_batchnorm, wrap_ddp
-from tokenmix.engine import NonFiniteLossError, Training, fit
-from tokenmix.errors import ConfigError, run_cli
-from tokenmix.evaluate import build_eval_loader
-from tokenmix.logger import RunLogger, add_log_file, import_wandb, setup_logging, start_wandb
-from tokenmix.mixing import build_criterion, build_mixer, build_teacher_from_args, mixer_generator
-from tokenmix.model import build_student, check_input_size, patch_size_of
-from tokenmix.precision import setup_precision
-from tokenmix.teacher_maps import wrap_train_dataset
+from tokenmix_train.args import parse_train_args, resolve_lr
+from tokenmix_train.args_checks import output_problem
+from tokenmix_train.checkpoint import AtomicCheckpointSaver, continue_history, restore_rng_state, resume
+from tokenmix_train.data import build_dataset, build_train_loader, num_dataset_classes
+from tokenmix_train.distributed import init_device, is_primary, sync_batchnorm, wrap_ddp
+from tokenmix_train.engine import NonFiniteLossError, Training, fit
+from tokenmix_train.errors import ConfigError, run_cli
+from tokenmix_train.evaluate import build_eval_loader
+from tokenmix_train.logger import RunLogger, add_log_file, import_wandb, setup_logging, start_wandb
+from tokenmix_train.mixing import build_criterion, build_mixer, build_teacher_from_args, mixer_generator
+from tokenmix_train.model import build_student, check_input_size, patch_size_of
+from tokenmix_train.precision import setup_precision
+from tokenmix_train.teacher_maps import wrap_train_dataset
 
 _logger = logging.getLogger('train')
 

@@ -35,16 +35,16 @@ except ImportError:
     has_sklearn = False
 
 from models import load_checkpoint_weights
-from tokenmix.args import OneLineParser
-from tokenmix.args_checks import check_shared_values, flag_names, output_problem
-from tokenmix.data import build_dataset, num_dataset_classes
-from tokenmix.distributed import init_device, is_primary
-from tokenmix.errors import ConfigError, run_cli
-from tokenmix.evaluate import build_eval_loader, evaluate
-from tokenmix.logger import setup_logging
-from tokenmix.model import build_student, patch_size_of
-from tokenmix.occlusion import OCCLUSION_MODES, OccludedDataset, occlusion_masks
-from tokenmix.progress import Progress
+from tokenmix_train.args import OneLineParser
+from tokenmix_train.args_checks import check_shared_values, flag_names, output_problem
+from tokenmix_train.data import build_dataset, num_dataset_classes
+from tokenmix_train.distributed import init_device, is_primary
+from tokenmix_train.errors import ConfigError, run_cli
+from tokenmix_train.evaluate import build_eval_loader, evaluate
+from tokenmix_train.logger import setup_logging
+from tokenmix_train.model import build_student, patch_size_of
+from tokenmix_train.occlusion import OCCLUSION_MODES, OccludedDataset, occlusion_masks
+from tokenmix_train.progress import Progress
 
 _logger = logging.getLogger('validate')
 

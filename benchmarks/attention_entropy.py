@@ -32,10 +32,10 @@ for path in (ROOT, os.path.join(ROOT, 'scripts')):
 
 from mini_table import ROWS, difference_cell, find_runs, interval_cell, paired_difference  # noqa: E402
 from models import load_checkpoint_weights  # noqa: E402
-from tokenmix.errors import ConfigError, run_cli  # noqa: E402
-from tokenmix.args import parse_args as parse_train_args  # noqa: E402
-from tokenmix.fidelity import load_demo_objects  # noqa: E402
-from tokenmix.model import build_student, patch_size_of  # noqa: E402
+from tokenmix_train.errors import ConfigError, run_cli  # noqa: E402
+from tokenmix_train.args import parse_args as parse_train_args  # noqa: E402
+from tokenmix_train.fidelity import load_demo_objects  # noqa: E402
+from tokenmix_train.model import build_student, patch_size_of  # noqa: E402
 
 
 @torch.no_grad()

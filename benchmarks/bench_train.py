@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training throughput of TokenMix against timm's Mixup/CutMix, measured in one run.
 
-Each configuration runs the training loop of train.py (`tokenmix.engine.train_one_epoch`: mixing on the
+Each configuration runs the training loop of train.py (`tokenmix_train.engine.train_one_epoch`: mixing on the
 device, forward, backward, optimiser step) on synthetic batches already on the device, so data loading is left
 out. Configurations are measured in interleaved rounds (turn about: every other round backwards) and the median is
 reported, with the ratio to the first configuration (timm's Mixup/CutMix unless --configs says otherwise):
@@ -38,9 +38,9 @@ if ROOT not in sys.path:  # run as a file from a checkout that was not pip-insta
 import models  # noqa: F401,E402  registers the tiny models
 from mixup_ext import TokenMix, crop_map, own_map_from_topk  # noqa: E402
 from models import Teacher  # noqa: E402
-from tokenmix.engine import Training, train_one_epoch  # noqa: E402
-from tokenmix.teacher_maps import StoredMapsMixer  # noqa: E402
-from tokenmix.model import patch_size_of  # noqa: E402
+from tokenmix_train.engine import Training, train_one_epoch  # noqa: E402
+from tokenmix_train.teacher_maps import StoredMapsMixer  # noqa: E402
+from tokenmix_train.model import patch_size_of  # noqa: E402
 
 
 class SyntheticLoader:

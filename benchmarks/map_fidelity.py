@@ -41,10 +41,10 @@ for path in (ROOT, os.path.join(ROOT, 'scripts')):
 from mini_table import t_interval  # noqa: E402
 from mixup_ext import TokenMix, own_class_maps, truncate_to_topk  # noqa: E402
 from models import build_teacher  # noqa: E402
-from tokenmix.errors import ConfigError, run_cli  # noqa: E402
-from tokenmix.fidelity import (fidelity_error, load_demo_objects, normalise_shares, token_paste_masks,  # noqa: E402
+from tokenmix_train.errors import ConfigError, run_cli  # noqa: E402
+from tokenmix_train.fidelity import (fidelity_error, load_demo_objects, normalise_shares, token_paste_masks,  # noqa: E402
                                visible_shares)
-from tokenmix.mixing import mixer_generator  # noqa: E402
+from tokenmix_train.mixing import mixer_generator  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the demo student's and the tiny teacher's (ImageNet)
 QUARTILES = 4

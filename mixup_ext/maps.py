@@ -1,7 +1,7 @@
 """Own-class maps from top-k teacher outputs, and a stored map cut to an augmented crop (METHOD.md section 2).
 
 Pure tensor functions (no files): the map store and the dataset that records each crop live in
-``tokenmix.teacher_maps``.
+``tokenmix_train.teacher_maps``.
 
 Top-k truncation (the authors' maps): the map of an image's own class is zero wherever that class is not among
 the teacher's k highest scores at that position, so background positions, where some other class wins, carry no

@@ -38,13 +38,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tokenmix.args import parse_args as parse_train_args  # noqa: E402
-from tokenmix.fidelity import (fidelity_error, indicator_batch, load_demo_objects, normalise_shares,  # noqa: E402
+from tokenmix_train.args import parse_args as parse_train_args  # noqa: E402
+from tokenmix_train.fidelity import (fidelity_error, indicator_batch, load_demo_objects, normalise_shares,  # noqa: E402
                                paste_masks_from_indicator, token_paste_masks, visible_shares,
                                weights_from_indicator_targets)
-from tokenmix.mixing import build_mixer, build_teacher_from_args, mixer_generator  # noqa: E402
-from tokenmix.model import build_student, patch_size_of  # noqa: E402
-from tokenmix.teacher_maps import MapStore, write_json_atomic  # noqa: E402
+from tokenmix_train.mixing import build_mixer, build_teacher_from_args, mixer_generator  # noqa: E402
+from tokenmix_train.model import build_student, patch_size_of  # noqa: E402
+from tokenmix_train.teacher_maps import MapStore, write_json_atomic  # noqa: E402
 
 ROWS = {
     'a_mixup_cutmix': '(a) Mixup + CutMix, soft-target CE',

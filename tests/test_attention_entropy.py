@@ -13,7 +13,7 @@ import torch
 
 import models  # noqa: F401  (registers the tiny models)
 from conftest import ROOT, load_script
-from tokenmix.fidelity import load_demo_objects
+from tokenmix_train.fidelity import load_demo_objects
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,4 @@
-"""tokenmix/checkpoint.py function by function, on a 3 -> 2 linear model and files in tmp_path (each test well under
+"""tokenmix_train/checkpoint.py function by function, on a 3 -> 2 linear model and files in tmp_path (each test well under
 a second): what a resume restores and returns, the reasons it gives for not continuing bit for bit, the RNG state
 round trip, and how `continue_history` treats the best file it finds on disk.
 
@@ -15,9 +15,9 @@ import pytest
 import timm
 import torch
 
-from tokenmix.checkpoint import (AtomicCheckpointSaver, capture_rng_state, continue_history, gather_rng_states,
+from tokenmix_train.checkpoint import (AtomicCheckpointSaver, capture_rng_state, continue_history, gather_rng_states,
                                  load_training_checkpoint, numerics, plain_data, restore_rng_state, resume)
-from tokenmix.errors import ConfigError
+from tokenmix_train.errors import ConfigError
 
 
 class Stateful:
@@ -256,7 +256,7 @@ def test_continue_history_keeps_the_recorded_best_over_a_worse_or_odd_best_file(
 def test_temporary_files_sit_hidden_beside_their_target_and_old_ones_go_at_start(tmp_path):
     """A killed writer leaves `.NAME.tmp` (or timm's `tmp.pth.tar`) in the checkpoint folder: the next saver removes
     them, and nothing else."""
-    from tokenmix.checkpoint import temp_path
+    from tokenmix_train.checkpoint import temp_path
     assert temp_path(str(tmp_path / 'last.pth.tar')) == str(tmp_path / '.last.pth.tar.tmp')
     for name in ('.last.pth.tar.tmp', '.checkpoint-3.pth.tar.tmp', 'tmp.pth.tar', 'checkpoint-2.pth.tar', 'notes.tmp'):
         (tmp_path / name).write_bytes(b'x')

@@ -18,8 +18,8 @@ import pytest
 import timm
 import torch
 
-import tokenmix.engine as engine
-from tokenmix.checkpoint import AtomicCheckpointSaver, continue_history
+import tokenmix_train.engine as engine
+from tokenmix_train.checkpoint import AtomicCheckpointSaver, continue_history
 
 from conftest import ROOT, TINY_STUDENT, load_script
 

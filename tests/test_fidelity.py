@@ -1,4 +1,4 @@
-"""Target fidelity (tokenmix/fidelity.py): true visible shares of mixed objects and the error of label weights."""
+"""Target fidelity (tokenmix_train/fidelity.py): true visible shares of mixed objects and the error of label weights."""
 import json
 import math
 import os
@@ -10,7 +10,7 @@ from PIL import Image
 from timm.data import Mixup
 
 from mixup_ext import TokenMix, area_weights
-from tokenmix.fidelity import (fidelity_error, indicator_batch, load_demo_objects, normalise_shares,
+from tokenmix_train.fidelity import (fidelity_error, indicator_batch, load_demo_objects, normalise_shares,
                                paste_masks_from_indicator, token_paste_masks, visible_shares,
                                weights_from_indicator_targets)
 

@@ -19,9 +19,9 @@ from torch.utils.data import Dataset
 
 import models
 from mixup_ext import num_partner_tokens
-from tokenmix.args import parse_args, resolve_lr
-from tokenmix.data import build_train_loader
-from tokenmix.model import build_student
+from tokenmix_train.args import parse_args, resolve_lr
+from tokenmix_train.data import build_train_loader
+from tokenmix_train.model import build_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'imagenet', '*.yaml')))

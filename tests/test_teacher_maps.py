@@ -26,9 +26,9 @@ from torchvision import transforms
 from conftest import ROOT, TINY_TEACHER, load_script
 from mixup_ext import TokenMix, crop_map, own_class_maps, own_map_from_topk, truncate_to_topk
 from models import Teacher, build_teacher
-from tokenmix.args import parse_args
-from tokenmix.errors import ConfigError
-from tokenmix.teacher_maps import (FORMAT, MANIFEST, AuthorsMapStore, MapStore, StoredMapDataset, StoredMapsMixer,
+from tokenmix_train.args import parse_args
+from tokenmix_train.errors import ConfigError
+from tokenmix_train.teacher_maps import (FORMAT, MANIFEST, AuthorsMapStore, MapStore, StoredMapDataset, StoredMapsMixer,
                                    map_box, open_map_store, wrap_train_dataset, write_json_atomic, write_shard)
 
 GEOMETRIC = ['Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel']

@@ -1,11 +1,11 @@
-"""tokenmix.args: timm flag names, YAML defaults (timm's and third-party args.yaml), bad values named, --no- forms."""
+"""tokenmix_train.args: timm flag names, YAML defaults (timm's and third-party args.yaml), bad values named, --no- forms."""
 import argparse
 import os
 
 import pytest
 import yaml
 
-from tokenmix.args import args_to_yaml, build_parser, parse_args, parse_train_args, resolve_lr
+from tokenmix_train.args import args_to_yaml, build_parser, parse_args, parse_train_args, resolve_lr
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 

@@ -11,9 +11,9 @@ import torch
 from timm.data import resolve_data_config
 
 from conftest import ROOT, TINY_STUDENT
-from tokenmix.data import build_dataset
-from tokenmix.evaluate import build_eval_loader, evaluate
-from tokenmix.model import build_student
+from tokenmix_train.data import build_dataset
+from tokenmix_train.evaluate import build_eval_loader, evaluate
+from tokenmix_train.model import build_student
 
 
 def _load(path):

@@ -1,4 +1,4 @@
-"""tokenmix.evaluate: shards cover every image once, counts, accuracies and loss are exact, the input hook is used."""
+"""tokenmix_train.evaluate: shards cover every image once, counts, accuracies and loss are exact, the input hook is used."""
 import math
 import time
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from tokenmix.evaluate import ShardedDataset, build_eval_loader, evaluate
+from tokenmix_train.evaluate import ShardedDataset, build_eval_loader, evaluate
 
 
 class Labelled(Dataset):

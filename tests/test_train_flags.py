@@ -13,15 +13,15 @@ from timm.layers import SyncBatchNormAct
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-import tokenmix.data as data_module
+import tokenmix_train.data as data_module
 from conftest import TINY_STUDENT
-from tokenmix.args import parse_args
-from tokenmix.data import build_dataset, build_train_loader
-from tokenmix.distributed import sync_batchnorm
-from tokenmix.engine import Training, _loss_scale
-from tokenmix.errors import ConfigError
-from tokenmix.mixing import build_criterion
-from tokenmix.model import build_student
+from tokenmix_train.args import parse_args
+from tokenmix_train.data import build_dataset, build_train_loader
+from tokenmix_train.distributed import sync_batchnorm
+from tokenmix_train.engine import Training, _loss_scale
+from tokenmix_train.errors import ConfigError
+from tokenmix_train.mixing import build_criterion
+from tokenmix_train.model import build_student
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 

@@ -10,8 +10,8 @@ import timm
 import torch
 from timm.models import load_checkpoint, resume_checkpoint
 
-import tokenmix.engine as engine
-from tokenmix.checkpoint import AtomicCheckpointSaver
+import tokenmix_train.engine as engine
+from tokenmix_train.checkpoint import AtomicCheckpointSaver
 
 TOKENMIX = ['--tokenmix', '--mixup', '0.8', '--cutmix', '1.0', '--model-ema', '--model-ema-decay', '0.9',
             '--drop-path', '0.1', '--epochs', '3']

@@ -5,8 +5,8 @@ import os
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tokenmix.args import parse_args
-from tokenmix.logger import mixed_image_grid
+from tokenmix_train.args import parse_args
+from tokenmix_train.logger import mixed_image_grid
 
 
 def test_tokenmix_teacher_run_writes_timm_outputs(train_script, train_argv, easy_data, easy_teacher_checkpoint,

@@ -15,7 +15,7 @@ import torch
 
 import models  # noqa: F401  registers the tiny models
 from tests.conftest import ROOT, load_script
-from tokenmix.occlusion import OccludedDataset, occlusion_masks
+from tokenmix_train.occlusion import OccludedDataset, occlusion_masks
 
 TINY = ['--model', 'tokenmix_vit_tiny_p8_64', '--img-size', '32', '--model-kwargs', 'embed_dim=32', 'depth=1',
         'num_heads=2']

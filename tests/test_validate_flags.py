@@ -233,7 +233,7 @@ def test_dataset_flags_reach_timms_create_dataset(validate, monkeypatch, capsys)
     def create_dataset(name, **kwargs):
         seen.update(kwargs, name=name)
         raise validate.ConfigError('stop here')
-    monkeypatch.setattr('tokenmix.data.create_dataset', create_dataset)
+    monkeypatch.setattr('tokenmix_train.data.create_dataset', create_dataset)
     code, _, err = run(validate, capsys, '--dataset', 'hfds/some/set', '--data-dir', '.', '--split', 'test',
                        '--dataset-download', '--input-key', 'jpg', '--target-key', 'cls', '--num-samples', '12',
                        '--dataset-trust-remote-code', '--in-chans', '1', '-m', 'resnet18')

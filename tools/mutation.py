@@ -26,12 +26,12 @@ MODULES = {
                            'tests/test_teacher_maps.py']),
     'models/checkpoint_io.py': (['models/checkpoint_io.py'],
                                 ['tests/test_models_checkpoint_io.py', 'tests/test_teacher.py', 'tests/test_faults.py']),
-    'tokenmix/checkpoint.py': (['tokenmix/checkpoint.py'],
+    'tokenmix_train/checkpoint.py': (['tokenmix_train/checkpoint.py'],
                                ['tests/test_checkpoint_unit.py', 'tests/test_train_resume.py', 'tests/test_faults.py']),
-    'tokenmix/evaluate.py': (['tokenmix/evaluate.py'],
+    'tokenmix_train/evaluate.py': (['tokenmix_train/evaluate.py'],
                              ['tests/test_train_evaluate.py', 'tests/test_validate.py', 'tests/test_validate_flags.py']),
-    'tokenmix/occlusion.py': (['tokenmix/occlusion.py'], ['tests/test_validate.py']),
-    'tokenmix/fidelity.py': (['tokenmix/fidelity.py'], ['tests/test_fidelity.py']),
+    'tokenmix_train/occlusion.py': (['tokenmix_train/occlusion.py'], ['tests/test_validate.py']),
+    'tokenmix_train/fidelity.py': (['tokenmix_train/fidelity.py'], ['tests/test_fidelity.py']),
     'mixup_ext': (['mixup_ext/masks.py', 'mixup_ext/targets.py', 'mixup_ext/tokenmix.py', 'mixup_ext/maps.py',
                    'mixup_ext/_rng.py'],
                   ['tests/test_mixup_ext.py', 'tests/test_fidelity.py', 'tests/test_teacher_maps.py']),
@@ -39,7 +39,7 @@ MODULES = {
 GOALS = {'mixup_ext': 90.0}
 DEFAULT_GOAL = 80.0
 # the packages mutmut copies (with tests/) into its mutants folder, and what the tests load besides them
-SOURCE_PATHS = ['mixup_ext', 'models', 'tokenmix']
+SOURCE_PATHS = ['mixup_ext', 'models', 'tokenmix_train']
 ALSO_COPY = ['train.py', 'validate.py', 'tools', 'configs', 'scripts', 'benchmarks']
 # lines that only hold message text: a raise with its message, a string continuation line, a log call
 NO_MUTATE_LINES = [r'^\s*raise \w+\(', r'^\s*f?[\'"].*[\'"],?\)*( from \w+)?$', r'_logger\.\w+\(']

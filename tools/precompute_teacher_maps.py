@@ -7,7 +7,7 @@
 
 Each image is resized whole to img_size x img_size (aspect not kept, nothing cropped away), so every
 RandomResizedCrop box of training has a map under it. Per image and map position the teacher's top-k scores and
-class indices are stored in fp16 (see tokenmix/teacher_maps.py for the layout), with a manifest naming the
+class indices are stored in fp16 (see tokenmix_train/teacher_maps.py for the layout), with a manifest naming the
 teacher, sizes, k, split and class list. Shards are written to a temporary file and renamed, their key list last:
 a killed run is resumed by running the same command again, which skips every finished shard.
 """
@@ -28,11 +28,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from models import build_teacher  # noqa: E402
-from tokenmix.args import OneLineParser  # noqa: E402
-from tokenmix.args_checks import output_problem  # noqa: E402
-from tokenmix.data import check_image_folder, split_folder  # noqa: E402
-from tokenmix.errors import ConfigError, run_cli  # noqa: E402
-from tokenmix.teacher_maps import (FORMAT, MANIFEST, MapStore, class_names, shard_done, shard_name,  # noqa: E402
+from tokenmix_train.args import OneLineParser  # noqa: E402
+from tokenmix_train.args_checks import output_problem  # noqa: E402
+from tokenmix_train.data import check_image_folder, split_folder  # noqa: E402
+from tokenmix_train.errors import ConfigError, run_cli  # noqa: E402
+from tokenmix_train.teacher_maps import (FORMAT, MANIFEST, MapStore, class_names, shard_done, shard_name,  # noqa: E402
                                    write_json_atomic, write_shard)
 
 _logger = logging.getLogger('precompute_teacher_maps')

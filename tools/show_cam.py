@@ -28,8 +28,8 @@ from timm.utils import ParseKwargs
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import Teacher, load_checkpoint_weights  # noqa: E402
-from tokenmix.fidelity import load_demo_objects  # noqa: E402
-from tokenmix.pictures import render_png  # noqa: E402
+from tokenmix_train.fidelity import load_demo_objects  # noqa: E402
+from tokenmix_train.pictures import render_png  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

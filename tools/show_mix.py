@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mixup_ext import TokenMix, area_weights  # noqa: E402
 from models import build_teacher  # noqa: E402
-from tokenmix.fidelity import load_demo_objects, normalise_shares, token_paste_masks, visible_shares  # noqa: E402
-from tokenmix.pictures import render_png  # noqa: E402
+from tokenmix_train.fidelity import load_demo_objects, normalise_shares, token_paste_masks, visible_shares  # noqa: E402
+from tokenmix_train.pictures import render_png  # noqa: E402
 
 BAR_COLOURS = ('tab:orange', 'tab:blue')  # own label (A), partner label (B)
 COLUMNS = ('image A', 'partner B', 'token mask\n(white: tokens from B)', 'mixed image', 'label weights')

@@ -20,7 +20,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenmix.args import build_parser  # noqa: E402
+from tokenmix_train.args import build_parser  # noqa: E402
 
 
 def timm_parser(path: str) -> argparse.ArgumentParser:
