@@ -24,7 +24,7 @@ if ROOT not in sys.path:  # run as a file from a checkout that was not pip-insta
     sys.path.insert(0, ROOT)
 
 from mixup_ext import TokenMix, block_token_masks  # noqa: E402
-from mixup_ext.masks import block_token_masks_reference  # noqa: E402
+from tests.mask_reference import block_token_masks_reference  # noqa: E402
 
 
 def median_seconds(*fns: Callable[[], object], repeats: int, burst: int = 5) -> List[float]:
@@ -61,7 +61,7 @@ def bench_masks(repeats: int) -> None:
     rng = random.Random(0)
     fast, slow = median_seconds(lambda: block_token_masks(256, (14, 14), 112, generator=gen),
                                 lambda: block_token_masks_reference(256, (14, 14), 112, rng=rng), repeats=repeats)
-    print(f'(a) block masks, B=256, 14x14, 112 tokens, one mask per sample')
+    print('(a) block masks, B=256, 14x14, 112 tokens, one mask per sample')
     print(f'    per-sample Python loop : {slow * 1e3:8.2f} ms')
     print(f'    batched (mixup_ext)    : {fast * 1e3:8.2f} ms   speed-up {slow / fast:5.1f}x')
 

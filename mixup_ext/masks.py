@@ -6,7 +6,6 @@ all samples of a batch together, so the Python loop runs over steps of the algor
 """
 import functools
 import math
-import random
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from ._rng import host_rng
 
 __all__ = [
-    'block_token_masks', 'random_token_masks', 'block_token_masks_reference', 'num_partner_tokens',
+    'block_token_masks', 'random_token_masks', 'num_partner_tokens',
     'token_grid', 'masks_to_pixels',
 ]
 
@@ -192,50 +191,6 @@ def _block_tables(gh: int, gw: int, min_aspect: float) -> Tuple[np.ndarray, np.n
     placement = np.concatenate([place(gh, 0), place(gw, (gh + 1) ** 2)], axis=1).astype(float)
     band_bits.flags.writeable = placement.flags.writeable = False
     return band_bits, placement, max_side
-
-
-def block_token_masks_reference(
-        batch_size: int,
-        grid: Sequence[int],
-        num_tokens: int,
-        *,
-        min_aspect: float = 0.3,
-        rng: Optional[random.Random] = None,
-) -> torch.Tensor:
-    """The same block algorithm written per sample with Python loops, the way the authors' code does it.
-
-    Kept as the yardstick for `block_token_masks`: the tests compare their statistics and the benchmark
-    measures the speed-up against it.
-    """
-    gh, gw = _check_grid(batch_size, grid)
-    rng = rng or random.Random()
-    log_range = (math.log(min_aspect), math.log(1. / min_aspect))
-    out = torch.zeros(batch_size, gh, gw, dtype=torch.bool)
-    for b in range(batch_size):
-        mask = [[False] * gw for _ in range(gh)]
-        count = 0
-        while count < num_tokens:
-            still = num_tokens - count
-            added = 0
-            for _ in range(_TRIES_PER_ROUND):
-                area = rng.uniform(1, still)
-                aspect = math.exp(rng.uniform(*log_range))
-                h = int(round(math.sqrt(area * aspect)))
-                w = int(round(math.sqrt(area / aspect)))
-                if h < gh and w < gw:
-                    top, left = rng.randint(0, gh - h), rng.randint(0, gw - w)
-                    cells = [(i, j) for i in range(top, top + h) for j in range(left, left + w)]
-                    fresh = [c for c in cells if not mask[c[0]][c[1]]]
-                    if 0 < len(fresh) <= still:
-                        for i, j in fresh:
-                            mask[i][j] = True
-                        added = len(fresh)
-                        break
-            if added == 0:
-                break
-            count += added
-        out[b] = torch.tensor(mask)
-    return out
 
 
 def masks_to_pixels(mask: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -12,7 +12,8 @@ from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
 from mixup_ext import (TokenMix, area_weights, block_token_masks, mixed_targets, normalise_weights, own_class_maps,
                        random_token_masks, teacher_weights)
-from mixup_ext.masks import block_token_masks_reference, masks_to_pixels
+from mixup_ext.masks import masks_to_pixels
+from tests.mask_reference import block_token_masks_reference
 
 
 def gen(seed: int = 0) -> torch.Generator:
