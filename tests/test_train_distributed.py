@@ -46,7 +46,7 @@ def test_torchrun_two_processes(easy_data, easy_teacher_checkpoint, tmp_path):
     assert log.count('eval epoch 1: top-1') == 1 and '(19 images)' in log
     # 60 train images, 8 per rank and step: 3 steps an epoch on each of the two ranks (with --aug-repeats 3, timm's
     # RepeatAugSampler: each image 3 times, 30 of the 180 draws per rank); evaluation still counts each image once
-    assert '[   3/3]' in log and '[   4/' not in log
+    assert 'train epoch 1 [3/3] loss ' in log and '[4/' not in log
     with open(run / 'summary.csv') as f:
         rows = list(csv.DictReader(f))
     assert [int(r['epoch']) for r in rows] == [0, 1]

@@ -9,7 +9,6 @@ never becomes `last` or `model_best`.
 """
 import logging
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
@@ -21,7 +20,7 @@ from timm.utils import dispatch_clip_grad, distribute_bn, unwrap_model
 from .checkpoint import AtomicCheckpointSaver, gather_rng_states
 from .data import set_loader_epoch
 from .evaluate import evaluate
-from .logger import RunLogger
+from .logger import RunLogger, StepMeter
 
 __all__ = ['Training', 'NonFiniteLossError', 'train_one_epoch', 'fit']
 
@@ -60,7 +59,6 @@ class Training:
     recovery_saver: Optional[AtomicCheckpointSaver] = None  # ... with this saver (primary rank only)
     ema_eval: bool = True  # evaluate the EMA (off for timm's --model-ema-force-cpu)
     synchronize_step: bool = False
-    save_images: bool = False
     batch_loss_scale: str = 'none'  # timm's --variable-batch-loss-scale: 'none', 'linear' or 'sqrt'
     batch_size_reference: Optional[float] = None  # the policy-average batch of scheduled resolution training
     model_dtype: Optional[torch.dtype] = None  # timm's --model-dtype: the student's weights and inputs
@@ -133,26 +131,21 @@ def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
     if run.mixer is not None and run.mixup_off_epoch and epoch >= run.mixup_off_epoch:
         run.mixer.mixup_enabled = False
     num_batches = len(loader)
-    num_updates = epoch * ((num_batches + accum - 1) // accum)
+    meter = StepMeter(loader, f'train epoch {epoch}', run.log_interval, world_size=run.world_size,
+                      steps_before=epoch * ((num_batches + accum - 1) // accum), batches_per_step=accum,
+                      on_log=lambda step, values: run.logger.scalars(step, values, 'train'))
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images (this epoch)
     window = torch.zeros(2, dtype=torch.float64, device=device)  # the same since the last log line
     first_bad = torch.full((), math.inf, device=device)
-    grid_pending, first_images = run.logger.active, None
-    start = window_start = time.perf_counter()
     run.optimizer.zero_grad(set_to_none=True)
-    for idx, (images, targets) in enumerate(loader):
+    for idx, (images, targets) in enumerate(meter):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         last = idx == num_batches - 1
         need_update = last or (idx + 1) % accum == 0
         if run.mixer is not None:
             images, targets = run.mixer(images, targets)
-        if grid_pending:
-            mask = getattr(run.mixer, 'last_mask', None)
-            if mask is not None or run.mixer is None:
-                run.logger.mixed_images(epoch, images, mask)
-                grid_pending = False
-            elif first_images is None:
-                first_images = images[:16].detach().cpu()
+        run.logger.train_batch(epoch, idx, images, getattr(run.mixer, 'last_mask', None), log_step=meter.due,
+                               last_step=last)
         if run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         no_sync = run.distributed and not need_update and hasattr(model, 'no_sync')
@@ -169,34 +162,45 @@ def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
         window += batch
         if not need_update:
             continue
-        num_updates += 1
         run.optimizer.zero_grad(set_to_none=True)
         if run.synchronize_step and device.type == 'cuda':
             torch.cuda.synchronize()
         if run.model_ema is not None:
-            run.model_ema.update(unwrap_model(model), step=num_updates)
+            run.model_ema.update(unwrap_model(model), step=meter.step)
         if run.scheduler is not None:
-            run.scheduler.step_update(num_updates=num_updates)
-        if last or num_updates % run.log_interval == 0:
+            run.scheduler.step_update(num_updates=meter.step)
+        if meter.due:
             _check_finite(first_bad, epoch, num_batches)
             loss_sum, count = _all_reduce(window.clone()).tolist()
-            now = time.perf_counter()
-            values = dict(loss=loss_sum / count, lr=run.optimizer.param_groups[0]['lr'],
-                          img_per_sec=count / max(now - window_start, 1e-9))
-            run.logger.scalars(num_updates, values, 'train')
-            _logger.info(f'train epoch {epoch} [{idx + 1:>4d}/{num_batches}] loss {values["loss"]:.4f} '
-                         f'lr {values["lr"]:.3g} {values["img_per_sec"]:.1f} img/s')
+            meter.update(loss=loss_sum / count, lr=run.optimizer.param_groups[0]['lr'])
             window.zero_()
-            window_start = now
-            if run.save_images:
-                run.logger.save_batch(images, idx)
         if run.recovery_saver is not None and run.recovery_interval and \
                 (idx // accum + 1) % run.recovery_interval == 0:
             run.recovery_saver.save_recovery(epoch, batch_idx=idx // accum)
-    if grid_pending and first_images is not None:
-        run.logger.mixed_images(epoch, first_images, None)
     loss_sum, count = _all_reduce(totals).tolist()
-    return dict(loss=loss_sum / max(count, 1.0), img_per_sec=count / max(time.perf_counter() - start, 1e-9))
+    return dict(loss=loss_sum / max(count, 1.0), img_per_sec=count / max(meter.elapsed, 1e-9))
+
+
+def _evaluate_epoch(run: Training, eval_loader, epoch: int) -> Dict[str, float]:
+    """The epoch's eval metrics: the model's, or with an evaluated EMA the EMA's beside the model's `raw_*`.
+
+    Stops the run (`NonFiniteLossError`) when the eval loss or a weight is not finite.
+    """
+    metrics = evaluate(unwrap_model(run.model), eval_loader, run.device, amp_dtype=run.amp_dtype,
+                       input_transform=run.model_input)
+    _logger.info(f'eval epoch {epoch}: top-1 {metrics["top1"]:.2f} top-5 {metrics["top5"]:.2f} '
+                 f'loss {metrics["loss"]:.4f} ({metrics["count"]} images)')
+    eval_metrics = {k: metrics[k] for k in ('top1', 'top5', 'loss')}
+    if run.model_ema is not None and run.ema_eval:
+        if run.distributed and run.dist_bn:
+            distribute_bn(run.model_ema, run.world_size, reduce=run.dist_bn == 'reduce')
+        ema = evaluate(unwrap_model(run.model_ema), eval_loader, run.device, amp_dtype=run.amp_dtype,
+                       input_transform=run.model_input)
+        _logger.info(f'eval epoch {epoch} (EMA): top-1 {ema["top1"]:.2f} top-5 {ema["top5"]:.2f} '
+                     f'loss {ema["loss"]:.4f}')
+        eval_metrics = dict({k: ema[k] for k in eval_metrics}, **{f'raw_{k}': v for k, v in eval_metrics.items()})
+    _check_diverged(run, epoch, metrics['loss'])
+    return eval_metrics
 
 
 def fit(run: Training, train_loader, eval_loader, saver: Optional[AtomicCheckpointSaver], *, start_epoch: int,
@@ -210,38 +214,23 @@ def fit(run: Training, train_loader, eval_loader, saver: Optional[AtomicCheckpoi
     (best_metric, best_epoch) on the primary rank.
     """
     best = None
-    eval_model = unwrap_model(run.model)
     for epoch in range(start_epoch, num_epochs):
         set_loader_epoch(train_loader, epoch)
         train_metrics = train_one_epoch(run, epoch, train_loader)
         if run.distributed and run.dist_bn:  # one model on every rank before each rank evaluates its shard
             distribute_bn(run.model, run.world_size, reduce=run.dist_bn == 'reduce')
-        if (epoch + 1) % run.val_interval and epoch + 1 != num_epochs:
+        eval_metrics = None
+        if (epoch + 1) % run.val_interval == 0 or epoch + 1 == num_epochs:
+            eval_metrics = _evaluate_epoch(run, eval_loader, epoch)
+        else:
             _logger.info(f'epoch {epoch}: no evaluation or checkpoint (--val-interval {run.val_interval})')
-            if run.scheduler is not None:
-                run.scheduler.step(epoch + 1, None)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch)
-            continue
-        metrics = evaluate(eval_model, eval_loader, run.device, amp_dtype=run.amp_dtype,
-                           input_transform=run.model_input)
-        _logger.info(f'eval epoch {epoch}: top-1 {metrics["top1"]:.2f} top-5 {metrics["top5"]:.2f} '
-                     f'loss {metrics["loss"]:.4f} ({metrics["count"]} images)')
-        eval_metrics = {k: metrics[k] for k in ('top1', 'top5', 'loss')}
-        if run.model_ema is not None and run.ema_eval:
-            if run.distributed and run.dist_bn:
-                distribute_bn(run.model_ema, run.world_size, reduce=run.dist_bn == 'reduce')
-            ema = evaluate(unwrap_model(run.model_ema), eval_loader, run.device, amp_dtype=run.amp_dtype,
-                           input_transform=run.model_input)
-            _logger.info(f'eval epoch {epoch} (EMA): top-1 {ema["top1"]:.2f} top-5 {ema["top5"]:.2f} '
-                         f'loss {ema["loss"]:.4f}')
-            eval_metrics = dict({k: ema[k] for k in eval_metrics}, **{f'raw_{k}': v for k, v in eval_metrics.items()})
-        _check_diverged(run, epoch, metrics['loss'])
         lr = run.optimizer.param_groups[0]['lr']
         if run.scheduler is not None:
-            run.scheduler.step(epoch + 1, eval_metrics[eval_metric])
+            run.scheduler.step(epoch + 1, None if eval_metrics is None else eval_metrics[eval_metric])
         if on_epoch_end is not None:
             on_epoch_end(epoch)
+        if eval_metrics is None:
+            continue
         rng_states = gather_rng_states(run.mix_generator)  # collective: every rank's streams go in the file
         if saver is not None:
             extra = dict(rng_states=rng_states)

@@ -1,16 +1,21 @@
-"""Run outputs besides checkpoints: log file, summary.csv, TensorBoard (scalars and mixed-image grids), wandb.
+"""Run outputs besides checkpoints: log file, progress lines, summary.csv, TensorBoard (scalars and mixed-image
+grids), wandb.
 
 Only the primary rank writes; `RunLogger(None)` is a logger that writes nothing, used by the other ranks.
 wandb is optional (timm's --log-wandb): `import_wandb()` names the missing package before anything is written.
+`StepMeter` times the steps of a loop (train and validate alike) and writes its progress lines.
 """
+import datetime
 import importlib
 import logging
+import math
 import os
-from typing import Any, Dict, Optional, Sequence
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.utils import setup_default_logging, update_summary
+from timm.utils import AverageMeter, setup_default_logging, update_summary
 from torchvision.utils import make_grid, save_image
 
 from .errors import ConfigError
@@ -21,12 +26,14 @@ try:
 except ImportError:
     has_tensorboard = False
 
-__all__ = ['setup_logging', 'add_log_file', 'RunLogger', 'mixed_image_grid', 'import_wandb', 'start_wandb']
+__all__ = ['setup_logging', 'add_log_file', 'StepMeter', 'RunLogger', 'mixed_image_grid', 'import_wandb',
+           'start_wandb']
 
 _logger = logging.getLogger(__name__)
 
 LOG_FILE = 'log.txt'
 SUMMARY_FILE = 'summary.csv'
+GRID_IMAGES = 16  # images in a TensorBoard grid of mixed images
 
 
 def setup_logging(primary: bool) -> None:
@@ -50,8 +57,71 @@ def add_log_file(output_dir: str) -> logging.Handler:
     return handler
 
 
+class StepMeter:
+    """Iterates `loader` (batches whose first item is the images), timing each step, and logs progress lines.
+
+    Data time is the wait for a batch (worker start-up included); step time runs from the end of the previous
+    step to the caller's request for the next batch (data plus compute). A line follows each step counted
+    `log_interval` and the loop's last: `header [done/total]`, the metrics given to `update` in that step,
+    images/s since the previous line (this process's times `world_size`), data and step time (this step's, the
+    loop's average) and the ETA. Steps count `batches_per_step` batches (updates under gradient accumulation)
+    after `steps_before`, so the cadence runs on over epochs as timm's does; `step` is that count and `due` tells
+    the caller during a step that it logs, so metrics that need a collective or a host sync are made only then.
+    `on_log(step, values)` gets each line's metrics and img_per_sec; `clock` is injectable for tests.
+    """
+
+    def __init__(self, loader: Iterable, header: str, log_interval: int, *, world_size: int = 1,
+                 steps_before: int = 0, batches_per_step: int = 1,
+                 on_log: Optional[Callable[[int, Dict[str, float]], None]] = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.loader, self.header, self.log_interval, self.world_size = loader, header, log_interval, world_size
+        self.steps_before, self.batches_per_step = steps_before, batches_per_step
+        self.on_log, self.clock = on_log, clock
+        self.data_time, self.step_time = AverageMeter(), AverageMeter()
+        self.index, self.step, self.due = -1, steps_before, False
+        self.metrics: Dict[str, float] = {}
+
+    def update(self, **metrics: float) -> None:
+        """Metrics of the current step for its progress line (call when `due`)."""
+        self.metrics.update(metrics)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from the start of the loop to the end of the last finished step."""
+        return self.step_time.sum
+
+    def __iter__(self) -> Iterator:
+        total = len(self.loader)
+        window_images, window_time = 0, 0.0
+        end = self.clock()
+        for index, batch in enumerate(self.loader):
+            self.data_time.update(self.clock() - end)
+            self.index, self.step = index, self.steps_before + math.ceil((index + 1) / self.batches_per_step)
+            step_ends = (index + 1) % self.batches_per_step == 0
+            self.due = index == total - 1 or (step_ends and self.step % self.log_interval == 0)
+            window_images += len(batch[0]) * self.world_size
+            yield batch
+            now = self.clock()
+            self.step_time.update(now - end)
+            window_time += now - end
+            end = now
+            if self.due:
+                self._log(total, window_images / max(window_time, 1e-9))
+                window_images, window_time = 0, 0.0
+
+    def _log(self, total: int, rate: float) -> None:
+        eta = datetime.timedelta(seconds=round((total - self.index - 1) * self.step_time.avg))
+        metrics = ''.join(f' {name} {value:.4g}' for name, value in self.metrics.items())
+        data, step = self.data_time, self.step_time
+        _logger.info(f'{self.header} [{self.index + 1:>{len(str(total))}d}/{total}]{metrics} {rate:.1f} img/s '
+                     f'data {data.val:.3f} ({data.avg:.3f}) s step {step.val:.3f} ({step.avg:.3f}) s eta {eta}')
+        if self.on_log is not None:
+            self.on_log(self.step, dict(self.metrics, img_per_sec=rate))
+        self.metrics = {}
+
+
 def mixed_image_grid(images: torch.Tensor, mask: Optional[torch.Tensor], mean: Sequence[float],
-                     std: Sequence[float], max_images: int = 16) -> torch.Tensor:
+                     std: Sequence[float], max_images: int = GRID_IMAGES) -> torch.Tensor:
     """A 3 x H x W grid: the (de-normalised) mixed images, and under them their token masks (white = pasted)."""
     images = images[:max_images].detach().float().cpu()
     mean_t = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
@@ -84,14 +154,17 @@ def start_wandb(args: Any, output_dir: str, name: str) -> Any:
 
 
 class RunLogger:
-    """Writes summary.csv and TensorBoard events into `output_dir` (and rows to a wandb run when given); does
-    nothing when `output_dir` is None."""
+    """Writes summary.csv, TensorBoard events and (timm's --save-images) training batches into `output_dir` (and
+    rows to a wandb run when given); does nothing when `output_dir` is None."""
 
     def __init__(self, output_dir: Optional[str], mean: Sequence[float] = (0.5,) * 3,
-                 std: Sequence[float] = (0.5,) * 3, wandb_run: Any = None) -> None:
+                 std: Sequence[float] = (0.5,) * 3, wandb_run: Any = None, save_images: bool = False) -> None:
         self.output_dir = output_dir
         self.mean, self.std = tuple(mean), tuple(std)
         self.wandb_run = wandb_run
+        self.save_images = save_images
+        self._grid_epoch: Optional[int] = None  # the last epoch whose grid is written
+        self._unmasked: Optional[Tuple[int, torch.Tensor]] = None  # (epoch, its first images) for a grid without masks
         self.writer = None
         if output_dir and has_tensorboard:
             self.writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'))
@@ -107,16 +180,25 @@ class RunLogger:
             for name, value in values.items():
                 self.writer.add_scalar(f'{prefix}/{name}', value, step)
 
-    def mixed_images(self, epoch: int, images: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        """Once per epoch: a grid of mixed training images with their masks."""
-        if self.writer is not None:
-            self.writer.add_image('train/mixed_images', mixed_image_grid(images, mask, self.mean, self.std), epoch)
+    def train_batch(self, epoch: int, batch_idx: int, images: torch.Tensor, mask: Optional[torch.Tensor], *,
+                    log_step: bool, last_step: bool) -> None:
+        """The (mixed) input batch of every training step, with its token mask (None: not token-mixed).
 
-    def save_batch(self, images: torch.Tensor, batch_idx: int) -> None:
-        """timm's --save-images: the (mixed) input batch as train-batch-N.jpg."""
-        if self.active:
+        Once per epoch a TensorBoard grid of mixed images: the first batch with a mask, with its masks under it,
+        else (written at the epoch's last step) the epoch's first batch. With --save-images, at each log step the
+        batch as train-batch-N.jpg (timm's file).
+        """
+        if self.save_images and log_step and self.active:
             save_image(images.detach().float(), os.path.join(self.output_dir, f'train-batch-{batch_idx}.jpg'),
                        padding=0, normalize=True)
+        if self.writer is None or self._grid_epoch == epoch:
+            return
+        if mask is None and (self._unmasked is None or self._unmasked[0] != epoch):
+            self._unmasked = (epoch, images[:GRID_IMAGES].detach().cpu())
+        if mask is not None or last_step:
+            shown = images if mask is not None else self._unmasked[1]
+            self.writer.add_image('train/mixed_images', mixed_image_grid(shown, mask, self.mean, self.std), epoch)
+            self._grid_epoch = epoch
 
     def epoch_summary(self, epoch: int, train: Dict[str, float], evaluation: Dict[str, float], lr: float) -> None:
         """One summary.csv row (timm's columns: epoch, train_*, eval_*, lr) and the epoch's scalars."""
