@@ -19,13 +19,13 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, get_outdir, random_seed
 
 from tokenmix_train.args import parse_train_args, resolve_lr
-from tokenmix_train.args_checks import output_problem
 from tokenmix_train.checkpoint import AtomicCheckpointSaver, continue_history, restore_rng_state, resume
 from tokenmix_train.data import build_dataset, build_train_loader, num_dataset_classes
 from tokenmix_train.distributed import init_device, is_primary, sync_batchnorm, wrap_ddp
 from tokenmix_train.engine import NonFiniteLossError, Training, fit
 from tokenmix_train.errors import ConfigError, run_cli
 from tokenmix_train.evaluate import build_eval_loader
+from tokenmix_train.flag_rules import output_problem
 from tokenmix_train.logger import RunLogger, add_log_file, import_wandb, setup_logging, start_wandb
 from tokenmix_train.mixing import build_criterion, build_mixer, build_teacher_from_args, mixer_generator
 from tokenmix_train.model import build_student, check_input_size, patch_size_of
@@ -145,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             f.write(args_text)
         wandb_run = start_wandb(args, output_dir, os.path.basename(output_dir)) if args.log_wandb else None
-        run_logger = RunLogger(output_dir, data_config['mean'], data_config['std'], wandb_run)
+        run_logger = RunLogger(output_dir, data_config['mean'], data_config['std'], wandb_run, args.save_images)
         saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                       amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                       decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
@@ -172,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    world_size=args.world_size, dist_bn=args.dist_bn, mix_generator=generator, logger=run_logger,
                    val_interval=args.val_interval, recovery_interval=args.recovery_interval, recovery_saver=saver,
                    ema_eval=not args.model_ema_force_cpu, synchronize_step=args.synchronize_step,
-                   save_images=args.save_images, batch_loss_scale=args.variable_batch_loss_scale,
+                   batch_loss_scale=args.variable_batch_loss_scale,
                    batch_size_reference=average_batch, model_dtype=model_dtype)
 
     def report_skipped(epoch: int) -> None:

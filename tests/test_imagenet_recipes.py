@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 import models
 from mixup_ext import num_partner_tokens
-from tokenmix_train.args import parse_args, resolve_lr
+from tokenmix_train.args import parse_train_args, resolve_lr
 from tokenmix_train.data import build_train_loader
 from tokenmix_train.model import build_student
 
@@ -44,7 +44,7 @@ def _name(path: str) -> str:
 
 
 def _parse(cfg: str, tmp_path, *extra: str):
-    return parse_args(['-c', cfg, '--data-dir', str(tmp_path), *extra])
+    return parse_train_args(['-c', cfg, '--data-dir', str(tmp_path), *extra])[0]
 
 
 def test_every_table_row_has_a_config():

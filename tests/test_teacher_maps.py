@@ -26,7 +26,7 @@ from torchvision import transforms
 from conftest import ROOT, TINY_TEACHER, load_script
 from mixup_ext import TokenMix, crop_map, own_class_maps, own_map_from_topk, truncate_to_topk
 from models import Teacher, build_teacher
-from tokenmix_train.args import parse_args
+from tokenmix_train.args import parse_train_args
 from tokenmix_train.errors import ConfigError
 from tokenmix_train.teacher_maps import (FORMAT, MANIFEST, AuthorsMapStore, MapStore, StoredMapDataset, StoredMapsMixer,
                                    map_box, open_map_store, wrap_train_dataset, write_json_atomic, write_shard)
@@ -438,7 +438,7 @@ def test_stored_maps_mixer_equals_tokenmix_with_those_maps(mode):
 ])
 def test_stored_map_flag_errors(extra, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(['--data-dir', 'd', *extra])
+        parse_train_args(['--data-dir', 'd', *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import tokenmix_train.data as data_module
 from conftest import TINY_STUDENT
-from tokenmix_train.args import parse_args
+from tokenmix_train.args import parse_train_args
 from tokenmix_train.data import build_dataset, build_train_loader
 from tokenmix_train.distributed import sync_batchnorm
 from tokenmix_train.engine import Training, _loss_scale
@@ -27,7 +27,7 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
 
 def _train_loader(tiny_data, *flags):
-    args = parse_args(['--data-dir', tiny_data, *TINY_STUDENT, '-b', '8', '-j', '0', *flags])
+    args = parse_train_args(['--data-dir', tiny_data, *TINY_STUDENT, '-b', '8', '-j', '0', *flags])[0]
     args.distributed = False
     dataset = build_dataset(args, 'train', '--train-split', is_training=True)
     model = build_student(args, 10)
@@ -69,7 +69,7 @@ def test_aug_splits_give_clean_and_augmented_views_and_the_jsd_loss(tiny_data):
     loader = _train_loader(tiny_data, '--aug-splits', '3', '--jsd-loss', '--hflip', '0')
     images, targets = next(iter(loader))
     assert images.shape[0] == 24 and torch.equal(targets[:8], targets[8:16])  # 3 views of 8 images
-    args = parse_args(['--data-dir', 'd', '--aug-splits', '3', '--jsd-loss', '--smoothing', '0.1'])
+    args = parse_train_args(['--data-dir', 'd', '--aug-splits', '3', '--jsd-loss', '--smoothing', '0.1'])[0]
     loss = build_criterion(args)
     assert isinstance(loss, JsdCrossEntropy) and loss.num_splits == 3
     logits = torch.randn(24, 10)
@@ -80,23 +80,23 @@ def test_aug_splits_give_clean_and_augmented_views_and_the_jsd_loss(tiny_data):
 
 def test_bce_sum_and_pos_weight_reach_timms_loss():
     base = ['--data-dir', 'd', '--bce-loss', '--mixup', '0.8']
-    mean_loss = build_criterion(parse_args(base))
-    summed = build_criterion(parse_args(base + ['--bce-sum', '--bce-pos-weight', '2']))
+    mean_loss = build_criterion(parse_train_args(base)[0])
+    summed = build_criterion(parse_train_args(base + ['--bce-sum', '--bce-pos-weight', '2'])[0])
     assert isinstance(summed, BinaryCrossEntropy) and summed.sum_classes and summed.pos_weight.item() == 2.0
     logits, targets = torch.randn(4, 10), torch.full((4, 10), 0.1)
-    no_weight = build_criterion(parse_args(base + ['--bce-sum']))
+    no_weight = build_criterion(parse_train_args(base + ['--bce-sum'])[0])
     assert no_weight(logits, targets).item() == pytest.approx(10 * mean_loss(logits, targets).item(), rel=1e-5)
 
 
 def test_model_flags_reach_the_model(tmp_path):
-    args = parse_args(['--data-dir', 'd', '--model', 'mobilenetv3_small_050', '--bn-momentum', '0.3', '--bn-eps',
-                       '0.01'])
+    args = parse_train_args(['--data-dir', 'd', '--model', 'mobilenetv3_small_050', '--bn-momentum', '0.3', '--bn-eps',
+                             '0.01'])[0]
     bns = [m for m in build_student(args, 10).modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(m.momentum == 0.3 and m.eps == 0.01 for m in bns)
     with pytest.raises(ConfigError, match='--bn-momentum: --model resnet10t does not take it'):
-        build_student(parse_args(['--data-dir', 'd', '--model', 'resnet10t', '--bn-momentum', '0.3']), 10)
-    args = parse_args(['--data-dir', 'd', '--model', 'resnet10t', '--drop-block', '0.2', '--head-init-scale', '0',
-                       '--head-init-bias', '-2'])
+        build_student(parse_train_args(['--data-dir', 'd', '--model', 'resnet10t', '--bn-momentum', '0.3'])[0], 10)
+    args = parse_train_args(['--data-dir', 'd', '--model', 'resnet10t', '--drop-block', '0.2', '--head-init-scale', '0',
+                             '--head-init-bias', '-2'])[0]
     model = build_student(args, 10)
     assert any(type(m).__name__ == 'DropBlock2d' for m in model.modules())
     assert model.fc.weight.abs().sum() == 0 and torch.all(model.fc.bias == -2)
@@ -105,14 +105,15 @@ def test_model_flags_reach_the_model(tmp_path):
     source = timm.create_model('resnet10t', num_classes=5)
     path = str(tmp_path / 'weights.pth')
     torch.save(source.state_dict(), path)
-    args = parse_args(['--data-dir', 'd', '--model', 'resnet10t', '--pretrained', '--pretrained-path', path])
+    args = parse_train_args(['--data-dir', 'd', '--model', 'resnet10t', '--pretrained', '--pretrained-path', path])[0]
     model = build_student(args, 10)
     assert torch.equal(model.conv1[0].weight, source.conv1[0].weight) and model.fc.out_features == 10
-    assert parse_args(['--data-dir', 'd', '--drop-connect', '0.2']).drop_path == 0.2  # timm's deprecated alias
+    assert parse_train_args(['--data-dir', 'd', '--drop-connect', '0.2'])[0].drop_path == 0.2  # timm's deprecated alias
 
 
 def test_split_bn_gives_each_split_its_batchnorm():
-    args = parse_args(['--data-dir', 'd', '--model', 'resnet10t', '--aug-splits', '3', '--split-bn', '--jsd-loss'])
+    args = parse_train_args(['--data-dir', 'd', '--model', 'resnet10t', '--aug-splits', '3', '--split-bn',
+                             '--jsd-loss'])[0]
     model = build_student(args, 10)
     split = [m for m in model.modules() if type(m).__name__ == 'SplitBatchNorm2d']
     assert split and all(len(m.aux_bn) == 2 for m in split)
@@ -131,8 +132,9 @@ def test_sync_bn_uses_timms_converter_and_keeps_the_activation():
 
 
 def test_schedule_flags_reach_timms_scheduler():
-    args = parse_args(['--data-dir', 'd', '--epochs', '10', '--lr-cycle-limit', '2', '--lr-cycle-mul', '1',
-                       '--lr-k-decay', '2', '--lr-noise', '0.5', '--lr-noise-pct', '0.1', '--warmup-epochs', '0'])
+    args = parse_train_args(['--data-dir', 'd', '--epochs', '10', '--lr-cycle-limit', '2', '--lr-cycle-mul', '1',
+                             '--lr-k-decay', '2', '--lr-noise', '0.5', '--lr-noise-pct', '0.1',
+                             '--warmup-epochs', '0'])[0]
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=1)
     assert num_epochs == 20 and scheduler.cycle_limit == 2 and scheduler.k_decay == 2
@@ -142,9 +144,10 @@ def test_schedule_flags_reach_timms_scheduler():
 def test_dataset_flags_reach_timms_create_dataset(monkeypatch, tmp_path, capsys):
     seen = []
     monkeypatch.setattr(data_module, 'create_dataset', lambda name, **kw: seen.append((name, kw)) or [0, 1, 2])
-    args = parse_args(['--data-dir', str(tmp_path), '--dataset', 'hfds/digits', '--dataset-download',
-                       '--train-num-samples', '60', '--val-num-samples', '30', '--input-key', 'jpg', '--target-key',
-                       'cls', '--epoch-repeats', '2', '--in-chans', '1', '--dataset-trust-remote-code'])
+    args = parse_train_args(['--data-dir', str(tmp_path), '--dataset', 'hfds/digits', '--dataset-download',
+                             '--train-num-samples', '60', '--val-num-samples', '30', '--input-key', 'jpg',
+                             '--target-key', 'cls', '--epoch-repeats', '2', '--in-chans', '1',
+                             '--dataset-trust-remote-code'])[0]
     build_dataset(args, 'train', '--train-split', is_training=True)
     build_dataset(args, 'validation', '--val-split', is_training=False)
     (name, train), (_, val) = seen
@@ -152,7 +155,7 @@ def test_dataset_flags_reach_timms_create_dataset(monkeypatch, tmp_path, capsys)
     assert (train['input_key'], train['target_key'], train['input_img_mode'], train['trust_remote_code']) == \
         ('jpg', 'cls', 'L', True)
     assert val['num_samples'] == 30 and 'repeats' not in val
-    args = parse_args(['--data-dir', str(tmp_path), '--input-key', 'jpg'])
+    args = parse_train_args(['--data-dir', str(tmp_path), '--input-key', 'jpg'])[0]
     with pytest.raises(ConfigError, match='--input-key/--target-key: only for hfds/, wds/'):
         build_dataset(args, 'train', '--train-split', is_training=True)
 
@@ -265,5 +268,5 @@ def test_jsd_run_with_augmentation_splits(train_script, train_argv, tmp_path):
     argv = train_argv('--aug-splits', '3', '--jsd-loss', '--epochs', '1', '--log-interval', '7')
     assert train_script.run_main(argv) == 0
     log = (tmp_path / 'out' / 'run' / 'log.txt').read_text()
-    assert '[   7/7]' in log  # 60 images, 8 a batch (24 views): the same 7 steps as without splits
+    assert 'train epoch 0 [7/7] loss ' in log  # 60 images, 8 a batch (24 views): the same 7 steps as without splits
     assert float(_rows(tmp_path / 'out' / 'run')[0]['train_loss']) > 0

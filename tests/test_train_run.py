@@ -5,7 +5,7 @@ import os
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tokenmix_train.args import parse_args
+from tokenmix_train.args import parse_train_args
 from tokenmix_train.logger import mixed_image_grid
 
 
@@ -32,7 +32,7 @@ def test_tokenmix_teacher_run_writes_timm_outputs(train_script, train_argv, easy
     assert len(rows) == 2 and float(rows[-1]['eval_raw_top1']) >= 90
     assert all(float(r['train_img_per_sec']) > 0 and float(r['train_loss']) > 0 for r in rows)
 
-    again = parse_args(['-c', str(run / 'args.yaml')])  # the run can be repeated from its args.yaml
+    again = parse_train_args(['-c', str(run / 'args.yaml')])[0]  # the run can be repeated from its args.yaml
     assert again.teacher_model == 'tokenmix_cnn_teacher_64' and again.tokenmix and again.model_ema
     assert again.tokenmix_target_norm == 'none'  # BCE: the authors' raw teacher weights
 

@@ -11,6 +11,7 @@ from torchvision import transforms
 
 from tests.conftest import load_script
 from tests.test_validate import TINY, constant_predictor, results, run
+from tokenmix_train.validate_flags import build_validate_parser, parse_validate_args
 
 # Every option string of timm's validate.py (huggingface/pytorch-image-models, main branch, 2026-08), plus
 # --amp-impl, which timm 1.0.x had until 1.0.22.
@@ -65,21 +66,21 @@ def loaders(validate, monkeypatch):
     return built
 
 
-def test_every_timm_flag_is_accepted(validate):
-    options = validate.build_parser()._option_string_actions
+def test_every_timm_flag_is_accepted():
+    options = build_validate_parser()._option_string_actions
     missing = [flag for flag in TIMM_VALIDATE_FLAGS if flag not in options]
     assert not missing
-    args = validate.parse_args(['--data-dir', 'd'])  # timm's defaults
+    args = parse_validate_args(['--data-dir', 'd'])  # timm's defaults
     assert (args.model, args.batch_size, args.workers, args.log_freq, args.seed, args.split) == \
         ('dpn92', 256, 4, 10, 42, 'validation')
     assert args.pretrained and not args.checkpoint  # timm: no checkpoint means the pretrained weights
-    both = validate.parse_args(['--data-dir', 'd', '--pretrained', '--checkpoint', 'c.pth'])
+    both = parse_validate_args(['--data-dir', 'd', '--pretrained', '--checkpoint', 'c.pth'])
     assert not both.pretrained and both.pretrained_ignored  # the checkpoint's weights, nothing downloaded
 
 
-def test_short_and_old_spellings_are_aliases(validate):
-    short = validate.parse_args(['--data-dir', 'd', '-m', 'resnet18', '--log-interval', '3'])
-    long = validate.parse_args(['--data-dir', 'd', '--model', 'resnet18', '--log-freq', '3'])
+def test_short_and_old_spellings_are_aliases():
+    short = parse_validate_args(['--data-dir', 'd', '-m', 'resnet18', '--log-interval', '3'])
+    long = parse_validate_args(['--data-dir', 'd', '--model', 'resnet18', '--log-freq', '3'])
     assert vars(short) == vars(long) and short.model == 'resnet18' and short.log_freq == 3
 
 

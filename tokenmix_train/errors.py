@@ -1,14 +1,22 @@
 """The project's error for bad user input: entry points print its message and exit with code 2."""
+import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 import torch
 
-__all__ = ['ConfigError', 'user_message', 'run_cli']
+__all__ = ['ConfigError', 'OneLineParser', 'user_message', 'run_cli']
 
 
 class ConfigError(ValueError):
     """A flag, file or dataset given by the user cannot be used; the message names it."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An error is one line (`PROG: error: ...`, exit code 2): the usage of dozens of flags would bury it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
 def user_message(error: ConfigError) -> str:

@@ -13,13 +13,17 @@ from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEn
 from mixup_ext import TokenMix
 from models import CheckpointError, Teacher, build_teacher
 
-from .args import mixing_enabled
 from .errors import ConfigError
 from .teacher_maps import StoredMapsMixer
 
-__all__ = ['build_teacher_from_args', 'build_mixer', 'build_criterion', 'mixer_generator']
+__all__ = ['build_teacher_from_args', 'build_mixer', 'build_criterion', 'mixer_generator', 'mixing_enabled']
 
 Mixer = Union[TokenMix, Mixup, StoredMapsMixer]
+
+
+def mixing_enabled(args: Any) -> bool:
+    """Whether Mixup/CutMix (or TokenMix) is active, as timm decides it."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
 def mixer_generator(seed: int, rank: int) -> torch.Generator:

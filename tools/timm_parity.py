@@ -20,7 +20,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenmix_train.args import build_parser  # noqa: E402
+from tokenmix_train.train_flags import build_train_parser  # noqa: E402
 
 
 def timm_parser(path: str) -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             yaml.safe_dump(defaults, f, default_flow_style=False)  # as timm's _parse_args writes args.yaml
         print(f'{len(defaults)} keys written to {args.out}')
         return 0
-    ours = set(option_strings(build_parser()))
+    ours = set(option_strings(build_train_parser()))
     timm_flags = option_strings(theirs)
     missing = [s for s in timm_flags if s not in ours]
     print(f"timm's train.py: {len(timm_flags)} option strings ({len(theirs._actions) - 1} arguments); "

@@ -1,8 +1,10 @@
-"""Value checks of train.py's flags: types are argparse's job, ranges and names known to timm are checked here.
+"""Every rule on the values of train.py's and validate.py's flags: ranges, names known to timm, flags that cannot
+apply here, and the combinations of flags that exclude or need each other.
 
-Each check returns the first problem as one line naming the flag (None when all is well), so the parser can end
-with it (exit code 2) before anything is built or written. Names are checked against timm itself (its optimizer
-registry, its scheduler factory, its transforms), so a name timm accepts is never refused here.
+Types are argparse's job. Each check returns the first problem as one line naming the flag (None when all is
+well), so the parser can end with it (exit code 2) before anything is built or written. Names are checked against
+timm itself (its optimizer registry, its scheduler factory, its transforms), so a name timm accepts is never
+refused here.
 """
 import argparse
 import math
@@ -16,7 +18,10 @@ from timm.data.transforms import str_to_interp_mode
 from timm.optim import get_optimizer_info
 from timm.scheduler import create_scheduler_v2
 
-__all__ = ['check_values', 'check_shared_values', 'flag_names', 'output_problem']
+from .mixing import mixing_enabled
+
+__all__ = ['check_train_args', 'check_values', 'check_shared_values', 'flag_names', 'output_problem',
+           'unsupported_flags']
 
 Rule = Tuple[Callable[[Any], bool], str]
 AT_LEAST_1: Rule = (lambda v: v >= 1, '>= 1')
@@ -57,6 +62,20 @@ RULES: Dict[str, Rule] = dict(
 )
 ERASE_MODES = ('pixel', 'rand', 'const', '')  # timm's RandomErasing
 CROP_MODES = ('rrc', 'rkrc', 'rkrr')  # timm's transforms_factory
+
+# dest -> (flag, why it cannot apply here); the run stops when the flag is set to anything but its no-op value
+UNSUPPORTED: Dict[str, Tuple[str, str]] = {
+    'torchscript': ('--torchscript', 'TorchScript is not supported here (deprecated since torch 2.0, and the '
+                                     'training loop, EMA and teacher run eagerly); use --torchcompile'),
+    'naflex_loader': ('--naflex-loader', 'NaFlex batches are variable-length patch sequences, but TokenMix, the '
+                                         'teacher and evaluation here work on fixed image grids'),
+    'kd_model_name': ('--kd-model-name', "timm's knowledge distillation (a loss on a teacher's logits or features) "
+                                         'is not implemented here; the teacher here (--teacher-model) gives TokenMix '
+                                         'its label weights, it is no distillation loss'),
+    'tta': ('--tta', "evaluation here counts every val image once; test-time augmentation needs a TTA loader, "
+                     "which timm's train.py does not build either (use validate.py)"),
+}
+NO_OP_VALUES = {'tta': (0, 1)}
 
 
 def flag_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
@@ -182,6 +201,91 @@ def check_shared_values(args: argparse.Namespace, flags: Dict[str, str]) -> Opti
 def check_values(args: argparse.Namespace, flags: Dict[str, str]) -> Optional[str]:
     """The first out-of-range value or unknown name among train.py's flags, as one line naming the flag."""
     return check_shared_values(args, flags) or _pairs(args) or _names(args)
+
+
+def unsupported_flags(args: argparse.Namespace) -> Optional[str]:
+    """One line for the first flag set that cannot apply here, or the first combination timm refuses."""
+    for dest, (flag, why) in UNSUPPORTED.items():
+        if getattr(args, dest) not in NO_OP_VALUES.get(dest, (None, False)):
+            return f'{flag}: {why}'
+    if args.model_dtype not in (None, 'float32') and (args.amp or args.apex_amp):
+        return f'--model-dtype {args.model_dtype} excludes --amp (timm: AMP needs a float32 model)'
+    if args.wandb_resume_id and not args.resume:
+        return '--wandb-resume-id needs --resume (it continues a wandb run)'
+    if args.jsd_loss and args.aug_splits < 2:
+        return '--jsd-loss needs --aug-splits >= 2 (the loss compares the splits)'
+    if args.split_bn and args.aug_splits < 2 and not args.resplit:
+        return '--split-bn needs --aug-splits >= 2 or --resplit'
+    if args.split_bn and args.sync_bn:
+        return '--split-bn and --sync-bn exclude each other'
+    if args.aug_splits and mixing_enabled(args):
+        return '--aug-splits cannot be mixed (--mixup/--cutmix): the pairs would cross augmentation splits'
+    if args.aug_splits and args.no_prefetcher:
+        return '--aug-splits needs the prefetcher (drop --no-prefetcher): timm collates split batches there'
+    if args.aug_splits and args.train_img_sizes is not None:
+        return '--aug-splits and --train-img-sizes exclude each other (timm: not supported together)'
+    if args.aug_repeats and args.train_img_sizes is not None:
+        return '--aug-repeats and --train-img-sizes exclude each other here'
+    if args.use_multi_epochs_loader and args.train_img_sizes is not None:
+        return '--use-multi-epochs-loader and --train-img-sizes exclude each other (timm: not supported together)'
+    return None
+
+
+def _mixed_batches(args: argparse.Namespace) -> Optional[str]:
+    """Mixing pairs sample i with B-1-i, so every mixed batch is even; --tokenmix needs a mixing branch."""
+    # the batches that are mixed: --train-batch-sizes when given (-b then only sizes validation batches)
+    flag, sizes = ('--train-batch-sizes', args.train_batch_sizes) if args.train_batch_sizes else \
+        ('-b/--batch-size', [args.batch_size])
+    odd = [size for size in sizes if size % 2]
+    if mixing_enabled(args) and odd:
+        return (f'{flag} must be even when mixing (--mixup/--cutmix/--tokenmix pair sample i with B-1-i), '
+                f'got {odd[0]}')
+    if args.tokenmix and not mixing_enabled(args):
+        return '--tokenmix needs --cutmix > 0 (the token branch) and/or --mixup > 0'
+    return None
+
+
+def _teacher(args: argparse.Namespace) -> Optional[str]:
+    """The teacher gives TokenMix its label weights: stored maps or an online teacher, with one weights source."""
+    online = dict(teacher_checkpoint='--teacher-checkpoint', teacher_pretrained='--teacher-pretrained',
+                  teacher_img_size='--teacher-img-size', teacher_amp='--teacher-amp')
+    if args.teacher_maps:
+        for dest, flag in online.items():
+            if getattr(args, dest):
+                return f'{flag} is for an online teacher; --teacher-maps reads stored maps'
+        if args.skip_bad_images:
+            return ('--skip-bad-images loads the next image in place of a bad one, whose stored map the '
+                    'loader cannot tell: fix the images or drop --teacher-maps')
+        if not args.tokenmix or args.tokenmix_target == 'area':
+            return ('--teacher-maps gives TokenMix its label weights: add --tokenmix (and --cutmix > 0) '
+                    'without --tokenmix-target area')
+    elif not args.teacher_model:
+        for dest, flag in dict(online, teacher_topk='--teacher-topk').items():
+            if getattr(args, dest):
+                return f'{flag} needs --teacher-model'
+        if args.tokenmix_target == 'teacher':
+            return '--tokenmix-target teacher needs --teacher-model'
+    elif not args.tokenmix:
+        return '--teacher-model is used by TokenMix only: add --tokenmix (and --cutmix > 0)'
+    elif args.tokenmix_target == 'area':
+        return '--tokenmix-target area ignores the teacher: drop --teacher-model or use --tokenmix-target auto'
+    if args.teacher_checkpoint and args.teacher_pretrained:
+        return '--teacher-checkpoint and --teacher-pretrained exclude each other'
+    return None
+
+
+def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """train.py's rules in order (--data-dir, values, flags that cannot apply, mixed batches, teacher): the first
+    problem ends in `parser.error`, one line naming the flag. Then the defaults derived from other flags are set."""
+    args.data_dir = args.data_dir or args.data
+    problem = (None if args.data_dir else '--data-dir is required') or check_values(args, flag_names(parser)) \
+        or unsupported_flags(args) or _mixed_batches(args) or _teacher(args)
+    if problem:
+        parser.error(problem)
+    if args.tokenmix_target_norm is None:
+        args.tokenmix_target_norm = 'none' if args.bce_loss else 'sum'
+    if args.drop_connect is not None and args.drop_path is None:
+        args.drop_path = args.drop_connect  # timm's deprecated alias
 
 
 def output_problem(path: str, flag: str = '--output', shown: Optional[str] = None) -> Optional[str]:

@@ -1,11 +1,13 @@
-"""tokenmix_train.args: timm flag names, YAML defaults (timm's and third-party args.yaml), bad values named, --no- forms."""
+"""tokenmix_train.args (flag tables, YAML file, rules together): timm flag names, YAML defaults (timm's and
+third-party args.yaml), bad values named, --no- forms."""
 import argparse
 import os
 
 import pytest
 import yaml
 
-from tokenmix_train.args import args_to_yaml, build_parser, parse_args, parse_train_args, resolve_lr
+from tokenmix_train.args import args_to_yaml, parse_train_args, resolve_lr
+from tokenmix_train.train_flags import build_train_parser
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
@@ -18,27 +20,27 @@ DEIT_S = ('--data-dir /data/imagenet --model deit_small_patch16_224 --sched cosi
 
 def _error(capsys, argv):
     with pytest.raises(SystemExit) as exc:
-        parse_args(argv)
+        parse_train_args(argv)
     assert exc.value.code == 2
     return capsys.readouterr().err
 
 
 def test_deit_recipe_with_timm_flags_parses():
-    args = parse_args(DEIT_S.split() + ['--tokenmix'])
+    args = parse_train_args(DEIT_S.split() + ['--tokenmix'])[0]
     assert (args.model, args.opt, args.lr, args.weight_decay, args.batch_size) == \
         ('deit_small_patch16_224', 'adamw', 5e-4, 0.05, 128)
     assert (args.mixup, args.cutmix, args.reprob, args.drop_path, args.model_ema_decay) == \
         (0.8, 1.0, 0.25, 0.1, 0.99996)
     assert args.aa == 'rand-m9-mstd0.5-inc1' and args.workers == 8 and args.amp
     assert args.tokenmix_target_norm == 'none'  # BCE: the authors' raw weights
-    assert parse_args(['/data/imagenet']).data_dir == '/data/imagenet'  # timm's deprecated positional
+    assert parse_train_args(['/data/imagenet'])[0].data_dir == '/data/imagenet'  # timm's deprecated positional
 
 
 def test_yaml_defaults_and_command_line_override(tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('data_dir: /d\nlr: 5e-4\nbatch-size: 64\nmixup: 0.8\ntokenmix: true\ncutmix: 1.0\n'
                    'model_kwargs: {patch_size: 8}\n')
-    args = parse_args(['-c', str(cfg), '-b', '32'])
+    args = parse_train_args(['-c', str(cfg), '-b', '32'])[0]
     assert args.lr == 5e-4 and isinstance(args.lr, float)  # PyYAML reads 5e-4 as a string
     assert args.batch_size == 32 and args.mixup == 0.8 and args.tokenmix
     assert args.model_kwargs == {'patch_size': 8}
@@ -136,8 +138,8 @@ def test_flags_that_cannot_apply_say_why(capsys, argv, message):
 
 
 def test_no_op_values_of_unsupported_flags_pass():
-    args = parse_args(['--data-dir', 'd', '--tta', '1', '--model-dtype', 'float32', '--amp', '--no-torchscript',
-                       '--opt', 'lookahead_adamw', '--sched', 'step'])
+    args = parse_train_args(['--data-dir', 'd', '--tta', '1', '--model-dtype', 'float32', '--amp',
+                             '--no-torchscript', '--opt', 'lookahead_adamw', '--sched', 'step'])[0]
     assert args.tta == 1 and args.opt == 'lookahead_adamw'
 
 
@@ -147,7 +149,7 @@ def _boolean_dests(parser):
 
 
 def test_every_boolean_flag_can_be_switched_off_after_the_yaml_set_it():
-    parser = build_parser()
+    parser = build_train_parser()
     dests = _boolean_dests(parser)
     assert {'amp', 'model_ema', 'bce_loss', 'tokenmix', 'teacher_pretrained', 'no_aug', 'no_prefetcher'} <= dests
     off = {}  # dest -> an option that sets it False
@@ -157,7 +159,7 @@ def test_every_boolean_flag_can_be_switched_off_after_the_yaml_set_it():
                 off.setdefault(action.dest, option)
     assert set(off) == dests
     assert off['amp'] == '--no-amp' and off['no_aug'] == '--aug' and off['no_prefetcher'] == '--prefetcher'
-    with_yaml = build_parser()
+    with_yaml = build_train_parser()
     with_yaml.set_defaults(**{d: True for d in dests})  # what -c does with a YAML setting every one to true
     switched = with_yaml.parse_args(list(off.values()))
     assert all(getattr(switched, d) is False for d in dests)
@@ -179,7 +181,7 @@ def test_command_line_weights_win_over_the_yaml_with_a_note(tmp_path, capsys):
     assert 'exclude each other' in _error(capsys, ['-c', str(cfg), '--teacher-checkpoint', 'x.pth',
                                                    '--teacher-pretrained'])
     # the YAML alone keeps its source
-    assert parse_args(['-c', str(cfg)]).teacher_pretrained is True
+    assert parse_train_args(['-c', str(cfg)])[0].teacher_pretrained is True
 
 
 def test_teacher_maps_on_the_command_line_replace_the_yaml_teacher_weights(tmp_path):
@@ -219,25 +221,25 @@ def test_args_yaml_records_what_was_set_not_derived_values(tmp_path):
     assert yaml.safe_load(text)['tokenmix_target_norm'] is None  # ... but stored unresolved
     cfg = tmp_path / 'args.yaml'
     cfg.write_text(text)
-    again = parse_args(['-c', str(cfg), '--no-bce-loss'])
+    again = parse_train_args(['-c', str(cfg), '--no-bce-loss'])[0]
     assert again.tokenmix_target_norm == 'sum'  # resolved afresh for the re-launch
 
 
 def test_args_yaml_round_trip(tmp_path):
-    args = parse_args(DEIT_S.split() + ['--tokenmix', '--model-kwargs', 'patch_size=8'])
+    args = parse_train_args(DEIT_S.split() + ['--tokenmix', '--model-kwargs', 'patch_size=8'])[0]
     path = tmp_path / 'args.yaml'
     path.write_text(args_to_yaml(args))
     assert 'data' in yaml.safe_load(path.read_text())
-    again = parse_args(['-c', str(path)])
+    again = parse_train_args(['-c', str(path)])[0]
     assert vars(again) == dict(vars(args), config=str(path))
 
 
 def test_lr_from_base_follows_timm():
-    args = parse_args(['--data-dir', 'd', '-b', '128', '--opt', 'sgd'])
+    args = parse_train_args(['--data-dir', 'd', '-b', '128', '--opt', 'sgd'])[0]
     assert resolve_lr(args, world_size=4) == pytest.approx(0.1 * 512 / 256)
-    args = parse_args(['--data-dir', 'd', '-b', '128', '--opt', 'adamw', '--lr-base', '5e-4'])
+    args = parse_train_args(['--data-dir', 'd', '-b', '128', '--opt', 'adamw', '--lr-base', '5e-4'])[0]
     assert resolve_lr(args, world_size=4) == pytest.approx(5e-4 * (512 / 256) ** 0.5)
-    args = parse_args(['--data-dir', 'd', '--lr', '0.3'])
+    args = parse_train_args(['--data-dir', 'd', '--lr', '0.3'])[0]
     assert resolve_lr(args, world_size=8) == 0.3
 
 
@@ -245,12 +247,12 @@ def test_every_flag_of_timms_train_py_is_accepted():
     """tests/data/timm_train_flags.txt: the option strings of timm's train.py (tools/timm_parity.py flags)."""
     with open(os.path.join(DATA, 'timm_train_flags.txt')) as f:
         timm_flags = f.read().split()
-    ours = {s for a in build_parser()._actions for s in a.option_strings}
+    ours = {s for a in build_train_parser()._actions for s in a.option_strings}
     assert len(timm_flags) == 176 and [s for s in timm_flags if s not in ours] == []
 
 
 def test_only_the_batches_that_are_mixed_must_be_even():
     """With --train-batch-sizes, -b only sizes the (unmixed) validation batches."""
-    args = parse_args(['--data-dir', 'd', '--mixup', '0.8', '-b', '7', '--train-img-sizes', '32', '48',
-                       '--train-batch-sizes', '8', '6'])
+    args = parse_train_args(['--data-dir', 'd', '--mixup', '0.8', '-b', '7', '--train-img-sizes', '32', '48',
+                             '--train-batch-sizes', '8', '6'])[0]
     assert (args.batch_size, args.train_batch_sizes) == (7, [8, 6])
