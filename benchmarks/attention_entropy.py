@@ -26,15 +26,14 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, 'scripts')):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+if ROOT not in sys.path:  # the packages of this checkout, also where they are not pip-installed (the GPU machine)
+    sys.path.insert(0, ROOT)
 
-from mini_table import ROWS, difference_cell, find_runs, interval_cell, paired_difference  # noqa: E402
 from models import load_checkpoint_weights  # noqa: E402
 from tokenmix_train.errors import ConfigError, run_cli  # noqa: E402
-from tokenmix_train.args import parse_args as parse_train_args  # noqa: E402
 from tokenmix_train.fidelity import load_demo_objects  # noqa: E402
+from tokenmix_train.mini_stats import difference_cell, interval_cell, paired_difference  # noqa: E402
+from tokenmix_train.mini_table import ROWS, find_runs, read_run_args  # noqa: E402
 from tokenmix_train.model import build_student, patch_size_of  # noqa: E402
 
 
@@ -87,7 +86,7 @@ def feature_spread(model: VisionTransformer, images: torch.Tensor) -> float:
 def measure(run_dir: str, data_dir: str, images: int, checkpoint: str) -> Dict[str, torch.Tensor]:
     """One run's attention figures over the first `images` demo val images: per block and head the entropy and the
     logit range (means over images), the feature spread, and per block the attention on the digit."""
-    args = parse_train_args(['-c', os.path.join(run_dir, 'args.yaml'), '--data-dir', data_dir])
+    args = read_run_args(run_dir, data_dir)
     model = build_student(args, args.num_classes or 10)
     if not isinstance(model, VisionTransformer) or model.global_pool != 'token':
         raise ConfigError(f'{run_dir}: {args.model} is not a ViT that classifies from its class token')

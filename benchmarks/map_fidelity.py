@@ -4,8 +4,8 @@
     python benchmarks/map_fidelity.py --data-dir DATA --teacher-checkpoint T1.pth.tar [T2.pth.tar ...] \
         [--teacher-img-size 64 0] [--patch-size 4 8 --min-tokens 5 1] [--topk 1 3 5] [--softmax] [--oracle]
 
-Fidelity error as scripts/mini_table.py defines it: TokenMix's label weights on token batches (no Mixup blend, no
-label smoothing) against the true visible shares of the two digits from the demo data's pixel masks, shares
+Fidelity error as tokenmix_train/mini_table.py defines it: TokenMix's label weights on token batches (no Mixup
+blend, no label smoothing) against the true visible shares of the two digits from the demo data's pixel masks, shares
 normalised to sum 1, mean absolute difference; lower is better. Weights are normalised to sum 1 too
 (``--target-norm sum``, the definition); ``--target-norm none`` keeps the raw teacher weights, which is what a run
 trained with BCE (the table's TokenMix rows) has in its mixer. Rows, all on the same masks and image pairs:
@@ -34,16 +34,15 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, 'scripts')):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+if ROOT not in sys.path:  # the packages of this checkout, also where they are not pip-installed (the GPU machine)
+    sys.path.insert(0, ROOT)
 
-from mini_table import t_interval  # noqa: E402
 from mixup_ext import TokenMix, own_class_maps, truncate_to_topk  # noqa: E402
 from models import build_teacher  # noqa: E402
 from tokenmix_train.errors import ConfigError, run_cli  # noqa: E402
-from tokenmix_train.fidelity import (fidelity_error, load_demo_objects, normalise_shares, token_paste_masks,  # noqa: E402
-                               visible_shares)
+from tokenmix_train.fidelity import (  # noqa: E402
+    fidelity_error, load_demo_objects, normalise_shares, token_paste_masks, visible_shares)
+from tokenmix_train.mini_stats import t_interval  # noqa: E402
 from tokenmix_train.mixing import mixer_generator  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the demo student's and the tiny teacher's (ImageNet)

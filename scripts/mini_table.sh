@@ -5,8 +5,8 @@
 # (d) TokenMix, the CNN teacher's online full own-class maps; (e) its top-5 maps; (f) its stored top-5 maps
 # (tools/precompute_teacher_maps.py; demo data only); (g) random token masks with the targets of (d). TokenMix rows
 # train with BCE, as the authors do, so (b) is their like-for-like baseline. Each run is validated clean and with
-# 25% / 50% of the 4 px patches dropped; scripts/mini_table.py adds target fidelity (demo data), images/s, 95%
-# intervals over seeds, the paired differences to (a) and (b) and two plots.
+# 25% / 50% of the 4 px patches dropped; tokenmix_train/mini_table.py adds target fidelity (demo data), images/s,
+# 95% intervals over seeds, the paired differences to (a) and (b) and two plots.
 #
 # Usage: scripts/mini_table.sh [--quick] [--out DIR] [--student-config YAML]
 #                              [--dataset cifar10|cifar100 --data-dir DIR [--dataset-download]]
@@ -124,6 +124,8 @@ if [ -z "$DATASET" ] && [[ " $ROWS " == *" f_tokenmix_stored_maps "* ]] && [ ! -
     touch "$MAPS/.done"
 fi
 
+# the table's module of this checkout, also where the packages are not pip-installed (benchmarks/gpu_mini_table.sh)
+mini_table() { PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m tokenmix_train.mini_table "$@"; }
 ONLINE=(--tokenmix --bce-loss --teacher-model "$TEACHER_MODEL" --teacher-checkpoint "$TEACHER" --teacher-img-size 64)
 # One (seed, row) run: train, then validate clean and occluded; validate.csv marks it finished.
 run_one() {
@@ -147,8 +149,7 @@ run_one() {
         --experiment "$row-s$seed" --seed "$seed" "${flags[@]}" "${STUDENT_ARGS[@]}" > "$log" 2>&1 \
         || die "training $row seed $seed failed; see $log"
     # the architecture as trained and its token size, one flag or value a line, from the run's args.yaml
-    listed=$("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from mini_table import validate_flags
-print("\n".join(validate_flags(sys.argv[2])))' "$HERE/scripts" "$run" 2>> "$log") \
+    listed=$(mini_table --validate-flags "$run" 2>> "$log") \
         || die "reading the model of $row seed $seed from $run/args.yaml failed; see $log"
     mapfile -t model_flags <<< "$listed"
     "$PYTHON" "$HERE/validate.py" "${VAL_FLAGS[@]}" "${model_flags[@]}" --checkpoint "$run/model_best.pth.tar" \
@@ -173,7 +174,6 @@ for seed in $SEEDS; do
     done
 done
 while [ -n "$(jobs -rp)" ]; do wait_one; done
-"$PYTHON" "$HERE/scripts/mini_table.py" --out "$OUT" --data-dir "$DATA" --fidelity-images "$FIDELITY_IMAGES" \
-    --num-classes "${NUM_CLASSES:-10}" \
+mini_table --out "$OUT" --data-dir "$DATA" --fidelity-images "$FIDELITY_IMAGES" --num-classes "${NUM_CLASSES:-10}" \
     --teacher-checkpoint "$TEACHER"
 echo "mini_table: $(( $(date +%s) - start )) s; table and plots in $OUT"

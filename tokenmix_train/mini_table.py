@@ -1,11 +1,12 @@
-#!/usr/bin/env python3
 """The table and plots of scripts/mini_table.sh: per row, top-1 (clean, occluded), target fidelity and images/s over
 paired seeds, each as mean ± 95% t interval, with the paired differences to the two Mixup + CutMix rows.
 
+    python -m tokenmix_train.mini_table --out OUT --data-dir DATA [--num-classes N] ...   # the table and plots
+    python -m tokenmix_train.mini_table --validate-flags OUT/runs/<row>-s<seed>          # validate.py's flags
+
 Reads OUT/runs/<row>-s<seed>/ (train.py's args.yaml and summary.csv, validate.py's validate.csv) and writes
-OUT/table.md, OUT/top1_per_epoch.png and OUT/fidelity.png. Seeds are paired: seed s gives every row the same
-initial weights and data order (train.py), so the difference of two rows at one seed is the method's effect
-plus the mixing draws, and the interval of the mean difference over seeds is what says whether two rows differ.
+OUT/table.md, OUT/top1_per_epoch.png and OUT/fidelity.png. The statistics over paired seeds (t intervals, paired
+differences, cells) are :mod:`tokenmix_train.mini_stats`.
 
 Target fidelity is measured on the region branch (CutMix boxes for timm Mixup, token masks for TokenMix; a Mixup
 blend has no paste mask): label weights, as the run's mixer computes them without label smoothing, against the
@@ -27,24 +28,25 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import matplotlib
 import numpy as np
 import torch
-from scipy import stats
 from timm.data import resolve_data_config
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from tokenmix_train.args import parse_args as parse_train_args  # noqa: E402
+from tokenmix_train.args import parse_train_args  # noqa: E402
+from tokenmix_train.errors import ConfigError, run_cli  # noqa: E402
 from tokenmix_train.fidelity import (fidelity_error, indicator_batch, load_demo_objects, normalise_shares,  # noqa: E402
-                               paste_masks_from_indicator, token_paste_masks, visible_shares,
-                               weights_from_indicator_targets)
+                                     paste_masks_from_indicator, token_paste_masks, visible_shares,
+                                     weights_from_indicator_targets)
+from tokenmix_train.mini_stats import (difference_cell, interval_cell, paired_difference, t_interval,  # noqa: E402
+                                       take_off_cell, take_off_epoch)
 from tokenmix_train.mixing import build_mixer, build_teacher_from_args, mixer_generator  # noqa: E402
 from tokenmix_train.model import build_student, patch_size_of  # noqa: E402
 from tokenmix_train.teacher_maps import MapStore, write_json_atomic  # noqa: E402
+
+__all__ = ['ROWS', 'BASELINES', 'find_runs', 'read_run_args', 'read_top1', 'read_summary', 'validate_flags',
+           'run_fidelity', 'cached_fidelity', 'RowResults', 'build_table', 'plot_curves', 'plot_fidelity', 'main']
 
 ROWS = {
     'a_mixup_cutmix': '(a) Mixup + CutMix, soft-target CE',
@@ -57,39 +59,7 @@ ROWS = {
 }
 # paired differences are given to both Mixup + CutMix rows: (a) is DeiT's baseline, (b) the TokenMix rows' like for like
 BASELINES = {'a_mixup_cutmix': 'vs (a)', 'b_mixup_cutmix_bce': 'vs (b)'}
-Interval = Tuple[float, float]  # mean, half-width of the 95% interval (nan for one value)
-Difference = Tuple[float, float, int]  # mean paired difference, its half-width, number of pairs
-
-
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
-    """Mean and half-width of the two-sided t confidence interval of the mean (half-width nan for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    sem = statistics.stdev(values) / math.sqrt(len(values))
-    return mean, float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * sem
-
-
-def paired_difference(row: Dict[int, float], base: Dict[int, float]) -> Optional[Difference]:
-    """row - base over the seeds both have, as (mean, 95% half-width, pairs); None without a common seed."""
-    seeds = sorted(set(row) & set(base))
-    if not seeds:
-        return None
-    return (*t_interval([row[s] - base[s] for s in seeds]), len(seeds))
-
-
-def interval_cell(values: Sequence[float], digits: int) -> str:
-    """'mean ± 95% half-width' (just the mean for one seed)."""
-    mean, half = t_interval(values)
-    return f'{mean:.{digits}f}' if math.isnan(half) else f'{mean:.{digits}f} ± {half:.{digits}f}'
-
-
-def difference_cell(diff: Optional[Difference], digits: int = 1) -> str:
-    """'+mean ± half-width' of a paired difference (top-1 points by default); '—' when there is none."""
-    if diff is None:
-        return '—'
-    mean, half, _ = diff
-    return f'{mean:+.{digits}f}' if math.isnan(half) else f'{mean:+.{digits}f} ± {half:.{digits}f}'
+PROG = 'python -m tokenmix_train.mini_table'
 
 
 def find_runs(runs_dir: str) -> Dict[str, Dict[int, str]]:
@@ -116,10 +86,15 @@ def read_summary(run_dir: str) -> Tuple[List[float], float]:
     return [float(r['eval_top1']) for r in rows], statistics.fmean(float(r['train_img_per_sec']) for r in rows)
 
 
+def read_run_args(run_dir: str, data_dir: str) -> argparse.Namespace:
+    """train.py's arguments of one run as it was trained (its args.yaml), with `data_dir` as --data-dir."""
+    return parse_train_args(['-c', os.path.join(run_dir, 'args.yaml'), '--data-dir', data_dir])[0]
+
+
 def validate_flags(run_dir: str) -> List[str]:
     """validate.py's flags for one run, read from the run's args.yaml: the architecture as trained (model, image
     size, model_kwargs, global pool) and its token size for the occlusion patches (one flag or value an item)."""
-    args = parse_train_args(['-c', os.path.join(run_dir, 'args.yaml'), '--data-dir', run_dir])
+    args = read_run_args(run_dir, run_dir)
     flags = ['--model', args.model, '--img-size', str(args.img_size)]
     if args.model_kwargs:
         flags += ['--model-kwargs', *(f'{key}={value!r}' for key, value in args.model_kwargs.items())]
@@ -131,10 +106,12 @@ def validate_flags(run_dir: str) -> List[str]:
     return flags
 
 
-def run_fidelity(run_dir: str, data_dir: str, images: int, batch_size: int, teacher_checkpoint: str) -> float:
-    """Target fidelity error of one run's mixer on `images` demo val images (mean over batches)."""
-    args = parse_train_args(['-c', os.path.join(run_dir, 'args.yaml'), '--data-dir', data_dir])
-    model = build_student(args, 10)
+def run_fidelity(run_dir: str, data_dir: str, num_classes: int, images: int, batch_size: int,
+                 teacher_checkpoint: str) -> float:
+    """Target fidelity error of one run's mixer on `images` demo val images (mean over batches) of a dataset of
+    `num_classes` classes (the student's head, the teacher's and TokenMix's targets)."""
+    args = read_run_args(run_dir, data_dir)
+    model = build_student(args, num_classes)
     config = resolve_data_config(vars(args), model=model)
     token_size = args.tokenmix_patch_size or patch_size_of(model) or 16
     x_all, y_all, obj_all = load_demo_objects(data_dir, 'val', images, config['mean'], config['std'])
@@ -144,13 +121,13 @@ def run_fidelity(run_dir: str, data_dir: str, images: int, batch_size: int, teac
         manifest = MapStore.read_manifest(args.teacher_maps)
         probe.teacher_maps, probe.teacher_model = '', manifest['teacher']
         probe.teacher_checkpoint, probe.teacher_img_size = teacher_checkpoint, manifest['img_size']
-    teacher = build_teacher_from_args(probe, 10, config['mean'], config['std'], torch.device('cpu'))
+    teacher = build_teacher_from_args(probe, num_classes, config['mean'], config['std'], torch.device('cpu'))
     np.random.seed(args.seed)  # timm's Mixup draws from numpy's global generator
     errors = []
     for start in range(0, len(x_all) - batch_size + 1, batch_size):
         x, y, objects = (t[start:start + batch_size] for t in (x_all, y_all, obj_all))
         if args.tokenmix:
-            mixer = build_mixer(probe, 10, token_size, teacher, mixer_generator(args.seed, start))
+            mixer = build_mixer(probe, num_classes, token_size, teacher, mixer_generator(args.seed, start))
             mixer(x.clone(), y)
             paste, weights = token_paste_masks(mixer.last_mask, token_size), mixer.last_weights
         else:
@@ -160,7 +137,7 @@ def run_fidelity(run_dir: str, data_dir: str, images: int, batch_size: int, teac
         # both sides to sum 1: BCE rows keep raw teacher weights (target_norm none), whose scale is not the split
         errors.append(fidelity_error(normalise_shares(weights), normalise_shares(visible_shares(objects, paste))))
     if not errors:
-        raise ValueError(f'--fidelity-images {images} is less than one batch of {batch_size}')
+        raise ConfigError(f'--fidelity-images {images} is less than one batch of {batch_size}')
     return float(np.mean(errors))
 
 
@@ -177,16 +154,6 @@ def cached_fidelity(run_dir: str, images: int, batch_size: int, measure: Callabl
     error = measure()
     write_json_atomic(path, {**setting, 'error': error})
     return error
-
-
-def take_off_epoch(curve: Sequence[float], threshold: float) -> Optional[int]:
-    """The first epoch (1-based) whose val top-1 reaches `threshold`, None if none does: when a run left chance."""
-    return next((epoch for epoch, top1 in enumerate(curve, 1) if top1 >= threshold), None)
-
-
-def take_off_cell(epochs: Sequence[Optional[int]], last: int) -> str:
-    """Each seed's take-off epoch in seed order, '>last' for a run that never took off."""
-    return ' '.join(str(e) if e is not None else f'>{last}' for e in epochs)
 
 
 class RowResults:
@@ -272,9 +239,12 @@ def plot_fidelity(results: Dict[str, RowResults], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', required=True, help='the mini-table folder (holds runs/)')
-    parser.add_argument('--data-dir', required=True, help='the demo data the runs used')
+    """The table and plots of a mini-table folder, or with --validate-flags the validate.py flags of one run."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument('--validate-flags', default='', metavar='RUN_DIR',
+                        help="print validate.py's flags for one run (one flag or value a line) and exit")
+    parser.add_argument('--out', help='the mini-table folder (holds runs/); required without --validate-flags')
+    parser.add_argument('--data-dir', help='the demo data the runs used; required without --validate-flags')
     parser.add_argument('--fidelity-images', type=int, default=1000,
                         help='val images for target fidelity (0: no fidelity column, e.g. CIFAR)')
     parser.add_argument('--fidelity-batch', type=int, default=50, help='images per mixed batch (even)')
@@ -282,6 +252,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--occlusion', type=float, nargs='+', default=[0.25, 0.5], help='occlusion columns')
     parser.add_argument('--num-classes', type=int, default=10, help='classes of the data (chance = 1 / this)')
     args = parser.parse_args(argv)
+    if args.validate_flags:
+        print('\n'.join(validate_flags(args.validate_flags)))
+        return 0
+    missing = [flag for flag, value in (('--out', args.out), ('--data-dir', args.data_dir)) if not value]
+    if missing:
+        parser.error('the following arguments are required: ' + ', '.join(missing))
     if args.fidelity_batch < 2 or args.fidelity_batch % 2:
         parser.error(f'--fidelity-batch must be even and >= 2, got {args.fidelity_batch}')
     runs_dir = os.path.join(args.out, 'runs')
@@ -293,7 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def fidelity(run_dir: str) -> float:
         return cached_fidelity(run_dir, args.fidelity_images, args.fidelity_batch, lambda: run_fidelity(
-            run_dir, args.data_dir, args.fidelity_images, args.fidelity_batch, args.teacher_checkpoint))
+            run_dir, args.data_dir, args.num_classes, args.fidelity_images, args.fidelity_batch,
+            args.teacher_checkpoint))
 
     results = {row: RowResults(seeds, fidelity if args.fidelity_images else None)
                for row, seeds in runs.items()}
@@ -308,4 +285,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_cli(main, PROG))
