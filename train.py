@@ -5,61 +5,54 @@ Flags follow timm's train.py (a DeiT recipe written with timm flags runs unchang
 flags; `-c FILE.yaml` gives defaults. Multi-process: `./distributed_train.sh NUM_PROC [args]` (torchrun).
 This file only orchestrates; the pieces live in the `tokenmix_train` package, one concern per module.
 """
+import argparse
 import logging
 import os
 import sys
 from datetime import datetime
-from typing import Optional, Sequence
+from functools import partial
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.data import Dataset
 from timm.data import resolve_data_config
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, get_outdir, random_seed
 
+from models import Teacher
 from tokenmix_train.args import parse_train_args, resolve_lr
 from tokenmix_train.checkpoint import AtomicCheckpointSaver, continue_history, restore_rng_state, resume
-from tokenmix_train.data import build_dataset, build_train_loader, num_dataset_classes
-from tokenmix_train.distributed import init_device, is_primary, sync_batchnorm, wrap_ddp
+from tokenmix_train.data import build_dataset, build_train_loader, resolve_num_classes
+from tokenmix_train.distributed import init_device, is_primary, run_cli, sync_batchnorm, wrap_ddp
 from tokenmix_train.engine import NonFiniteLossError, Training, fit
-from tokenmix_train.errors import ConfigError, run_cli
+from tokenmix_train.errors import ConfigError
 from tokenmix_train.evaluate import build_eval_loader
 from tokenmix_train.flag_rules import output_problem
 from tokenmix_train.logger import RunLogger, add_log_file, import_wandb, setup_logging, start_wandb
 from tokenmix_train.mixing import build_criterion, build_mixer, build_teacher_from_args, mixer_generator
-from tokenmix_train.model import build_student, check_input_size, patch_size_of
+from tokenmix_train.model import (build_student, check_input_size, compile_model, model_dtype_of, place_model,
+                                  token_size_of)
 from tokenmix_train.precision import setup_precision
 from tokenmix_train.teacher_maps import wrap_train_dataset
 
 _logger = logging.getLogger('train')
 
 
-def resolve_num_classes(args, train_dataset) -> int:
-    """--num-classes, or the train split's class count; a dataset with more classes than asked is an error."""
-    found = num_dataset_classes(train_dataset)
-    if args.num_classes is None:
-        if found is None:
-            raise ConfigError('--num-classes is required for this dataset (it does not list its classes)')
-        return found
-    if found is not None and found > args.num_classes:
-        raise ConfigError(f'--num-classes {args.num_classes} is less than the {found} classes of the train split')
-    return args.num_classes
-
-
-def resumes_in_place(args) -> bool:
+def resumes_in_place(args: argparse.Namespace) -> bool:
     """A resumed run without --output/--experiment keeps writing into the folder of its checkpoint."""
     return bool(args.resume) and not args.experiment and not args.output
 
 
-def output_base(args) -> str:
+def output_base(args: argparse.Namespace) -> str:
     """The folder the run folder goes in (the checkpoint's own folder when the run resumes in place)."""
     if resumes_in_place(args):
         return os.path.dirname(os.path.abspath(args.resume))
     return args.output or './output/train'
 
 
-def output_folder(args, input_size: int) -> str:
+def output_folder(args: argparse.Namespace, input_size: int) -> str:
     """timm's layout: --output/--experiment, a timestamped name by default; a resumed run keeps its folder."""
     if resumes_in_place(args):
         return output_base(args)
@@ -68,7 +61,100 @@ def output_folder(args, input_size: int) -> str:
     return get_outdir(output_base(args), name)
 
 
+def build_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
+    """The train and val splits (val labels use the train class index) and the class count."""
+    train_dataset = build_dataset(args, args.train_split, '--train-split', is_training=True)
+    eval_dataset = build_dataset(args, args.val_split, '--val-split', is_training=False,
+                                 class_to_idx=getattr(getattr(train_dataset, 'reader', None), 'class_to_idx', None))
+    if len(train_dataset) < args.batch_size * args.world_size:
+        raise ConfigError(f'the train split has {len(train_dataset)} images, fewer than one batch '
+                          f'(-b {args.batch_size} x {args.world_size} processes)')
+    return train_dataset, eval_dataset, resolve_num_classes(args.num_classes, train_dataset, 'the train split')
+
+
+def build_model_and_teacher(args: argparse.Namespace, num_classes: int,
+                            device: torch.device) -> Tuple[torch.nn.Module, Dict[str, Any], int, Optional[Teacher]]:
+    """The student on its device (input sizes checked), its data config and TokenMix token size, and the teacher."""
+    model = build_student(args, num_classes)
+    data_config = resolve_data_config(vars(args), model=model, verbose=is_primary(args))
+    token_size = token_size_of(model, args.tokenmix_patch_size)
+    for size in [data_config['input_size']] + [(size, size) for size in args.train_img_sizes or ()]:
+        check_input_size(model, size, token_size if args.tokenmix else None)
+    teacher = build_teacher_from_args(args, num_classes, data_config['mean'], data_config['std'], device)
+    model = place_model(model, args, device)
+    if args.distributed and args.sync_bn:
+        model = sync_batchnorm(model)
+        args.dist_bn = ''  # as timm: synchronised statistics need no reduction
+    return model, data_config, token_size, teacher
+
+
+def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """timm's optimiser of --opt at learning rate `lr`; --opt-kwargs it does not take are a ConfigError."""
+    try:
+        return create_optimizer_v2(model, **{**optimizer_kwargs(cfg=args), 'lr': lr, **args.opt_kwargs})
+    except TypeError as e:
+        raise ConfigError(f'--opt {args.opt} / --opt-kwargs: {e}') from None
+
+
+def training_state(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   loss_scaler: Any, model_ema: Any, updates_per_epoch: int) -> Dict[str, Any]:
+    """Where the run starts: dict(start_epoch, rng_state, saver_state) of `resume` (--resume loaded into the run's
+    objects) or of a fresh run; --start-epoch wins, and the schedule is stepped to the start epoch."""
+    state = dict(start_epoch=0, rng_state=None, saver_state=None)
+    if args.resume:
+        state = resume(args.resume, model, optimizer=None if args.no_resume_opt else optimizer, scheduler=scheduler,
+                       loss_scaler=loss_scaler, model_ema=model_ema, rank=args.rank, world_size=args.world_size,
+                       workers=args.workers)
+    if args.start_epoch is not None:
+        state['start_epoch'] = args.start_epoch
+    if scheduler is not None and state['start_epoch'] > 0:
+        if args.sched_on_updates:
+            scheduler.step_update(state['start_epoch'] * updates_per_epoch)
+        else:
+            scheduler.step(state['start_epoch'])
+    return state
+
+
+def open_output(args: argparse.Namespace, args_text: str, data_config: Dict[str, Any], saved: Dict[str, Any],
+                saver_state: Optional[Dict[str, Any]]) -> Tuple[str, logging.Handler, RunLogger, AtomicCheckpointSaver]:
+    """The run folder with its log file, args.yaml, run logger (TensorBoard, W&B) and checkpoint saver.
+
+    `saved` are the objects each checkpoint holds (model, optimizer, model_ema, amp_scaler); `saver_state` the
+    resumed checkpoint's history, continued when the run writes into the same folder.
+    """
+    output_dir = output_folder(args, data_config['input_size'][-1])
+    log_file = add_log_file(output_dir)
+    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+        f.write(args_text)
+    wandb_run = start_wandb(args, output_dir, os.path.basename(output_dir)) if args.log_wandb else None
+    run_logger = RunLogger(output_dir, data_config['mean'], data_config['std'], wandb_run, args.save_images)
+    saver = AtomicCheckpointSaver(**saved, args=args, checkpoint_dir=output_dir, recovery_dir=output_dir,
+                                  decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+    if args.resume:
+        continue_history(saver, args.resume, saver_state)
+    return output_dir, log_file, run_logger, saver
+
+
+def restore_streams(args: argparse.Namespace, rng_state: Optional[Dict[str, Any]], generator: torch.Generator,
+                    start_epoch: int) -> None:
+    """The random streams of the resumed run, or fresh ones apart from epoch 0's when none were saved for this
+    world size."""
+    if rng_state is not None:
+        restore_rng_state(rng_state, generator)
+    elif start_epoch > 0:
+        random_seed(args.seed + start_epoch, args.rank)
+        generator.set_state(mixer_generator(args.seed + start_epoch, args.rank).get_state())
+
+
+def report_skipped(datasets: Sequence[Dataset], epoch: int) -> None:
+    """Warn when unreadable images were skipped (--skip-bad-images)."""
+    skipped = sum(getattr(dataset, 'num_skipped', 0) for dataset in datasets)
+    if skipped:
+        _logger.warning(f'epoch {epoch}: {skipped} unreadable images skipped so far (this process)')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Train --model; 0 when the run ends, 1 when the loss or the weights stop being finite."""
     args, args_text, notes = parse_train_args(argv)
     problem = output_problem(output_base(args))
     if problem:
@@ -76,47 +162,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.log_wandb:
         import_wandb()
     device = init_device(args)
-    primary = is_primary(args)
-    setup_logging(primary)
+    setup_logging(is_primary(args))
     for level, note in notes:
         getattr(_logger, level)(note)
     random_seed(args.seed, args.rank)
 
-    train_dataset = build_dataset(args, args.train_split, '--train-split', is_training=True)
-    eval_dataset = build_dataset(args, args.val_split, '--val-split', is_training=False,
-                                 class_to_idx=getattr(getattr(train_dataset, 'reader', None), 'class_to_idx', None))
-    if len(train_dataset) < args.batch_size * args.world_size:
-        raise ConfigError(f'the train split has {len(train_dataset)} images, fewer than one batch '
-                          f'(-b {args.batch_size} x {args.world_size} processes)')
-    num_classes = resolve_num_classes(args, train_dataset)
-
-    model = build_student(args, num_classes)
-    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
-    token_size = args.tokenmix_patch_size or patch_size_of(model) or 16
-    for size in [data_config['input_size']] + [(size, size) for size in args.train_img_sizes or ()]:
-        check_input_size(model, size, token_size if args.tokenmix else None)
-    teacher = build_teacher_from_args(args, num_classes, data_config['mean'], data_config['std'], device)
+    train_dataset, eval_dataset, num_classes = build_datasets(args)
+    model, data_config, token_size, teacher = build_model_and_teacher(args, num_classes, device)
     train_dataset = wrap_train_dataset(args, train_dataset, data_config['input_size'], token_size)
 
-    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
-    model.to(device=device, dtype=model_dtype)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn:
-        model = sync_batchnorm(model)
-        args.dist_bn = ''  # as timm: synchronised statistics need no reduction
     train_loader = build_train_loader(train_dataset, args, data_config, device)
     average_batch = getattr(train_loader.batch_sampler, 'average_batch_size', None) \
         if args.train_img_sizes is not None else None
     lr = resolve_lr(args, args.world_size, average_batch)
-    try:
-        optimizer = create_optimizer_v2(model, **{**optimizer_kwargs(cfg=args), 'lr': lr, **args.opt_kwargs})
-    except TypeError as e:
-        raise ConfigError(f'--opt {args.opt} / --opt-kwargs: {e}') from None
-    model, optimizer, amp_dtype, loss_scaler = setup_precision(args, model, optimizer, device)
+    model, optimizer, amp_dtype, loss_scaler = setup_precision(args, model, build_optimizer(args, model, lr), device)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                            device='cpu' if args.model_ema_force_cpu else None) if args.model_ema else None
-
     eval_loader = build_eval_loader(eval_dataset, data_config, args.validation_batch_size or args.batch_size,
                                     args.workers, args.distributed, device=device,
                                     use_prefetcher=not args.no_prefetcher, pin_memory=args.pin_mem)
@@ -126,43 +187,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     generator = mixer_generator(args.seed, args.rank)
     mixer = build_mixer(args, num_classes, token_size, teacher, generator)
 
-    resumed = dict(start_epoch=0, rng_state=None, saver_state=None)
-    if args.resume:
-        resumed = resume(args.resume, model, optimizer=None if args.no_resume_opt else optimizer,
-                         scheduler=scheduler, loss_scaler=loss_scaler, model_ema=model_ema,
-                         rank=args.rank, world_size=args.world_size, workers=args.workers)
-    start_epoch = args.start_epoch if args.start_epoch is not None else resumed['start_epoch']
-    if scheduler is not None and start_epoch > 0:
-        if args.sched_on_updates:
-            scheduler.step_update(start_epoch * updates_per_epoch)
-        else:
-            scheduler.step(start_epoch)
+    state = training_state(args, model, optimizer, scheduler, loss_scaler, model_ema, updates_per_epoch)
+    start_epoch = state['start_epoch']
 
     saver, run_logger, output_dir, log_file = None, RunLogger(None), None, None
-    if primary:  # every check has passed: only now is anything written
-        output_dir = output_folder(args, data_config['input_size'][-1])
-        log_file = add_log_file(output_dir)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
-        wandb_run = start_wandb(args, output_dir, os.path.basename(output_dir)) if args.log_wandb else None
-        run_logger = RunLogger(output_dir, data_config['mean'], data_config['std'], wandb_run, args.save_images)
-        saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
-                                      amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                      decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
-        if args.resume:
-            continue_history(saver, args.resume, resumed['saver_state'])
+    if is_primary(args):  # every check has passed: only now is anything written
+        output_dir, log_file, run_logger, saver = open_output(
+            args, args_text, data_config, dict(model=model, optimizer=optimizer, model_ema=model_ema,
+                                               amp_scaler=loss_scaler), state['saver_state'])
         _logger.info(f'output folder {output_dir}; {num_classes} classes, {len(train_dataset)} train / '
                      f'{len(eval_dataset)} val images, lr {lr:.3g}, epochs {start_epoch}..{num_epochs - 1}')
 
     if args.distributed:
         model = wrap_ddp(model, device, broadcast_buffers=not args.no_ddp_bb)
-    if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
-    if resumed['rng_state'] is not None:
-        restore_rng_state(resumed['rng_state'], generator)
-    elif start_epoch > 0:  # no saved streams for this world size: fresh ones, apart from epoch 0's
-        random_seed(args.seed + start_epoch, args.rank)
-        generator.set_state(mixer_generator(args.seed + start_epoch, args.rank).get_state())
+    model = compile_model(model, args)
+    restore_streams(args, state['rng_state'], generator, start_epoch)
 
     run = Training(model=model, optimizer=optimizer, criterion=build_criterion(args).to(device), device=device,
                    scheduler=scheduler, mixer=mixer, model_ema=model_ema, loss_scaler=loss_scaler,
@@ -173,16 +212,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    val_interval=args.val_interval, recovery_interval=args.recovery_interval, recovery_saver=saver,
                    ema_eval=not args.model_ema_force_cpu, synchronize_step=args.synchronize_step,
                    batch_loss_scale=args.variable_batch_loss_scale,
-                   batch_size_reference=average_batch, model_dtype=model_dtype)
-
-    def report_skipped(epoch: int) -> None:
-        skipped = getattr(train_dataset, 'num_skipped', 0) + getattr(eval_dataset, 'num_skipped', 0)
-        if skipped:
-            _logger.warning(f'epoch {epoch}: {skipped} unreadable images skipped so far (this process)')
-
+                   batch_size_reference=average_batch, model_dtype=model_dtype_of(args))
     try:
         best = fit(run, train_loader, eval_loader, saver, start_epoch=start_epoch, num_epochs=num_epochs,
-                   eval_metric=args.eval_metric, on_epoch_end=report_skipped)
+                   eval_metric=args.eval_metric, on_epoch_end=partial(report_skipped, (train_dataset, eval_dataset)))
         if best is not None and best[0] is not None:
             _logger.info(f'*** best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]})')
     except NonFiniteLossError as e:

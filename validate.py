@@ -13,97 +13,46 @@ pieces (data config, transforms, ReaL labels, test-time pool, reparameterisation
 the few that cannot apply here (--num-gpu > 1, --naflex-loader, --amp-impl apex) stop with one line saying why.
 """
 import argparse
-import csv
-import glob
 import importlib.util
-import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from timm.data import RealLabelsImagenet, resolve_data_config
+from torch.utils.data import Dataset
+from timm.data import resolve_data_config
 from timm.layers import apply_test_time_pool, set_layer_config
 from timm.models import is_model
-from timm.utils import check_batch_size_retry, decay_batch_step, random_seed, reparameterize_model
+from timm.utils import random_seed, reparameterize_model
 
-try:
-    from sklearn.metrics import f1_score, precision_score, recall_score
-    has_sklearn = True
-except ImportError:
-    has_sklearn = False
-
-from models import load_checkpoint_weights
-from tokenmix_train.data import build_dataset, num_dataset_classes
-from tokenmix_train.distributed import init_device, is_primary
-from tokenmix_train.errors import ConfigError, run_cli
-from tokenmix_train.evaluate import build_eval_loader, evaluate
+from tokenmix_train.checkpoint import checkpoint_files, load_model_weights
+from tokenmix_train.data import build_dataset, num_dataset_classes, resolve_num_classes
+from tokenmix_train.distributed import init_device, is_primary, run_cli
+from tokenmix_train.errors import ConfigError
+from tokenmix_train.evaluate import build_eval_loader, evaluate, evaluate_with_retry
 from tokenmix_train.flag_rules import output_problem
 from tokenmix_train.logger import StepMeter, setup_logging
-from tokenmix_train.model import build_student, patch_size_of
+from tokenmix_train.model import build_student, compile_model, model_dtype_of, place_model, token_size_of
 from tokenmix_train.occlusion import OccludedDataset, occlusion_masks
-from tokenmix_train.validate_flags import parse_validate_args as parse_args
+from tokenmix_train.results import (OutputRecorder, format_table, has_sklearn, read_real_labels, read_valid_labels,
+                                    write_results)
+from tokenmix_train.validate_flags import parse_validate_args
 
 _logger = logging.getLogger('validate')
 
-CHECKPOINT_PATTERNS = ('*.pth.tar', '*.pth', '*.safetensors')
-PARTIAL_FILES = ('tmp.pth.tar', 'recovery_tmp.pth.tar')  # timm's names for a save in progress
 
-
-def checkpoint_files(path: str) -> List[str]:
-    """`path` itself, or every checkpoint file in the folder `path` (sorted; timm's temporary files left out)."""
-    if not os.path.isdir(path):
-        if not os.path.isfile(path):
-            raise ConfigError(f"--checkpoint '{path}': no such file or folder")
-        return [path]
-    files = sorted({f for pattern in CHECKPOINT_PATTERNS for f in glob.glob(os.path.join(glob.escape(path), pattern))
-                    if os.path.basename(f) not in PARTIAL_FILES})
-    if not files:
-        raise ConfigError(f"--checkpoint '{path}': the folder holds no {' / '.join(CHECKPOINT_PATTERNS)} files")
-    return files
-
-
-def load_weights(model: torch.nn.Module, path: str, use_ema: bool) -> None:
-    """Fill `model` from `path`; anything that does not fit is a ConfigError naming the file."""
-    try:
-        load_checkpoint_weights(model, path, use_ema=use_ema)
-    except FileNotFoundError:
-        raise ConfigError(f"--checkpoint '{path}': no such file") from None
-    except ValueError as e:
-        raise ConfigError(f'--checkpoint: {e}' + ('' if not use_ema or 'EMA' not in str(e) else ' (--use-ema)')) \
-            from None
-
-
-def write_results(rows: List[Dict[str, Any]], path: str, fmt: str) -> None:
-    """All rows to `path`, as CSV (header + one line a row) or a JSON list."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        f = open(path, 'w', newline='')
-    except OSError as e:
-        raise ConfigError(f"--results-file '{path}': {e.strerror}") from None
-    with f:
-        if fmt == 'json':
-            json.dump(rows, f, indent=2)
-            f.write('\n')
-        else:
-            writer = csv.DictWriter(f, fieldnames=result_columns(rows), restval='')
-            writer.writeheader()
-            writer.writerows(rows)
-
-
-def result_columns(rows: List[Dict[str, Any]]) -> List[str]:
-    """Every key of the rows in first-seen order, `error` last (a folder's unreadable file has no metrics)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    return [c for c in columns if c != 'error'] + ['error'] * ('error' in columns)
-
-
-def format_table(rows: List[Dict[str, Any]]) -> str:
-    """The rows as an aligned text table."""
-    columns = result_columns(rows)
-    cells = [columns] + [[str(r.get(c, '')) for c in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return '\n'.join('  '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in cells)
+@dataclass(frozen=True)
+class Validation:
+    """What the evaluation of every checkpoint and occlusion ratio shares."""
+    args: argparse.Namespace
+    dataset: Dataset
+    data_config: Dict[str, Any]
+    device: torch.device
+    patch: int  # occlusion patch size in pixels
+    valid_labels: Optional[torch.Tensor]  # --valid-labels: the logit columns kept
 
 
 def dataset_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -111,102 +60,9 @@ def dataset_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return dict(num_samples=args.num_samples, load_bytes=args.tf_preprocessing)
 
 
-def read_valid_labels(path: str) -> torch.Tensor:
-    """The class indices of --valid-labels (one integer a line)."""
-    try:
-        with open(path) as f:
-            labels = torch.tensor([int(line) for line in f if line.strip()], dtype=torch.long)
-    except OSError as e:
-        raise ConfigError(f"--valid-labels '{path}': {e.strerror}") from None
-    except ValueError as e:
-        raise ConfigError(f"--valid-labels '{path}': not one integer a line ({e})") from None
-    if len(labels) and int(labels.min()) < 0:  # a negative index would silently pick a class from the end
-        raise ConfigError(f"--valid-labels '{path}': class indices must be >= 0, got {int(labels.min())}")
-    return labels
-
-
-def compile_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
-    """--torchscript, --torchcompile [--torchcompile-mode] or --aot-autograd, as timm's validate.py does."""
-    if args.torchscript:
-        return torch.jit.script(model)
-    if args.torchcompile:
-        return torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
-    if args.aot_autograd:
-        from functorch.compile import memory_efficient_fusion
-        return memory_efficient_fusion(model)
-    return model
-
-
-def read_real_labels(dataset, path: str) -> RealLabelsImagenet:
-    """timm's ReaL evaluator for the split's files, which must be ImageNet's val files that `path` lists."""
-    try:
-        real = RealLabelsImagenet(dataset.filenames(basename=True), real_json=path)
-    except OSError as e:
-        raise ConfigError(f"--real-labels '{path}': {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--real-labels '{path}': not valid JSON ({e})") from None
-    except AssertionError:
-        raise ConfigError(f"--real-labels '{path}' lists another number of images than the split "
-                          f"has ({len(dataset)})") from None
-    unknown = [f for f in real.filenames if f not in real.real_labels]
-    if unknown:
-        raise ConfigError(f"--real-labels '{path}': '{unknown[0]}' is not an ImageNet val file name "
-                          f"(ILSVRC2012_val_NNNNNNNN.JPEG)")
-    return real
-
-
-class OutputRecorder:
-    """Collects what --real-labels and --metrics-avg need from each batch's logits."""
-
-    def __init__(self, real_labels: Optional[RealLabelsImagenet], metrics_avg: Optional[str]) -> None:
-        self.real_labels, self.metrics_avg = real_labels, metrics_avg
-        self.predictions: List[torch.Tensor] = []
-        self.targets: List[torch.Tensor] = []
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        if self.real_labels is not None:
-            self.real_labels.add_result(logits)
-        if self.metrics_avg:
-            self.predictions.append(logits.argmax(dim=1).cpu())
-            self.targets.append(targets.cpu())
-
-    def results(self) -> Dict[str, float]:
-        """ReaL top-1/top-5 replacing the plain ones, and precision/recall/F1 over all ranks (%)."""
-        out: Dict[str, float] = {}
-        if self.real_labels is not None:
-            out.update(top1=self.real_labels.get_accuracy(k=1), top5=self.real_labels.get_accuracy(k=5))
-        if self.metrics_avg:
-            pairs = [(torch.cat(self.predictions), torch.cat(self.targets))]
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                gathered = [None] * torch.distributed.get_world_size()
-                torch.distributed.all_gather_object(gathered, pairs[0])
-                pairs = gathered
-            predictions = torch.cat([p for p, _ in pairs]).numpy()
-            targets = torch.cat([t for _, t in pairs]).numpy()
-            avg = self.metrics_avg
-            for name, score in (('precision', precision_score), ('recall', recall_score), ('f1_score', f1_score)):
-                out[f'{avg}_{name}'] = round(100 * score(targets, predictions, average=avg, zero_division=0), 4)
-        return out
-
-
-def evaluate_with_retry(run: Callable[[int], Dict[str, Any]], batch_size: int, retry: bool) -> Dict[str, Any]:
-    """run(batch_size); with --retry, an out-of-memory error retries with timm's smaller batch steps."""
-    while True:
-        try:
-            return run(batch_size)
-        except RuntimeError as e:
-            if not retry or not check_batch_size_retry(str(e)) or decay_batch_step(batch_size) < 1:
-                raise
-            batch_size = decay_batch_step(batch_size)
-            _logger.warning(f'"{e}" while validating; retrying with batch size {batch_size}')
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Validate --checkpoint (a file or each file of a folder) at each --occlusion ratio; print and write the rows.
-
-    Bad input raises ConfigError (see `run_main`); 0 when every checkpoint was validated.
-    """
-    args = parse_args(argv)
+def check_flags(args: argparse.Namespace) -> None:
+    """What can be checked before any data is read: --results-file writable, one known --model, the packages
+    that --tf-preprocessing and --metrics-avg need."""
     if args.results_file:  # checked before hours of evaluation, not after the table
         if os.path.isdir(args.results_file):
             raise ConfigError(f"--results-file '{args.results_file}' is a folder")
@@ -221,28 +77,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError('--tf-preprocessing needs TensorFlow, which is not installed (pip install tensorflow-cpu)')
     if args.metrics_avg and not has_sklearn:
         raise ConfigError('--metrics-avg needs scikit-learn, which is not installed')
-    device = init_device(args)
-    setup_logging(is_primary(args))
-    random_seed(args.seed)  # --fuser and --fast-norm are set by build_student, as for train.py
-    if args.pretrained_ignored:
-        _logger.info("--pretrained ignored: the weights of --checkpoint are validated")
-    dataset = build_dataset(args, args.split, '--split', is_training=False, **dataset_kwargs(args))
+
+
+def resolve_classes(args: argparse.Namespace, dataset: Dataset) -> Tuple[Optional[int], Optional[torch.Tensor]]:
+    """(the model's class count, the --valid-labels class indices or None).
+
+    With --valid-labels the model keeps its own classes unless --num-classes is given: the subset indexes them.
+    """
+    if not args.valid_labels:
+        return resolve_num_classes(args.num_classes, dataset, f'--split {args.split}'), None
+    valid_labels = read_valid_labels(args.valid_labels)
     found = num_dataset_classes(dataset)
-    valid_labels = read_valid_labels(args.valid_labels) if args.valid_labels else None
-    if valid_labels is not None:
-        if found is not None and found != len(valid_labels):
-            raise ConfigError(f"--valid-labels '{args.valid_labels}' lists {len(valid_labels)} classes, the split "
-                              f"{args.split} has {found}")
-        num_classes = args.num_classes  # the model's own unless given: the subset indexes its classes
-    else:
-        if args.num_classes and found and found > args.num_classes:
-            raise ConfigError(f'--num-classes {args.num_classes} is less than the {found} classes of --split '
-                              f'{args.split}')
-        num_classes = args.num_classes or found
-        if num_classes is None:
-            raise ConfigError('--num-classes is required for this dataset (it does not list its classes)')
-    if args.real_labels and args.distributed:
-        raise ConfigError('--real-labels needs one process (it follows the image order of the whole split)')
+    if found is not None and found != len(valid_labels):
+        raise ConfigError(f"--valid-labels '{args.valid_labels}' lists {len(valid_labels)} classes, the split "
+                          f"{args.split} has {found}")
+    return args.num_classes, valid_labels
+
+
+def build_model(args: argparse.Namespace, num_classes: Optional[int],
+                valid_labels: Optional[torch.Tensor]) -> torch.nn.Module:
+    """--model (timm's pretrained weights when no --checkpoint replaces them), whose classes --valid-labels index."""
     with set_layer_config(scriptable=args.torchscript or None):
         try:
             model = build_student(args, num_classes)
@@ -254,65 +108,106 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if valid_labels is not None and int(valid_labels.max()) >= model.num_classes:
         raise ConfigError(f"--valid-labels '{args.valid_labels}' has class {int(valid_labels.max())}, the model "
                           f"only {model.num_classes} classes")
-    data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size,
-                                      verbose=is_primary(args))
-    patch = args.patch_size or patch_size_of(model) or 16
+    return model
+
+
+def occlusion_patch(args: argparse.Namespace, model: torch.nn.Module, data_config: Dict[str, Any]) -> int:
+    """--patch-size (default: the model's patch size, else 16), which must tile the input size."""
+    patch = token_size_of(model, args.patch_size)
     height, width = data_config['input_size'][-2:]
     if height % patch or width % patch:
         raise ConfigError(f'--patch-size {patch} does not divide the input size {height}x{width} (--img-size)')
+    return patch
+
+
+def prepare_net(model: torch.nn.Module, run: Validation) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """The network evaluated (--reparam, --test-pool, placed, compiled) and its data config: a test-time pool
+    takes the whole image (crop 1.0)."""
+    net = reparameterize_model(model) if run.args.reparam else model
+    test_time_pool = False
+    if run.args.test_pool:
+        net, test_time_pool = apply_test_time_pool(net, run.data_config)
+    net = compile_model(place_model(net, run.args, run.device), run.args)
+    return net, dict(run.data_config, crop_pct=1.0 if test_time_pool else run.data_config['crop_pct'])
+
+
+def evaluate_images(run: Validation, net: torch.nn.Module, images: Dataset, data_config: Dict[str, Any],
+                    recorder: OutputRecorder, label: str, prefetch: bool, batch_size: int) -> Dict[str, Any]:
+    """One pass of `net` over `images` in batches of `batch_size` (`evaluate`'s metrics)."""
+    args = run.args
+    loader = build_eval_loader(
+        images, data_config, batch_size, args.workers, args.distributed, device=run.device,
+        use_prefetcher=not args.no_prefetcher and prefetch, pin_memory=args.pin_mem,
+        crop_border_pixels=args.crop_border_pixels, tf_preprocessing=args.tf_preprocessing)
     amp_dtype = (torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16) if args.amp else None
-    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    return evaluate(net, StepMeter(loader, label, args.log_freq, world_size=args.world_size), run.device,
+                    amp_dtype=amp_dtype, input_dtype=model_dtype_of(args), class_subset=run.valid_labels,
+                    on_output=recorder)
+
+
+def occlusion_row(run: Validation, net: torch.nn.Module, data_config: Dict[str, Any], source: str,
+                  ratio: float) -> Dict[str, Any]:
+    """The row of checkpoint `source` at one --occlusion ratio (its masks depend only on seed and ratio)."""
+    args, images = run.args, run.dataset
+    if ratio > 0:
+        height, width = data_config['input_size'][-2:]
+        masks = occlusion_masks(len(run.dataset), (height // run.patch, width // run.patch), ratio,
+                                args.occlusion_mode, seed=args.seed * 1000 + round(ratio * 1000))
+        images = OccludedDataset(run.dataset, masks, run.patch)
+    recorder = OutputRecorder(read_real_labels(run.dataset, args.real_labels) if args.real_labels else None,
+                              args.metrics_avg)
+    evaluate_at = partial(evaluate_images, run, net, images, data_config, recorder,
+                          f'{os.path.basename(source)} occlusion {ratio:g}', ratio == 0)
+    result = dict(evaluate_with_retry(evaluate_at, args.batch_size, args.retry), **recorder.results())
+    return dict(model=args.model, checkpoint=source + (' (EMA)' if args.use_ema else ''), occlusion=ratio,
+                top1=round(result['top1'], 3), top5=round(result['top5'], 3), images=result['count'],
+                seconds=round(result['seconds'], 2),
+                **{k: v for k, v in result.items() if k.startswith(str(args.metrics_avg))}, error='')
+
+
+def checkpoint_rows(run: Validation, model: torch.nn.Module, source: str) -> List[Dict[str, Any]]:
+    """The rows of one checkpoint, a row per --occlusion ratio; an unreadable file of a --checkpoint folder is
+    one row with its error (a single file's error stops the run)."""
+    args = run.args
+    if args.checkpoint:
+        try:
+            load_model_weights(model, source, '--checkpoint', args.use_ema)
+        except ConfigError as e:
+            if not os.path.isdir(args.checkpoint):
+                raise
+            return [dict(model=args.model, checkpoint=source, occlusion='', top1='', top5='', images=0, seconds=0,
+                         error=str(e))]
+    net, data_config = prepare_net(model, run)
+    return [occlusion_row(run, net, data_config, source, ratio) for ratio in args.occlusion]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Validate --checkpoint (a file or each file of a folder) at each --occlusion ratio; print and write the rows.
+
+    Bad input raises ConfigError (see `run_main`); 0 when every checkpoint was validated.
+    """
+    args = parse_validate_args(argv)
+    check_flags(args)
+    device = init_device(args)
+    setup_logging(is_primary(args))
+    random_seed(args.seed)  # --fuser and --fast-norm are set by build_student, as for train.py
+    if args.pretrained_ignored:
+        _logger.info("--pretrained ignored: the weights of --checkpoint are validated")
+    dataset = build_dataset(args, args.split, '--split', is_training=False, **dataset_kwargs(args))
+    num_classes, valid_labels = resolve_classes(args, dataset)
+    if args.real_labels and args.distributed:
+        raise ConfigError('--real-labels needs one process (it follows the image order of the whole split)')
+    model = build_model(args, num_classes, valid_labels)
+    data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size,
+                                      verbose=is_primary(args))
+    run = Validation(args, dataset, data_config, device, occlusion_patch(args, model, data_config), valid_labels)
     sources = checkpoint_files(args.checkpoint) if args.checkpoint else ['pretrained']
-    folder = bool(args.checkpoint) and os.path.isdir(args.checkpoint)
-    rows, unreadable = [], []
-    for source in sources:
-        if args.checkpoint:
-            try:
-                load_weights(model, source, args.use_ema)
-            except ConfigError as e:
-                if not folder:
-                    raise
-                unreadable.append(os.path.basename(source))
-                rows.append(dict(model=args.model, checkpoint=source, occlusion='', top1='', top5='', images=0,
-                                 seconds=0, error=str(e)))
-                continue
-        net = reparameterize_model(model) if args.reparam else model
-        test_time_pool = False
-        if args.test_pool:
-            net, test_time_pool = apply_test_time_pool(net, data_config)
-        crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
-        net = net.to(device=device, dtype=model_dtype)
-        if args.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        net = compile_model(net, args)
-        for ratio in args.occlusion:
-            images = dataset
-            if ratio > 0:
-                masks = occlusion_masks(len(dataset), (height // patch, width // patch), ratio,
-                                        args.occlusion_mode, seed=args.seed * 1000 + round(ratio * 1000))
-                images = OccludedDataset(dataset, masks, patch)
-            recorder = OutputRecorder(read_real_labels(dataset, args.real_labels) if args.real_labels else None,
-                                      args.metrics_avg)
-            label = f'{os.path.basename(source)} occlusion {ratio:g}'
-
-            def run(batch_size: int) -> Dict[str, Any]:
-                loader = build_eval_loader(
-                    images, dict(data_config, crop_pct=crop_pct), batch_size, args.workers, args.distributed,
-                    device=device, use_prefetcher=not args.no_prefetcher and ratio == 0, pin_memory=args.pin_mem,
-                    crop_border_pixels=args.crop_border_pixels, tf_preprocessing=args.tf_preprocessing)
-                return evaluate(net, StepMeter(loader, label, args.log_freq, world_size=args.world_size), device,
-                                amp_dtype=amp_dtype, input_dtype=model_dtype, class_subset=valid_labels,
-                                on_output=recorder)
-
-            result = dict(evaluate_with_retry(run, args.batch_size, args.retry), **recorder.results())
-            rows.append(dict(model=args.model, checkpoint=source + (' (EMA)' if args.use_ema else ''),
-                             occlusion=ratio, top1=round(result['top1'], 3), top5=round(result['top5'], 3),
-                             images=result['count'], seconds=round(result['seconds'], 2),
-                             **{k: v for k, v in result.items() if k.startswith(str(args.metrics_avg))}, error=''))
+    rows = [row for source in sources for row in checkpoint_rows(run, model, source)]
     if is_primary(args):
         print(format_table(rows))
         if args.results_file:
             write_results(rows, args.results_file, args.results_format)
+    unreadable = [os.path.basename(row['checkpoint']) for row in rows if row['error']]
     if unreadable:
         raise ConfigError(f"--checkpoint '{args.checkpoint}': {len(unreadable)} of {len(sources)} checkpoint files "
                           f"could not be validated ({', '.join(unreadable)}); see the error column")

@@ -30,7 +30,8 @@ if ROOT not in sys.path:  # the packages of this checkout, also where they are n
     sys.path.insert(0, ROOT)
 
 from models import load_checkpoint_weights  # noqa: E402
-from tokenmix_train.errors import ConfigError, run_cli  # noqa: E402
+from tokenmix_train.distributed import run_cli  # noqa: E402
+from tokenmix_train.errors import ConfigError  # noqa: E402
 from tokenmix_train.fidelity import load_demo_objects  # noqa: E402
 from tokenmix_train.mini_stats import difference_cell, interval_cell, paired_difference  # noqa: E402
 from tokenmix_train.mini_table import ROWS, find_runs, read_run_args  # noqa: E402

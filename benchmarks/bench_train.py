@@ -40,7 +40,7 @@ from mixup_ext import TokenMix, crop_map, own_map_from_topk  # noqa: E402
 from models import Teacher  # noqa: E402
 from tokenmix_train.engine import Training, train_one_epoch  # noqa: E402
 from tokenmix_train.teacher_maps import StoredMapsMixer  # noqa: E402
-from tokenmix_train.model import patch_size_of  # noqa: E402
+from tokenmix_train.model import token_size_of  # noqa: E402
 
 
 class SyntheticLoader:
@@ -88,7 +88,7 @@ def build_mixers(args: argparse.Namespace, student: torch.nn.Module, device: tor
     """The four configurations, each a mixer with the DeiT recipe's mixing flags."""
     common = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1,
                   num_classes=args.num_classes)
-    token = dict(patch_size=patch_size_of(student) or 16, target_norm='sum',
+    token = dict(patch_size=token_size_of(student), target_norm='sum',
                  generator=torch.Generator().manual_seed(0))
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     teacher_net = timm.create_model(args.teacher_model, num_classes=args.num_classes)
@@ -186,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     batches = [(torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device),
                 torch.randint(0, args.num_classes, (args.batch_size,), device=device)) for _ in range(4)]
     loader, warmup = SyntheticLoader(batches, args.steps), SyntheticLoader(batches, args.warmup_steps)
-    patch = patch_size_of(student) or 16
+    patch = token_size_of(student)
     grid = (args.img_size // patch, args.img_size // patch)
     stored = stored_batches(batches, grid)
     stored_loaders = SyntheticLoader(stored, args.steps), SyntheticLoader(stored, args.warmup_steps)

@@ -39,7 +39,8 @@ if ROOT not in sys.path:  # the packages of this checkout, also where they are n
 
 from mixup_ext import TokenMix, own_class_maps, truncate_to_topk  # noqa: E402
 from models import build_teacher  # noqa: E402
-from tokenmix_train.errors import ConfigError, run_cli  # noqa: E402
+from tokenmix_train.distributed import run_cli  # noqa: E402
+from tokenmix_train.errors import ConfigError  # noqa: E402
 from tokenmix_train.fidelity import (  # noqa: E402
     fidelity_error, load_demo_objects, normalise_shares, token_paste_masks, visible_shares)
 from tokenmix_train.mini_stats import t_interval  # noqa: E402

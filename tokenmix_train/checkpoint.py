@@ -5,10 +5,12 @@ bookkeeping as timm's `CheckpointSaver`) in an order that a kill at any instant 
 to a hidden temporary file (`.last.pth.tar.tmp`, which no `*.pth.tar` glob matches), then becomes the new
 history file and, when it is a new best, `model_best` (each by link or copy to a hidden temporary name and an
 atomic rename), then `last`; only then is the history file it displaced deleted. So at every instant the
-newest complete `last`, the best so far and the kept history are on disk. Leftover temporary files are removed
-when the next saver starts in that folder. `args` is stored as plain data, so a file loads with a plain
-`torch.load(path)`. Checkpoints also hold the LR scheduler and every rank's random number generator states, so
-`resume()` restores model, EMA, optimiser, scheduler, loss scaler, epoch and RNG. The teacher is never saved.
+newest complete `last`, the best so far and the kept history are on disk. Leftover temporary files (and timm's
+`PARTIAL_FILES`) are removed when the next saver starts in that folder. `args` is stored as plain data, so a file
+loads with a plain `torch.load(path)`. Checkpoints also hold the LR scheduler and every rank's random number
+generator states, so `resume()` restores model, EMA, optimiser, scheduler, loss scaler, epoch and RNG. The
+teacher is never saved. `checkpoint_files` and `load_model_weights` serve validate.py (and --initial-checkpoint):
+which files a folder holds, and weights into a model with every fault a ConfigError naming the flag.
 """
 import argparse
 import glob
@@ -24,17 +26,22 @@ import torch
 import torch.distributed as dist
 from timm.utils import CheckpointSaver, get_state_dict, unwrap_model
 
-from models import CheckpointError, read_checkpoint
+from models import CheckpointError, load_checkpoint_weights, read_checkpoint
 
+from .distributed import process_group_active
 from .errors import ConfigError
 
 __all__ = ['AtomicCheckpointSaver', 'plain_data', 'numerics', 'capture_rng_state', 'restore_rng_state',
-           'gather_rng_states', 'load_training_checkpoint', 'resume', 'continue_history']
+           'gather_rng_states', 'load_training_checkpoint', 'resume', 'continue_history', 'CHECKPOINT_PATTERNS',
+           'PARTIAL_FILES', 'checkpoint_files', 'load_model_weights']
 
 _logger = logging.getLogger(__name__)
 
 TEMP_SUFFIX = '.tmp'
-_LEGACY_TEMP = 'tmp.pth.tar'  # timm's (and this project's earlier) temporary name, which `*.pth.tar` matches
+CHECKPOINT_PATTERNS = ('*.pth.tar', '*.pth', '*.safetensors')
+# timm's names for a save in progress (`save_checkpoint`, `save_recovery`; this project's earlier one too), which
+# `*.pth.tar` matches
+PARTIAL_FILES = ('tmp.pth.tar', 'recovery_tmp.pth.tar')
 
 
 def temp_path(path: str) -> str:
@@ -81,8 +88,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         leftovers = glob.glob(os.path.join(glob.escape(self.checkpoint_dir), '.*' + self.extension + TEMP_SUFFIX))
-        legacy = os.path.join(self.checkpoint_dir, _LEGACY_TEMP)
-        for path in leftovers + ([legacy] if os.path.isfile(legacy) else []):
+        partial = [os.path.join(self.checkpoint_dir, name) for name in PARTIAL_FILES]
+        for path in leftovers + [p for p in partial if os.path.isfile(p)]:
             os.remove(path)
             _logger.warning(f"removed '{path}', the temporary file of an interrupted save")
 
@@ -183,7 +190,7 @@ def restore_rng_state(state: Dict[str, Any], generator: Optional[torch.Generator
 def gather_rng_states(generator: Optional[torch.Generator] = None) -> List[Dict[str, Any]]:
     """Every rank's RNG states, in rank order (a collective call when distributed)."""
     state = capture_rng_state(generator)
-    if not (dist.is_available() and dist.is_initialized()):
+    if not process_group_active():
         return [state]
     states: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
@@ -293,3 +300,28 @@ def continue_history(saver: AtomicCheckpointSaver, resume_path: str, saver_state
     metric = best.get('metric') if isinstance(best, Mapping) else None
     if isinstance(metric, (int, float)) and (saver.best_metric is None or saver.cmp(metric, saver.best_metric)):
         saver.best_metric, saver.best_epoch = metric, best.get('epoch')
+
+
+def checkpoint_files(path: str) -> List[str]:
+    """--checkpoint `path` itself, or every checkpoint file in the folder `path` (sorted; `PARTIAL_FILES` and
+    hidden temporary files left out)."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise ConfigError(f"--checkpoint '{path}': no such file or folder")
+        return [path]
+    files = sorted({f for pattern in CHECKPOINT_PATTERNS for f in glob.glob(os.path.join(glob.escape(path), pattern))
+                    if os.path.basename(f) not in PARTIAL_FILES})
+    if not files:
+        raise ConfigError(f"--checkpoint '{path}': the folder holds no {' / '.join(CHECKPOINT_PATTERNS)} files")
+    return files
+
+
+def load_model_weights(model: torch.nn.Module, path: str, flag: str, use_ema: bool = False) -> None:
+    """Fill `model` from `path` (`models.load_checkpoint_weights`); anything that does not fit is a ConfigError
+    naming `flag` and the file (and --use-ema when the EMA weights are what is missing)."""
+    try:
+        load_checkpoint_weights(model, path, use_ema=use_ema)
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} '{path}': no such file") from None
+    except ValueError as e:
+        raise ConfigError(f'{flag}: {e}' + (' (--use-ema)' if use_ema and 'EMA' in str(e) else '')) from None

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional
 
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from timm.data import AugMixDataset, ImageDataset, create_dataset, create_loader
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.dataset_factory import _search_split
@@ -21,14 +22,33 @@ from timm.utils.misc import natural_key
 
 from .errors import ConfigError
 
-__all__ = ['CheckedImageDataset', 'ImageReadError', 'build_dataset', 'check_image_folder', 'num_dataset_classes',
-           'build_train_loader', 'set_loader_epoch']
+__all__ = ['CheckedImageDataset', 'DatasetView', 'ImageReadError', 'build_dataset', 'check_image_folder',
+           'num_dataset_classes', 'resolve_num_classes', 'build_train_loader', 'set_loader_epoch']
 
 _logger = logging.getLogger(__name__)
 
 
 class ImageReadError(ConfigError):
     """An image file cannot be decoded."""
+
+
+class DatasetView(Dataset):
+    """A dataset that serves the samples of another one, `dataset` (a shard of it, or its images changed).
+
+    `transform` reads and writes the wrapped dataset's transform, so timm's `create_loader` can set it through
+    the view.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    @property
+    def transform(self) -> Any:
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value: Any) -> None:
+        self.dataset.transform = value
 
 
 class CheckedImageDataset(ImageDataset):
@@ -159,6 +179,21 @@ def num_dataset_classes(dataset) -> Optional[int]:
     """Number of classes of a dataset whose reader keeps a class index (None when it does not say)."""
     class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
     return len(class_to_idx) if class_to_idx else None
+
+
+def resolve_num_classes(num_classes: Optional[int], dataset, split: str) -> int:
+    """--num-classes, else the class count of `dataset`; a dataset with more classes than asked is an error.
+
+    `split` names the dataset in that error ('the train split', '--split val').
+    """
+    found = num_dataset_classes(dataset)
+    if num_classes is None:
+        if found is None:
+            raise ConfigError('--num-classes is required for this dataset (it does not list its classes)')
+        return found
+    if found is not None and found > num_classes:
+        raise ConfigError(f'--num-classes {num_classes} is less than the {found} classes of {split}')
+    return num_classes
 
 
 def _with_sampler(loader, sampler):

@@ -1,15 +1,23 @@
-"""Process group and device set-up (timm's `init_distributed_device`), and the DDP wrapper for the student."""
+"""Process group and device set-up (timm's `init_distributed_device`), the DDP wrapper for the student, and
+`run_cli`, which runs an entry point and tears the process group down however it ends."""
 import importlib
-from typing import Any
+import sys
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from timm.layers import convert_sync_batchnorm
 from timm.utils import init_distributed_device, is_primary
 
-from .errors import ConfigError
+from .errors import ConfigError, user_message
 
-__all__ = ['init_device', 'wrap_ddp', 'sync_batchnorm', 'is_primary']
+__all__ = ['init_device', 'wrap_ddp', 'sync_batchnorm', 'is_primary', 'process_group_active', 'run_cli']
+
+
+def process_group_active() -> bool:
+    """Whether this process has joined a torch.distributed process group, so collectives reach the other ranks."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def init_device(args: Any) -> torch.device:
@@ -44,3 +52,18 @@ def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """timm's --sync-bn: BatchNorm layers (timm's fused BN + activation layers included, activation kept) become
     synchronised ones. timm converts before the optimizer and EMA are made, so they see the new layers."""
     return convert_sync_batchnorm(model)
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Run an entry point's `main(argv)`: bad input is one line on stderr and exit code 2.
+
+    The process group is torn down however `main` ends, so a torchrun worker never exits with it still open.
+    """
+    try:
+        return main(argv)
+    except ConfigError as e:
+        print(f'{prog}: error: {user_message(e)}', file=sys.stderr)
+        return 2
+    finally:
+        if process_group_active():
+            dist.destroy_process_group()

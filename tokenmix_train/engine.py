@@ -19,6 +19,7 @@ from timm.utils import dispatch_clip_grad, distribute_bn, unwrap_model
 
 from .checkpoint import AtomicCheckpointSaver, gather_rng_states
 from .data import set_loader_epoch
+from .distributed import process_group_active
 from .evaluate import evaluate
 from .logger import RunLogger, StepMeter
 
@@ -74,7 +75,7 @@ class Training:
 
 
 def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if process_group_active():
         dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
     return values
 

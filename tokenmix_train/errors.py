@@ -1,11 +1,9 @@
-"""The project's error for bad user input: entry points print its message and exit with code 2."""
+"""The project's error for bad user input: entry points print its message and exit with code 2 (`run_cli` in
+distributed.py, which also tears the process group down)."""
 import argparse
-import sys
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import NoReturn
 
-import torch
-
-__all__ = ['ConfigError', 'OneLineParser', 'user_message', 'run_cli']
+__all__ = ['ConfigError', 'OneLineParser', 'user_message']
 
 
 class ConfigError(ValueError):
@@ -31,17 +29,3 @@ def user_message(error: ConfigError) -> str:
     last = text.splitlines()[-1]
     return last.split(': ', 1)[1] if ': ' in last else last
 
-
-def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Run an entry point's `main(argv)`: bad input is one line on stderr and exit code 2.
-
-    The process group is torn down however `main` ends, so a torchrun worker never exits with it still open.
-    """
-    try:
-        return main(argv)
-    except ConfigError as e:
-        print(f'{prog}: error: {user_message(e)}', file=sys.stderr)
-        return 2
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

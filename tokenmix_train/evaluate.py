@@ -5,7 +5,9 @@ batches; the repeats slightly change the result. Here each rank takes a strided 
 padding (`ShardedDataset`), the ranks run different numbers of batches on the plain (not DDP-wrapped) model,
 and the sums of correct predictions, losses and images are all-reduced at the end. `evaluate` is shared by
 train.py and validate.py; its `input_transform` hook changes the images after loading (for example occlusion).
+`evaluate_with_retry` is validate.py's --retry: an out-of-memory error retries with a smaller batch.
 """
+import logging
 import time
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, Optional
@@ -15,32 +17,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from timm.data import create_loader
+from timm.utils import check_batch_size_retry, decay_batch_step
 
-__all__ = ['ShardedDataset', 'build_eval_loader', 'evaluate']
+from .data import DatasetView
+from .distributed import process_group_active
+
+__all__ = ['ShardedDataset', 'build_eval_loader', 'evaluate', 'evaluate_with_retry']
+
+_logger = logging.getLogger(__name__)
 
 InputTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OutputHook = Callable[[torch.Tensor, torch.Tensor], None]
 
 
-class ShardedDataset(Dataset):
-    """Samples rank, rank + world_size, ... of `dataset`: disjoint shards that together cover it once.
-
-    `transform` reads and writes the wrapped dataset's transform, so timm's `create_loader` can set it.
-    """
+class ShardedDataset(DatasetView):
+    """Samples rank, rank + world_size, ... of `dataset`: disjoint shards that together cover it once."""
 
     def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f'rank must lie in [0, {world_size}), got {rank}')
-        self.dataset = dataset
+        super().__init__(dataset)
         self.indices = range(rank, len(dataset), world_size)
-
-    @property
-    def transform(self):
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value) -> None:
-        self.dataset.transform = value
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -115,10 +112,23 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp_dtype:
         sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
                              F.cross_entropy(logits, targets, reduction='sum'),
                              torch.tensor(targets.numel(), device=device)]).to(sums)
-    if dist.is_available() and dist.is_initialized():
+    if process_group_active():
         dist.all_reduce(sums)
     model.train(was_training)
     correct1, correct5, loss, count = sums.tolist()
     denom = max(count, 1.0)
     return dict(top1=100.0 * correct1 / denom, top5=100.0 * correct5 / denom, loss=loss / denom,
                 count=int(count), seconds=time.perf_counter() - start)
+
+
+def evaluate_with_retry(run: Callable[[int], Dict[str, Any]], batch_size: int, retry: bool) -> Dict[str, Any]:
+    """run(batch_size); with `retry` (--retry) a RuntimeError (out of memory) retries with timm's smaller batch
+    steps down to 1, unless timm's `check_batch_size_retry` deems it fatal (an illegal memory access)."""
+    while True:
+        try:
+            return run(batch_size)
+        except RuntimeError as e:
+            if not retry or not check_batch_size_retry(str(e)) or decay_batch_step(batch_size) < 1:
+                raise
+            batch_size = decay_batch_step(batch_size)
+            _logger.warning(f'"{e}" while validating; retrying with batch size {batch_size}')

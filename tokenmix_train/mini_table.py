@@ -35,14 +35,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from tokenmix_train.args import parse_train_args  # noqa: E402
-from tokenmix_train.errors import ConfigError, run_cli  # noqa: E402
+from tokenmix_train.distributed import run_cli  # noqa: E402
+from tokenmix_train.errors import ConfigError  # noqa: E402
 from tokenmix_train.fidelity import (fidelity_error, indicator_batch, load_demo_objects, normalise_shares,  # noqa: E402
                                      paste_masks_from_indicator, token_paste_masks, visible_shares,
                                      weights_from_indicator_targets)
 from tokenmix_train.mini_stats import (difference_cell, interval_cell, paired_difference, t_interval,  # noqa: E402
                                        take_off_cell, take_off_epoch)
 from tokenmix_train.mixing import build_mixer, build_teacher_from_args, mixer_generator  # noqa: E402
-from tokenmix_train.model import build_student, patch_size_of  # noqa: E402
+from tokenmix_train.model import build_student, patch_size_of, token_size_of  # noqa: E402
 from tokenmix_train.teacher_maps import MapStore, write_json_atomic  # noqa: E402
 
 __all__ = ['ROWS', 'BASELINES', 'find_runs', 'read_run_args', 'read_top1', 'read_summary', 'validate_flags',
@@ -113,7 +114,7 @@ def run_fidelity(run_dir: str, data_dir: str, num_classes: int, images: int, bat
     args = read_run_args(run_dir, data_dir)
     model = build_student(args, num_classes)
     config = resolve_data_config(vars(args), model=model)
-    token_size = args.tokenmix_patch_size or patch_size_of(model) or 16
+    token_size = token_size_of(model, args.tokenmix_patch_size)
     x_all, y_all, obj_all = load_demo_objects(data_dir, 'val', images, config['mean'], config['std'])
     probe = copy.copy(args)  # the region branch on every batch, weights without smoothing
     probe.mixup, probe.mixup_prob, probe.smoothing = 0.0, 1.0, 0.0

@@ -1,4 +1,5 @@
-"""The student: timm's `create_model` with --img-size reaching ViT-family models, and size checks."""
+"""The student: timm's `create_model` with --img-size reaching ViT-family models, size checks, and its placement
+(device, --model-dtype, --channels-last) and compilation, shared by train.py and validate.py."""
 import os
 from functools import partial
 from typing import Any, Optional
@@ -8,11 +9,13 @@ from timm.layers import convert_splitbn_model, set_fast_norm
 from timm.models import create_model
 from timm.utils import set_jit_fuser
 
-from models import load_checkpoint_weights  # importing models also registers the tiny demo models
+import models  # noqa: F401  importing models registers the tiny demo models
 
+from .checkpoint import load_model_weights
 from .errors import ConfigError
 
-__all__ = ['build_student', 'check_input_size', 'patch_size_of']
+__all__ = ['build_student', 'check_input_size', 'patch_size_of', 'token_size_of', 'model_dtype_of', 'place_model',
+           'compile_model']
 
 
 def patch_size_of(model: torch.nn.Module) -> Optional[int]:
@@ -25,6 +28,12 @@ def patch_size_of(model: torch.nn.Module) -> Optional[int]:
     if size[0] != size[1]:
         raise ConfigError(f'--model {type(model).__name__} has non-square patches {size}; TokenMix needs square tokens')
     return int(size[0])
+
+
+def token_size_of(model: torch.nn.Module, size: Optional[int] = None) -> int:
+    """The token size in pixels: `size` (--tokenmix-patch-size, --patch-size) when given, else the model's patch
+    size, else 16 (a model without patch embedding: ViT's usual patch)."""
+    return size or patch_size_of(model) or 16
 
 
 _MODEL_FLAGS = dict(bn_momentum='--bn-momentum', bn_eps='--bn-eps', drop_block_rate='--drop-block',
@@ -75,12 +84,7 @@ def build_student(args: Any, num_classes: int) -> torch.nn.Module:
             raise ConfigError(f'{flags[0]}: --model {args.model} does not take it ({e})') from None
         raise ConfigError(f'--model {args.model} / --model-kwargs: {e}') from None
     if args.initial_checkpoint:
-        try:
-            load_checkpoint_weights(model, args.initial_checkpoint)
-        except FileNotFoundError:
-            raise ConfigError(f"--initial-checkpoint '{args.initial_checkpoint}': no such file") from None
-        except ValueError as e:
-            raise ConfigError(f'--initial-checkpoint: {e}') from None
+        load_model_weights(model, args.initial_checkpoint, '--initial-checkpoint')
     _init_head(model, flag('head_init_scale', None), flag('head_init_bias', None))
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
@@ -112,3 +116,28 @@ def check_input_size(model: torch.nn.Module, input_size: tuple, token_size: Opti
         raise ConfigError(
             f'--img-size {height}x{width} is not a multiple of the TokenMix token size {token_size} '
             f'(--tokenmix-patch-size)')
+
+
+def model_dtype_of(args: Any) -> Optional[torch.dtype]:
+    """--model-dtype as a torch dtype (None: the model's own float32)."""
+    return getattr(torch, args.model_dtype) if args.model_dtype else None
+
+
+def place_model(model: torch.nn.Module, args: Any, device: torch.device) -> torch.nn.Module:
+    """`model` on `device` in --model-dtype, in channels-last memory format with --channels-last."""
+    model = model.to(device=device, dtype=model_dtype_of(args))
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def compile_model(model: torch.nn.Module, args: Any) -> torch.nn.Module:
+    """--torchscript, --torchcompile [--torchcompile-mode] or --aot-autograd (validate.py's only), as timm does."""
+    if args.torchscript:
+        return torch.jit.script(model)
+    if args.torchcompile:
+        return torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+    if getattr(args, 'aot_autograd', False):
+        from functorch.compile import memory_efficient_fusion
+        return memory_efficient_fusion(model)
+    return model

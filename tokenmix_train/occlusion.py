@@ -11,6 +11,8 @@ from torch.utils.data import Dataset
 
 from mixup_ext import block_token_masks, masks_to_pixels, random_token_masks
 
+from .data import DatasetView
+
 OCCLUSION_MODES = {'random': random_token_masks, 'block': block_token_masks}
 
 __all__ = ['OCCLUSION_MODES', 'occlusion_masks', 'OccludedDataset']
@@ -28,21 +30,14 @@ def occlusion_masks(num_images: int, grid: Tuple[int, int], ratio: float, mode: 
     return OCCLUSION_MODES[mode](num_images, grid, count, generator=generator)
 
 
-class OccludedDataset(Dataset):
+class OccludedDataset(DatasetView):
     """Wraps a dataset of normalised C x H x W tensors; item i has the patches of `masks[i]` set to zero."""
 
     def __init__(self, dataset: Dataset, masks: torch.Tensor, patch_size: int) -> None:
         if len(masks) != len(dataset):
             raise ValueError(f'{len(masks)} occlusion masks for a dataset of {len(dataset)} images')
-        self.dataset, self.masks, self.patch_size = dataset, masks, patch_size
-
-    @property
-    def transform(self):
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value) -> None:  # timm's create_loader sets the eval transform here
-        self.dataset.transform = value
+        super().__init__(dataset)
+        self.masks, self.patch_size = masks, patch_size
 
     def __len__(self) -> int:
         return len(self.dataset)

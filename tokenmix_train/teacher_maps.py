@@ -35,6 +35,7 @@ from torchvision.transforms import functional as TF
 
 from mixup_ext import TokenMix, crop_map, own_map_from_topk, token_grid
 
+from .data import DatasetView
 from .errors import ConfigError
 
 __all__ = ['MANIFEST', 'FORMAT', 'MapStore', 'AuthorsMapStore', 'open_map_store', 'class_names', 'shard_name',
@@ -306,7 +307,7 @@ def replay_geometry(grid_map: torch.Tensor, ops: Sequence[Tuple[Any, tuple]], ou
     return F.adaptive_avg_pool2d(out[None], grid)[0]
 
 
-class StoredMapDataset(torch.utils.data.Dataset):
+class StoredMapDataset(DatasetView):
     """A train dataset whose targets carry each sample's own-class map on the token grid, cut to its crop.
 
     Each item is ``(image, target)`` with target a float32 vector ``[label, map (grid rows x cols, row-major)]``;
@@ -321,7 +322,8 @@ class StoredMapDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, store, grid: Tuple[int, int], topk: int = 0) -> None:
-        self.dataset, self.store, self.grid, self.topk = dataset, store, grid, topk
+        super().__init__(dataset)
+        self.store, self.grid, self.topk = store, grid, topk
         self.log = GeometryLog()
         self.keys = [dataset.reader.filename(i) for i in range(len(dataset))]
         missing = [k for k in self.keys if k not in store]
@@ -337,15 +339,11 @@ class StoredMapDataset(torch.utils.data.Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    @property
-    def transform(self):
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value) -> None:
+    @DatasetView.transform.setter
+    def transform(self, value: Any) -> None:
         if value is not None:
             instrument_transform(value, self.log)
-        self.dataset.transform = value
+        DatasetView.transform.fset(self, value)
 
     def own_map(self, index: int, label: int) -> torch.Tensor:
         """The sample's own-class map cut to the geometry just recorded, on the token grid (rows x cols)."""

@@ -29,7 +29,8 @@ if ROOT not in sys.path:
 
 from models import build_teacher  # noqa: E402
 from tokenmix_train.data import check_image_folder, split_folder  # noqa: E402
-from tokenmix_train.errors import ConfigError, OneLineParser, run_cli  # noqa: E402
+from tokenmix_train.distributed import run_cli  # noqa: E402
+from tokenmix_train.errors import ConfigError, OneLineParser  # noqa: E402
 from tokenmix_train.flag_rules import output_problem  # noqa: E402
 from tokenmix_train.teacher_maps import (FORMAT, MANIFEST, MapStore, class_names, shard_done, shard_name,  # noqa: E402
                                    write_json_atomic, write_shard)

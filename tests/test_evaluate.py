@@ -1,12 +1,14 @@
-"""tokenmix_train.evaluate: shards cover every image once, counts, accuracies and loss are exact, the input hook is used."""
+"""tokenmix_train.evaluate: shards cover every image once, counts, accuracies and loss are exact, the input hook is
+used, and --retry steps the batch size down."""
 import math
 import time
+from functools import partial
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
-from tokenmix_train.evaluate import ShardedDataset, build_eval_loader, evaluate
+from tokenmix_train.evaluate import ShardedDataset, build_eval_loader, evaluate, evaluate_with_retry
 
 
 class Labelled(Dataset):
@@ -115,3 +117,31 @@ def test_distributed_loader_reads_this_ranks_shard(tmp_path):
         assert evaluate(RedIsClass(correct_below=5), loader, torch.device('cpu'))['top1'] == pytest.approx(100.0)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_retry_steps_the_batch_size_down_until_it_fits_or_is_one(caplog):
+    sizes = []
+
+    def run(batch_size):
+        sizes.append(batch_size)
+        if batch_size > 3:
+            raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')
+        return dict(top1=1.0, batch_size=batch_size)
+    assert evaluate_with_retry(run, 8, retry=True) == dict(top1=1.0, batch_size=3)
+    assert sizes == [8, 6, 4, 3]  # timm's decay_batch_step
+    assert caplog.messages[-1] == '"CUDA out of memory. Tried to allocate 2.00 GiB" while validating; retrying with ' \
+                                  'batch size 3'
+    with pytest.raises(RuntimeError, match='out of memory'):
+        evaluate_with_retry(run, 8, retry=False)
+
+    def broken(message, batch_size):
+        sizes.append(batch_size)
+        raise RuntimeError(message)
+    sizes.clear()
+    with pytest.raises(RuntimeError, match='illegal memory access'):  # timm: the process is unusable, no retry
+        evaluate_with_retry(partial(broken, 'CUDA error: an illegal memory access was encountered'), 8, retry=True)
+    assert sizes == [8]
+    sizes.clear()
+    with pytest.raises(RuntimeError, match='out of memory'):
+        evaluate_with_retry(partial(broken, 'CUDA out of memory'), 8, retry=True)
+    assert sizes == [8, 6, 4, 3, 2, 1]

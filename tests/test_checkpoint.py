@@ -1,12 +1,14 @@
-"""tokenmix_train/checkpoint.py function by function, on a 3 -> 2 linear model and files in tmp_path (each test well under
-a second): what a resume restores and returns, the reasons it gives for not continuing bit for bit, the RNG state
-round trip, and how `continue_history` treats the best file it finds on disk.
+"""tokenmix_train/checkpoint.py function by function, on a 3 -> 2 linear model and files in tmp_path (each test well
+under a second): what a resume restores and returns, the reasons it gives for not continuing bit for bit, the RNG
+state round trip, how `continue_history` treats the best file it finds on disk, and validate.py's checkpoint
+listing and loading.
 
 Two mutants of the module are equivalent and have no test here: storing NumPy's uint32 RNG keys as float64 instead
 of int64 (`astype(None)`: float64 holds every uint32 exactly, and `np.random.set_state` casts its keys to uint32
 itself), and `_fsync_file` opening the file in text mode (nothing is read; `fsync` acts on the descriptor).
 """
 import logging
+import os
 import pathlib
 import random
 
@@ -15,8 +17,9 @@ import pytest
 import timm
 import torch
 
-from tokenmix_train.checkpoint import (AtomicCheckpointSaver, capture_rng_state, continue_history, gather_rng_states,
-                                 load_training_checkpoint, numerics, plain_data, restore_rng_state, resume)
+from tokenmix_train.checkpoint import (AtomicCheckpointSaver, capture_rng_state, checkpoint_files, continue_history,
+                                       gather_rng_states, load_model_weights, load_training_checkpoint, numerics,
+                                       plain_data, restore_rng_state, resume)
 from tokenmix_train.errors import ConfigError
 
 
@@ -254,11 +257,12 @@ def test_continue_history_keeps_the_recorded_best_over_a_worse_or_odd_best_file(
 
 
 def test_temporary_files_sit_hidden_beside_their_target_and_old_ones_go_at_start(tmp_path):
-    """A killed writer leaves `.NAME.tmp` (or timm's `tmp.pth.tar`) in the checkpoint folder: the next saver removes
-    them, and nothing else."""
+    """A killed writer leaves `.NAME.tmp` (or timm's `tmp.pth.tar`, `recovery_tmp.pth.tar`) in the checkpoint folder:
+    the next saver removes them, and nothing else."""
     from tokenmix_train.checkpoint import temp_path
     assert temp_path(str(tmp_path / 'last.pth.tar')) == str(tmp_path / '.last.pth.tar.tmp')
-    for name in ('.last.pth.tar.tmp', '.checkpoint-3.pth.tar.tmp', 'tmp.pth.tar', 'checkpoint-2.pth.tar', 'notes.tmp'):
+    for name in ('.last.pth.tar.tmp', '.checkpoint-3.pth.tar.tmp', 'tmp.pth.tar', 'recovery_tmp.pth.tar',
+                 'checkpoint-2.pth.tar', 'notes.tmp'):
         (tmp_path / name).write_bytes(b'x')
     model = _model(0)
     AtomicCheckpointSaver(model=model, optimizer=_optimizer(model), checkpoint_dir=str(tmp_path),
@@ -276,3 +280,33 @@ def test_a_saved_checkpoint_carries_timms_keys(tmp_path):
     state = torch.load(tmp_path / 'last.pth.tar', weights_only=False)
     assert (state['arch'], state['version'], state['epoch']) == ('linear', 2, 0)
     assert sorted(state['state_dict']) == ['0.bias', '0.weight']
+
+
+def test_checkpoint_files_of_a_folder_leave_out_saves_in_progress(tmp_path):
+    for name in ('b.pth', 'a.pth.tar', 'c.safetensors', 'tmp.pth.tar', 'recovery_tmp.pth.tar', '.last.pth.tar.tmp',
+                 'notes.txt'):
+        (tmp_path / name).write_bytes(b'x')
+    assert [os.path.basename(f) for f in checkpoint_files(str(tmp_path))] == ['a.pth.tar', 'b.pth', 'c.safetensors']
+    assert checkpoint_files(str(tmp_path / 'notes.txt')) == [str(tmp_path / 'notes.txt')]  # a file is taken as given
+    with pytest.raises(ConfigError, match=f"^--checkpoint '{tmp_path / 'x'}': no such file or folder$"):
+        checkpoint_files(str(tmp_path / 'x'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ConfigError, match=r"the folder holds no \*.pth.tar / \*.pth / \*.safetensors files$"):
+        checkpoint_files(str(tmp_path / 'empty'))
+
+
+def test_load_model_weights_names_the_flag_and_the_file(tmp_path):
+    path = tmp_path / 'w.pth'
+    torch.save(_model(1).state_dict(), path)
+    model = _model(0)
+    load_model_weights(model, str(path), '--initial-checkpoint')
+    assert torch.equal(model.weight, _model(1).weight)
+    with pytest.raises(ConfigError, match=f"^--initial-checkpoint '{tmp_path / 'x.pth'}': no such file$"):
+        load_model_weights(model, str(tmp_path / 'x.pth'), '--initial-checkpoint')
+    with pytest.raises(ConfigError, match=f"^--checkpoint: checkpoint '{path}' has no EMA weights .*"
+                                          r"load it without use_ema \(--use-ema\)$"):
+        load_model_weights(model, str(path), '--checkpoint', use_ema=True)
+    torch.save(dict(state_dict=_model(1).state_dict(), state_dict_ema=_model(1).state_dict()), path)
+    with pytest.raises(ConfigError, match=f"^--checkpoint: checkpoint '{path}' does not fit Linear: shape "
+                                          r"mismatches .*\(is it for another architecture\?\)$"):
+        load_model_weights(torch.nn.Linear(3, 4), str(path), '--checkpoint', use_ema=True)
