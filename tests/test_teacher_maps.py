@@ -1,6 +1,7 @@
 """Top-k maps, the map store and training from stored maps: alignment with the online teacher, orientation,
 precompute with one and two processes (killed once, resumed), the authors' per-image layout, clear errors."""
 import argparse
+import filecmp
 import json
 import os
 import random
@@ -265,8 +266,6 @@ def _children(pid: int):
     return found
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir('/proc'),
-                    reason='needs torch.distributed and /proc')
 def test_writing_a_shard_again_removes_what_a_killed_writer_left(tmp_path):
     # a worker killed during np.save / json.dump leaves its temporary files; the shard's next writer removes them
     for name in ('shard-00003.npy.tmp-4242', 'shard-00003.json.tmp-4242', 'shard-00013.npy.tmp-77'):
@@ -277,6 +276,8 @@ def test_writing_a_shard_again_removes_what_a_killed_writer_left(tmp_path):
     assert np.array_equal(np.load(tmp_path / 'shard-00003.npy'), maps)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir('/proc'),
+                    reason='needs torch.distributed (torchrun) and /proc (to find its workers)')
 def test_precompute_two_processes_killed_then_resumed(tool, tiny_store, tiny_data, teacher_checkpoint, tmp_path):
     out = str(tmp_path / 'maps')
     argv = _precompute_argv(tiny_data, teacher_checkpoint, out, size=96, shard=2)  # 30 shards of 2 images
@@ -304,7 +305,14 @@ def test_precompute_two_processes_killed_then_resumed(tool, tiny_store, tiny_dat
     with pytest.raises(ConfigError, match='incomplete store'):  # a killed run is never taken for a store
         MapStore(out)
 
-    assert tool.main(argv) == 0  # resumed by one process: shards do not depend on the number of processes
+    straight = str(tmp_path / 'straight')  # the same store made by one uninterrupted run, compared below
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed workers (OMP_NUM_THREADS=1): other thread counts round differently
+    try:
+        assert tool.main(argv) == 0  # resumed by one process: shards do not depend on the number of processes
+        assert tool.main(_precompute_argv(tiny_data, teacher_checkpoint, straight, size=96, shard=2)) == 0
+    finally:
+        torch.set_num_threads(threads)
     for f, mtime in done.items():  # finished shards are not redone
         assert os.stat(os.path.join(out, f)).st_mtime_ns == mtime
     names = os.listdir(out)
@@ -326,6 +334,11 @@ def test_precompute_two_processes_killed_then_resumed(tool, tiny_store, tiny_dat
     assert (manifest['teacher'], manifest['topk'], manifest['map_size'], manifest['img_size'], manifest['split'],
             manifest['classes'], manifest['coverage']) == (
         TINY_TEACHER, 5, [12, 12], 96, 'train', [str(c) for c in range(10)], 'whole')
+
+    # every shard's data and key list, and the manifest, byte for byte those of the uninterrupted run
+    assert sorted(os.listdir(straight)) == sorted(names)
+    for name in names:
+        assert filecmp.cmp(os.path.join(out, name), os.path.join(straight, name), shallow=False), name
 
 
 def test_precompute_refuses_other_settings_in_the_same_store(tool, tiny_store, tiny_data, teacher_checkpoint, capsys):

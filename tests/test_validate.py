@@ -1,4 +1,5 @@
 """validate.py: accuracy on constructed cases, checkpoint formats, EMA, occlusion, distributed == single, errors."""
+import argparse
 import json
 import os
 import shutil
@@ -229,3 +230,36 @@ def test_bad_input_exits_2_with_a_clear_message(validate, tiny_data, tmp_path, c
     with pytest.raises(SystemExit) as exit_info:
         validate.run_main([*common, '--checkpoint', twelve, '--occlusion', '1.0'])
     assert exit_info.value.code == 2 and '--occlusion' in capsys.readouterr().err
+
+
+def test_a_deit_checkpoint_scores_as_its_bare_state_dicts(validate, tiny_data, tmp_path, capsys):
+    """DeiT's (and the authors') training file, written with torch.save: `model`, `model_ema`, optimizer, scheduler
+    and scaler states, the run's `args` as an argparse.Namespace, `epoch`."""
+    torch.manual_seed(1)
+    weights, ema = tiny_model().state_dict(), constant_predictor([1])
+    optimizer = torch.optim.AdamW(tiny_model().parameters(), lr=5e-4)
+    deit_args = argparse.Namespace(model='deit_tiny_patch16_224', input_size=224, batch_size=128, epochs=300,
+                                   lr=5e-4, drop_path=0.1, model_ema=True, model_ema_decay=0.99996, mixup=0.8,
+                                   cutmix=1.0, smoothing=0.1, data_path='/data/imagenet', output_dir='/runs/deit',
+                                   device='cuda', seed=0, dist_url='env://')
+    deit = tmp_path / 'checkpoint.pth'
+    torch.save({'model': weights, 'optimizer': optimizer.state_dict(), 'lr_scheduler': {'last_epoch': 299},
+                'epoch': 299, 'model_ema': ema, 'scaler': {'scale': 65536.0, '_growth_tracker': 0},
+                'args': deit_args}, deit)
+    torch.save(weights, tmp_path / 'model.pth')
+    torch.save(ema, tmp_path / 'ema.pth')
+    out_file = str(tmp_path / 'res.json')
+
+    def scores(path, *extra: str) -> tuple:
+        assert run(validate, capsys, '--data-dir', tiny_data, '--split', 'val', *TINY, '-j', '0', '--checkpoint',
+                   str(path), '--results-file', out_file, *extra)[0] == 0
+        [row] = results(out_file)
+        assert row['images'] == 30
+        return row['top1'], row['top5']
+
+    model_scores = scores(deit)
+    ema_scores = scores(deit, '--use-ema')
+    assert model_scores == scores(tmp_path / 'model.pth')
+    assert ema_scores == scores(tmp_path / 'ema.pth')
+    assert ema_scores[0] == pytest.approx(10.0)  # always class 1: 3 of the 30 images
+    assert model_scores[0] != ema_scores[0]  # measured: 13.3 (4 of 30) and 10.0

@@ -39,7 +39,11 @@ def init_device(args: Any) -> torch.device:
         raise ConfigError(f'--device {args.device}: {e}') from None
     if kind == 'cuda' and not torch.cuda.is_available():
         raise ConfigError(f'--device {args.device}: no CUDA device here (use --device cpu)')
-    return init_distributed_device(args)
+    device = init_distributed_device(args)
+    if args.distributed and getattr(args, 'sync_bn', False) and device.type != 'cuda':
+        raise ConfigError(f'--sync-bn: synchronised BatchNorm runs on CUDA devices only, not on {device.type} '
+                          f'(leave it out here: --dist-bn reduces the statistics at each epoch end)')
+    return device
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, broadcast_buffers: bool = True) -> DistributedDataParallel:
