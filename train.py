@@ -89,11 +89,13 @@ def build_model_and_teacher(args: argparse.Namespace, num_classes: int,
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """timm's optimiser of --opt at learning rate `lr`; --opt-kwargs it does not take are a ConfigError."""
+    """timm's optimiser of --opt at learning rate `lr`; settings it refuses (--opt-kwargs it does not take, SGD's
+    Nesterov momentum at --momentum 0, ...) are a ConfigError naming the optimiser flags."""
     try:
         return create_optimizer_v2(model, **{**optimizer_kwargs(cfg=args), 'lr': lr, **args.opt_kwargs})
-    except TypeError as e:
-        raise ConfigError(f'--opt {args.opt} / --opt-kwargs: {e}') from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'--opt {args.opt} (--momentum {args.momentum}, --weight-decay {args.weight_decay}, '
+                          f'--opt-kwargs {args.opt_kwargs or "none"}): {e}') from None
 
 
 def training_state(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

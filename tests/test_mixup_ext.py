@@ -507,7 +507,21 @@ def test_defaults_are_timm_mixups():
     dict(patch_size=1), dict(mixup_alpha=0.0, cutmix_alpha=0.5),
 ])
 def test_constructor_accepts_the_bounds(kwargs):
-    TokenMix(**kwargs)
+    """Each bound is kept as given (prob as timm's `mix_prob`) and mixes: the token branch unless prob 0 (nothing)
+    or switch_prob 0 (Mixup) ask otherwise."""
+    mixer = TokenMix(**{**dict(cutmix_alpha=1., switch_prob=1., num_classes=10, patch_size=8), **kwargs},
+                     generator=gen(0))
+    stored = {name: getattr(mixer, 'mix_prob' if name == 'prob' else name) for name in kwargs}
+    assert stored == kwargs
+    x, y = mixer(constant_batch(4), torch.arange(4))
+    assert y.shape == (4, 10) and y.min().item() == pytest.approx(mixer.label_smoothing / 10)  # classes outside a pair
+    unmixed = torch.equal(x, constant_batch(4))
+    if mixer.mix_prob == 0:
+        assert unmixed and mixer.last_mask is None
+    elif mixer.switch_prob == 0:
+        assert not unmixed and mixer.last_mask is None
+    else:
+        assert not unmixed and mixer.last_mask.shape == (4, 32 // mixer.patch_size, 32 // mixer.patch_size)
 
 
 @pytest.mark.parametrize('kwargs, message', [
@@ -584,3 +598,96 @@ def test_crop_map_refuses_an_empty_box(box):
     from mixup_ext import crop_map
     with pytest.raises(ValueError, match=r'crop box must have x1 > x0 and y1 > y0'):
         crop_map(torch.rand(8, 8), box, (2, 2))
+
+
+# ---------------------------------------------------------------- exact map resampling onto the token grid
+def hand_resampled(maps: torch.Tensor, size) -> torch.Tensor:
+    """Reference (float64): each token the mean of the map over its square, cell by cell, overlaps as fractions."""
+    from fractions import Fraction
+    (h, w), (rows, cols) = maps.shape[-2:], size
+
+    def shared(i: int, n_out: int, j: int, n_in: int) -> Fraction:  # length of output cell i inside input cell j
+        lo, hi = Fraction(i * n_in, n_out), Fraction((i + 1) * n_in, n_out)
+        return max(Fraction(0), min(hi, Fraction(j + 1)) - max(lo, Fraction(j)))
+
+    token_area = Fraction(h, rows) * Fraction(w, cols)
+    row_shares = [[shared(r, rows, a, h) for a in range(h)] for r in range(rows)]
+    col_shares = [[shared(c, cols, b, w) for b in range(w)] for c in range(cols)]
+    weight = [[[[float(row_shares[r][a] * col_shares[c][b] / token_area) if row_shares[r][a] and col_shares[c][b]
+                 else 0. for b in range(w)] for a in range(h)] for c in range(cols)] for r in range(rows)]
+    return torch.einsum('rcab,...ab->...rc', torch.tensor(weight, dtype=torch.float64), maps.double())
+
+
+def peaked_maps(batch_size: int, side: int, seed: int) -> torch.Tensor:
+    """Narrow blobs (about half a token wide) at random places: where uneven pooling moves the most weight."""
+    g = gen(seed)
+    centre = torch.arange(side) + .5
+    cy, cx = (torch.rand(batch_size, 1, 1, generator=g) * side for _ in range(2))
+    sigma = side / 14 * .6
+    return torch.exp(-((centre.view(-1, 1) - cy) ** 2 + (centre.view(1, -1) - cx) ** 2) / (2 * sigma ** 2))
+
+
+def test_overlap_matrix_rows_are_area_shares():
+    from mixup_ext import overlap_matrix
+    ten_to_14 = overlap_matrix(10, 14)
+    assert ten_to_14.shape == (14, 10)
+    assert torch.allclose(ten_to_14.sum(1), torch.ones(14), atol=1e-6)
+    # token 0 covers [0, 5/7) of the map: cell 0 only; token 1 covers [5/7, 10/7): 2/7 of cell 0, 3/7 of cell 1
+    assert torch.equal(ten_to_14[0], torch.eye(10)[0])
+    assert torch.allclose(ten_to_14[1, :3], torch.tensor([.4, .6, 0.]))
+    assert torch.equal(overlap_matrix(7, 14), torch.eye(7).repeat_interleave(2, 0))
+    with pytest.raises(ValueError, match='sizes must be positive'):
+        overlap_matrix(0, 14)
+
+
+@pytest.mark.parametrize('shape, size', [((8, 8), (14, 14)), ((10, 10), (14, 14)), ((18, 18), (14, 14)),
+                                         ((14, 14), (7, 7)), ((14, 14), (14, 14)), ((10, 18), (14, 7))])
+def test_area_resample_equals_the_hand_built_overlap_means(shape, size):
+    from mixup_ext import area_resample
+    maps = torch.randn(3, *shape, generator=gen(1))
+    out = area_resample(maps, size)
+    assert out.shape == (3, *size) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), hand_resampled(maps, size), rtol=1e-5, atol=1e-6)
+    # the map's mean is kept: every map cell counts by its area
+    torch.testing.assert_close(out.mean((1, 2)), maps.mean((1, 2)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape, size', [((14, 14), (7, 7)), ((14, 14), (14, 14)), ((7, 7), (14, 14)),
+                                         ((28, 28), (14, 14)), ((8, 4), (4, 8))])
+def test_area_resample_is_adaptive_pooling_bit_for_bit_when_sides_divide(shape, size):
+    from mixup_ext import area_resample
+    maps = torch.randn(5, *shape, generator=gen(2))
+    assert torch.equal(area_resample(maps, size), torch.nn.functional.adaptive_avg_pool2d(maps[:, None], size)[:, 0])
+
+
+@pytest.mark.parametrize('side', [8, 10, 18])
+def test_teacher_weights_are_the_exact_overlap_weighted_ones(side):
+    """Peaked maps on a 14 x 14 grid: weights within 0.002 of the exact ones (adaptive pooling misses by ~0.1)."""
+    maps = peaked_maps(16, side, seed=side)
+    mask = block_token_masks(16, (14, 14), torch.full((16,), 112), generator=gen(side))
+    exact = hand_resampled(maps, (14, 14)).clamp(min=0)
+    dist = exact / exact.sum((1, 2), keepdim=True)
+    expected = torch.stack([(dist * ~mask).sum((1, 2)), (dist.flip(0) * mask).sum((1, 2))], dim=1)
+    assert (teacher_weights(maps, mask).double() - expected).abs().max() < 0.002
+    pooled = torch.nn.functional.adaptive_avg_pool2d(maps[:, None], (14, 14))[:, 0]
+    assert (teacher_weights(pooled, mask).double() - expected).abs().max() > 0.05
+
+
+def test_online_teacher_maps_reach_the_grid_by_area():
+    """A teacher whose 10 x 10 maps do not divide the 8 x 8 token grid: TokenMix's weights are the exact ones."""
+    maps = peaked_maps(8, 10, seed=3)
+
+    def teacher(images: torch.Tensor) -> torch.Tensor:
+        return maps[:, None].expand(-1, 4, -1, -1)
+
+    mixer = TokenMix(mixup_alpha=0., cutmix_alpha=1., label_smoothing=0., num_classes=4, patch_size=4, mode='elem',
+                     teacher=teacher, generator=gen(3))
+    mixer(constant_batch(8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    exact = teacher_weights(hand_resampled(maps, (8, 8)).float(), mixer.last_mask)
+    torch.testing.assert_close(mixer.last_weights, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_area_resample_refuses_a_map_without_two_dims():
+    from mixup_ext import area_resample
+    with pytest.raises(ValueError, match=r'maps must be \.\.\. x h x w'):
+        area_resample(torch.ones(4), (2, 2))

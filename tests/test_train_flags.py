@@ -2,12 +2,14 @@
 import copy
 import csv
 import glob
+import math
 import os
 import sys
 
 import pytest
 import timm
 import torch
+import yaml
 from timm.data import resolve_data_config
 from timm.layers import SyncBatchNormAct
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy
@@ -15,6 +17,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import tokenmix_train.data as data_module
 from conftest import TINY_STUDENT
+from tests.train_spies import is_vit, spy_forwards
 from tokenmix_train.args import parse_train_args
 from tokenmix_train.data import build_dataset, build_train_loader
 from tokenmix_train.distributed import sync_batchnorm
@@ -57,7 +60,7 @@ def test_scheduled_resolution_batches_change_size(tiny_data):
     loader = _train_loader(tiny_data, '--train-img-sizes', '32', '48', '--train-batch-sizes', '8', '4')
     sizes = {(images.shape[0], images.shape[-1]) for images, _ in loader}
     assert sizes == {(8, 32), (4, 48)}
-    assert loader.batch_sampler.average_batch_size == pytest.approx(6.0, abs=2.0)
+    assert loader.batch_sampler.average_batch_size == 6.0  # constant schedule, uniform weights: (8 + 4) / 2
     run = Training(model=None, optimizer=None, criterion=None, device=torch.device('cpu'),
                    batch_loss_scale='sqrt', batch_size_reference=6.0)
     assert _loss_scale(run, 4) == pytest.approx((4 / 6) ** 0.5)
@@ -235,18 +238,31 @@ def test_timm_args_yaml_trains_an_epoch(train_script, tiny_data, tmp_path, confi
     argv = ['-c', os.path.join(DATA, config), '--data-dir', tiny_data, *TINY_STUDENT, '-b', '8', '--epochs', '1',
             '--device', 'cpu', '-j', '0', '--output', str(tmp_path / 'out'), '--experiment', 'run',
             '--train-split', 'train', '--val-split', 'validation', '--cooldown-epochs', '0']
-    assert train_script.run_main(argv) == 0
-    rows = _rows(tmp_path / 'out' / 'run')
-    assert [r['epoch'] for r in rows] == ['0'] and 0 <= float(rows[0]['eval_top1']) <= 100
+    with spy_forwards(is_vit) as student:
+        assert train_script.run_main(argv) == 0
+    run = tmp_path / 'out' / 'run'
+    [row] = _rows(run)
+    with open(os.path.join(DATA, config)) as f:
+        recipe = yaml.safe_load(f)
+    # the file's schedule reached timm's scheduler: epoch 0 of its 5 warmup epochs runs at its warmup_lr
+    assert row['epoch'] == '0' and float(row['lr']) == pytest.approx(recipe['warmup_lr'], rel=1e-9)
+    # the file's head (1000 classes, or the data's 10): a near-uniform predictor at that lr, loss ln(classes)
+    assert float(row['train_loss']) == pytest.approx(math.log(recipe['num_classes'] or 10), abs=0.02)
+    evaluated = 2 if recipe['model_ema'] else 1  # the EMA is evaluated too
+    assert (student.images(training=True), student.images(training=False)) == (56, 30 * evaluated)  # 7 x 8; val
+    assert student.changed(_load(run / 'last.pth.tar')['state_dict'])  # the optimiser stepped
 
 
 def test_model_dtype_trains_a_bfloat16_student(train_script, train_argv, tmp_path):
     argv = train_argv('--model-dtype', 'bfloat16', '--epochs', '1', '--tokenmix', '--cutmix', '1.0')
-    assert train_script.run_main(argv) == 0
+    with spy_forwards(is_vit) as student:
+        assert train_script.run_main(argv) == 0
     run = tmp_path / 'out' / 'run'
     weights = _load(run / 'last.pth.tar')['state_dict']
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
-    assert 0 <= float(_rows(run)[0]['eval_top1']) <= 100
+    assert {call.input.dtype for call in student.calls} == {torch.bfloat16}  # mixed in float32, fed in bfloat16
+    assert (student.images(training=True), student.images(training=False)) == (56, 30)
+    assert student.changed(weights) and math.isfinite(float(_rows(run)[0]['train_loss']))
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -255,6 +271,7 @@ def test_model_dtype_trains_a_bfloat16_student(train_script, train_argv, tmp_pat
     (['--pretrained', '--pretrained-path', '/no/such.pth'], "--pretrained-path '/no/such.pth': no such file"),
     (['--gp', 'nosuch'], 'pooling (or none) is supported. (check --gp / --model-kwargs)'),
     (['--model', 'resnet10t', '--img-size', '32', '--bn-eps', '0.1'], '--bn-eps: --model resnet10t does not take it'),
+    (['--opt', 'sgd', '--momentum', '0'], '--opt sgd (--momentum 0.0, '),  # timm's sgd is Nesterov: torch refuses
 ] + ([] if torch.cuda.is_available() else [(['--device', 'cuda'], '--device cuda: no CUDA device here')]))
 def test_bad_values_found_at_run_time_are_one_line(train_script, train_argv, capsys, tmp_path, flags, message):
     assert train_script.run_main(train_argv(*flags)) == 2
