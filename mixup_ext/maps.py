@@ -1,4 +1,5 @@
-"""Own-class maps from top-k teacher outputs, and a stored map cut to an augmented crop (METHOD.md section 2).
+"""Own-class maps from top-k teacher outputs, a stored map cut to an augmented crop, and maps resampled onto the
+token grid (docs/method.md section 2).
 
 Pure tensor functions (no files): the map store and the dataset that records each crop live in
 ``tokenmix_train.teacher_maps``.
@@ -7,14 +8,18 @@ Top-k truncation (the authors' maps): the map of an image's own class is zero wh
 the teacher's k highest scores at that position, so background positions, where some other class wins, carry no
 mass. A crop of a stored map is the crop box resampled bilinearly onto the token grid (``roi_align``), with boxes
 given as (x0, y0, x1, y1) in the map's own coordinates (pixel k covers [k, k + 1)).
+
+A whole map meets the token grid through ``area_resample``: each token is the mean of the map over the token's
+square, a map cell counting by the area it shares with it, for any pair of sizes.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-__all__ = ['truncate_to_topk', 'own_map_from_topk', 'crop_map']
+__all__ = ['truncate_to_topk', 'own_map_from_topk', 'crop_map', 'overlap_matrix', 'area_resample']
 
 
 def truncate_to_topk(own: torch.Tensor, maps: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,8 +53,9 @@ def crop_map(own_map: torch.Tensor, box: Tuple[float, float, float, float], size
     """The part of `own_map` (h x w) under `box` = (x0, y0, x1, y1), resampled to `size` (rows, cols), then flipped.
 
     Each output cell is the mean of bilinear samples of the map over the cell (``roi_align``, at least 2 x 2
-    samples a cell), which is what average-pooling a teacher's map of the crop itself gives when the teacher is
-    translation-equivariant. Samples more than a pixel outside the map read zero (roi_align's rule).
+    samples a cell), which is what area-resampling a teacher's map of the crop itself gives when the teacher is
+    translation- and scale-equivariant (the crop is resized to the input size, so the teacher sees its content at
+    another scale than the stored map's). Samples more than a pixel outside the map read zero (roi_align's rule).
     """
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (x1 > x0 and y1 > y0):
@@ -61,3 +67,37 @@ def crop_map(own_map: torch.Tensor, box: Tuple[float, float, float, float], size
                     sampling_ratio=ratio, aligned=True)[0, 0]
     dims = [d for d, on in ((-1, hflip), (-2, vflip)) if on]
     return out.flip(dims) if dims else out
+
+
+def overlap_matrix(size_in: int, size_out: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """size_out x size_in float32: the share of output cell i that input cell j covers, both rows of cells spanning
+    the same length.
+
+    Output cell i covers [i * size_in / size_out, (i + 1) * size_in / size_out) in input cells, so each row sums
+    to 1. The overlaps are integers once both sides are scaled by size_out, so the only rounding is one division.
+    """
+    if size_in <= 0 or size_out <= 0:
+        raise ValueError(f'sizes must be positive, got {size_in} -> {size_out}')
+    start_out = torch.arange(size_out, device=device).view(-1, 1) * size_in
+    start_in = torch.arange(size_in, device=device).view(1, -1) * size_out
+    overlap = torch.minimum(start_out + size_in, start_in + size_out) - torch.maximum(start_out, start_in)
+    return overlap.clamp(min=0).float() / size_in
+
+
+def area_resample(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Maps (... x h x w) resampled to `size` (rows, cols), float32: each output cell the mean of the map over its
+    square, a map cell counting by the area it shares with that square.
+
+    Adaptive average pooling does this only when each side divides the other (14 -> 7, 7 -> 14): otherwise its
+    windows overlap unevenly (one map cell counts 0.51-2.04x of its area from 10 to 14). Those dividing cases keep
+    adaptive pooling, bit for bit; the others use separable overlap matrices, ``W_h @ map @ W_w^T``.
+    """
+    if maps.ndim < 2:
+        raise ValueError(f'maps must be ... x h x w, got shape {tuple(maps.shape)}')
+    (h, w), (rows, cols) = maps.shape[-2:], size
+    flat = maps.float().reshape(-1, 1, h, w)
+    if all(a % b == 0 or b % a == 0 for a, b in ((h, rows), (w, cols))):
+        out = F.adaptive_avg_pool2d(flat, (rows, cols))
+    else:
+        out = overlap_matrix(h, rows, maps.device) @ flat @ overlap_matrix(w, cols, maps.device).T
+    return out.reshape(*maps.shape[:-2], rows, cols)

@@ -1,10 +1,11 @@
-"""Label weights of a mixed pair and the soft targets built from them (METHOD.md section 2).
+"""Label weights of a mixed pair and the soft targets built from them (docs/method.md section 2).
 
 Weights are B x 2: column 0 is the share of sample i's own label, column 1 the share of its partner's
 (sample B-1-i). Masks are bool B x gh x gw, True where the token comes from the partner.
 """
 import torch
-import torch.nn.functional as F
+
+from .maps import area_resample
 
 __all__ = ['area_weights', 'teacher_weights', 'normalise_weights', 'mixed_targets', 'own_class_maps',
            'check_label_range']
@@ -43,15 +44,15 @@ def own_class_maps(teacher_maps: torch.Tensor, labels: torch.Tensor, num_classes
 def teacher_weights(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Content-based weights: the mass of each image's object map on the tokens it contributes.
 
-    `maps` are the own-class activation maps (B x h x w, any h, w) of the unmixed images. Each is averaged onto
-    the token grid, made non-negative and divided by its sum; sample i keeps the mass of its map outside its
-    mask, and gets the mass of its partner's map inside the mask. A map with no mass (or a non-finite one)
-    falls back to the area weight of that image, so a weight is never NaN.
+    `maps` are the own-class activation maps (B x h x w, any h, w) of the unmixed images. Each is resampled onto
+    the token grid by area (``area_resample``), made non-negative and divided by its sum; sample i keeps the mass
+    of its map outside its mask, and gets the mass of its partner's map inside the mask. A map with no mass (or a
+    non-finite one) falls back to the area weight of that image, so a weight is never NaN.
     """
     if maps.ndim != 3 or maps.shape[0] != mask.shape[0]:
         raise ValueError(
             f'own-class maps must be B x h x w with B={mask.shape[0]}, got {tuple(maps.shape)}')
-    grid_maps = F.adaptive_avg_pool2d(maps.float().unsqueeze(1), mask.shape[-2:]).squeeze(1).clamp_(min=0)
+    grid_maps = area_resample(maps, mask.shape[-2:]).clamp_(min=0)
     total = grid_maps.flatten(1).sum(1)
     has_mass = torch.isfinite(total) & (total > 0)
     dist = torch.where(has_mass.view(-1, 1, 1), grid_maps / total.clamp(min=1e-12).view(-1, 1, 1), 0.)
@@ -81,8 +82,9 @@ def mixed_targets(labels: torch.Tensor, weights: torch.Tensor, token_rows: torch
     """Soft targets B x num_classes for sample i and its partner B-1-i.
 
     Every class starts at smoothing / num_classes. Mixup (and unmixed) rows then add w * (1 - smoothing) to each
-    label, exactly timm's `mixup_target`. TokenMix rows add w - smoothing / 2 (the authors' formula), clamped at
-    zero so no target value is negative.
+    label, exactly timm's `mixup_target`. TokenMix rows add w - smoothing / 2 clamped at zero, so no target value is
+    negative: the authors' formula is not clamped (docs/method.md section 2: w = 0.02, smoothing 0.1 and 1000 classes
+    give -0.0299 there, 0.0001 here).
     """
     amounts = torch.where(token_rows.view(-1, 1), (weights - smoothing / 2).clamp(min=0), weights * (1 - smoothing))
     pair_labels = torch.stack([labels, labels.flip(0)], dim=1)
