@@ -1,7 +1,7 @@
 """Token masks: which tokens of an image come from its partner.
 
 A mask is a bool tensor B x gh x gw over the token grid (True = token taken from the partner). The block
-algorithm follows METHOD.md section 1 (BEiT-style block-wise masking, as in the authors' code) but advances
+algorithm follows docs/method.md section 1 (BEiT-style block-wise masking, as in the authors' code) but advances
 all samples of a batch together, so the Python loop runs over steps of the algorithm, never over samples.
 """
 import functools

@@ -1,4 +1,4 @@
-"""A frozen teacher that turns a timm classifier into dense class activation maps (METHOD.md §2).
+"""A frozen teacher that turns a timm classifier into dense class activation maps (docs/method.md §2).
 
 TokenMix weighs each mixed image's label by how much of its object stays visible, read from a teacher's
 class activation map: the classifier applied at every spatial position of the last feature map, before pooling.

@@ -38,7 +38,7 @@ def test_layout_records_and_masks(tiny_data):
             ys, xs = np.nonzero(mask)
             assert rec['box'] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
             x0, y0, x1, y1 = rec['box']
-            # large digits (METHOD.md section 6): the box spans at least a third of the side
+            # large digits (docs/training.md, "The demo"): the box spans at least a third of the side
             assert max(x1 - x0, y1 - y0) >= 32 // 3
     train_sources = {r['source_digit'] for r in meta['train']}
     val_sources = {r['source_digit'] for r in meta['val']}

@@ -34,7 +34,8 @@ ROW_NAMES = {
     'deit_base_tokenmix_300ep', 'deit_small_tokenmix_400ep', 'deit_small_tokenmix_random_300ep',
     'deit_small_tokenmix_area_300ep', 'deit_small_tokenmix_weak_teacher_300ep',
     'swin_tiny_cutmix_mixup_300ep', 'swin_tiny_tokenmix_300ep', 'deit_small_cutmix_mixup_bce_300ep',
-    'deit_small_tokenmix_stored_maps_300ep',
+    'deit_small_tokenmix_stored_maps_300ep', 'deit_tiny_cutmix_mixup_bce_300ep', 'deit_base_cutmix_mixup_bce_300ep',
+    'deit_small_cutmix_mixup_bce_400ep', 'swin_tiny_cutmix_mixup_bce_300ep',
 }
 DEIT_CONFIGS = [c for c in CONFIGS if os.path.basename(c).startswith('deit_')]
 SWIN_CONFIGS = [c for c in CONFIGS if os.path.basename(c).startswith('swin_')]
@@ -109,7 +110,7 @@ def test_swin_config_is_the_swin_recipe(cfg, tmp_path):
         assert int(num_partner_tokens(half, 49, args.tokenmix_min_tokens)) / 49 == \
             pytest.approx(int(num_partner_tokens(half, 196, 14)) / 196)
     else:
-        assert not args.tokenmix and not args.bce_loss and not args.teacher_model
+        assert not args.tokenmix and not args.teacher_model and args.bce_loss == ('bce' in _name(cfg))
 
 
 def test_swin_student_trains_with_tokenmix_on_coarser_cells(train_argv, easy_data, easy_teacher_checkpoint,
@@ -172,9 +173,9 @@ def test_dry_run_prints_train_then_validate_per_row():
                     PER_GPU_BATCH='64')
     assert proc.returncode == 0, proc.stderr
     commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith('+ ')]
-    assert len(commands) == 2 * 5  # per row: train, (validate, append) x (raw, EMA)
-    rows = ['deit_small_tokenmix_300ep', 'deit_small_tokenmix_random_300ep']
-    for row, cmds in zip(rows, (commands[:5], commands[5:])):
+    assert len(commands) == 3 * 5  # per row: train, (validate, append) x (raw, EMA)
+    rows = ['deit_small_cutmix_mixup_bce_300ep', 'deit_small_tokenmix_300ep', 'deit_small_tokenmix_random_300ep']
+    for row, cmds in zip(rows, (commands[:5], commands[5:10], commands[10:])):
         train = cmds[0]
         assert train[:3] == ['env', 'PYTHON=py', os.path.join(ROOT, 'distributed_train.sh')]
         assert train[3] == '4'
@@ -199,8 +200,8 @@ def test_dry_run_validates_ema_only_where_the_recipe_keeps_it():
     proc = _dry_run('swin_tiny_table.sh', '8', '/data/in1k', '/runs')
     assert proc.returncode == 0, proc.stderr
     commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith('+ ')]
-    assert len(commands) == 2 * 3  # per row: train, validate, append (no EMA in Swin's recipe)
-    assert [c[c.index('--model') + 1] for c in commands[1::3]] == ['swin_tiny_patch4_window7_224'] * 2
+    assert len(commands) == 3 * 3  # per row: train, validate, append (no EMA in Swin's recipe)
+    assert [c[c.index('--model') + 1] for c in commands[1::3]] == ['swin_tiny_patch4_window7_224'] * 3
     assert not any('--use-ema' in c for c in commands)
 
 

@@ -32,5 +32,5 @@ def test_config_names_the_module_its_tests_and_the_copied_files(tmp_path):
     assert '\nonly_mutate =\n    models/teacher.py\n' in text
     assert '\npytest_add_cli_args_test_selection =\n    tests/test_teacher.py\n    tests/test_tiny_models.py\n' in text
     assert ''.join(f'\n    {p}' for p in mutation.ALSO_COPY) in text
-    assert '\nsource_paths =\n    mixup_ext\n    models\n    tokenmix\n' in text
+    assert '\nsource_paths =\n    mixup_ext\n    models\n    tokenmix_train\n' in text
     assert text.endswith('process_isolation = forkserver\n')
