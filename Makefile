@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench mutation clean
+.PHONY: setup test test-fast demo bench mutation clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: setup
 	$(PYTHON) -m pytest
+
+# Everything but the tests marked slow (subprocesses, torchrun, whole tables): the loop while changing code.
+test-fast: setup
+	$(PYTHON) -m pytest -m "not slow"
 
 # The main job on the embedded data: cluttered digits (tools/make_demo_data.py), a tiny CNN teacher (reused when
 # $(DEMO_DIR)/teacher holds a finished run), a tiny ViT trained with TokenMix and that teacher, then its top-1.

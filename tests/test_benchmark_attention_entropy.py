@@ -107,6 +107,7 @@ def test_report_reads_the_run_and_rejects_a_cnn(tool, tiny_data, tmp_path):
         tool.measure(str(run), tiny_data, 20, 'last.pth.tar')
 
 
+@pytest.mark.slow
 def test_table_over_seeds_with_paired_differences(tool, tiny_data, tmp_path, capsys):
     """--table: every finished run of a runs/ folder, then per row mean ± t interval and the paired difference."""
     runs = tmp_path / 'runs'
@@ -174,6 +175,7 @@ def test_bad_arguments_are_named(tool, tmp_path, capsys, argv, message):
     assert exit_info.value.code == 2 and message.replace('NONE', str(tmp_path / 'NONE')) in err
 
 
+@pytest.mark.slow
 def test_bad_data_dir_is_one_line(tool, tmp_path):
     """Through run_cli, as the script runs: the data folder is named, exit 2, no traceback."""
     run = tmp_path / 'run'

@@ -71,6 +71,7 @@ def test_map_kinds():
     assert own['softmax'][0].item() == pytest.approx(np.exp(2) / (np.exp(3) + np.exp(1) + np.exp(2)))
 
 
+@pytest.mark.slow
 def test_cli_rows_and_bad_flags(tiny_data, teacher_checkpoint, capsys):
     assert bench.main(['--data-dir', tiny_data, '--teacher-checkpoint', teacher_checkpoint, '--images', '30',
                        '-b', '10', '--draws', '2', '--teacher-img-size', '64', '0', '--topk', '1', '--softmax',

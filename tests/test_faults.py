@@ -334,6 +334,7 @@ def _saved_since(path, inode) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_kills_at_random_moments_leave_loadable_files_and_resume_to_the_same_result(train_script, train_argv,
                                                                                    tmp_path):
     """Two runs are killed at a random moment after their first save (in the next epoch or save), then resumed.

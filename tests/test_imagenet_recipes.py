@@ -260,6 +260,7 @@ def _train_transform(cfg: str, tmp_path):
     return args, build_train_loader(GeneratedImages(5120), args, data_config, torch.device('cpu'))
 
 
+@pytest.mark.slow
 def test_recipe_train_transforms_survive_5000_images(tmp_path):
     """Each distinct train transform of the recipes, as train.py builds it, on 5120 images without an exception.
 
@@ -328,6 +329,7 @@ STEP_CONFIGS = [c for c in CONFIGS if _name(c) in STEP_ROWS]
 STEP_IMG_SIZE = 96  # a multiple of the 16 px patches and of Swin's 32 px TokenMix cells; 224 px is 5x slower
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('cfg', STEP_CONFIGS, ids=_name)
 def test_recipe_trains_two_steps_and_evaluates(cfg, imagenet_folder, random_teachers, train_script, tmp_path,
                                                monkeypatch):

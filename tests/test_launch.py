@@ -14,6 +14,8 @@ import pytest
 
 from conftest import ROOT, TINY_STUDENT
 
+pytestmark = pytest.mark.slow  # fresh clones and scripts in subprocesses
+
 # Variables that would choose the interpreter behind the scripts' back.
 ENV_CHOOSERS = ('PYTHON', 'VIRTUAL_ENV', 'CONDA_PREFIX', 'PYTHONPATH', 'PYTHONHOME')
 

@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # a whole mini table in a subprocess
 
 SCRIPT = os.path.join(ROOT, 'scripts', 'mini_table.sh')
 # torchvision checks the md5 sums of the real CIFAR files; the tiny files written here have other sums, so the

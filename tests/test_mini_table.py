@@ -86,6 +86,7 @@ def test_validate_flags_give_the_architecture_as_trained(tmp_path, config, expec
     assert flags[-2:] == ['--patch-size', '8']
 
 
+@pytest.mark.slow
 def test_cli_prints_validate_flags_without_the_editable_install(tmp_path):
     """As scripts/mini_table.sh calls it where the packages are not pip-installed: the checkout on PYTHONPATH and no
     site .pth files (so no editable-install hook), one flag or value a line."""

@@ -6,10 +6,13 @@ import re
 import subprocess
 
 import matplotlib.pyplot as plt
+import pytest
 import torch
 
 from conftest import ROOT
 from tokenmix_train.mini_table import ROWS
+
+pytestmark = pytest.mark.slow  # the whole mini table script
 
 
 def test_quick_table_has_every_method_and_column(tmp_path):

@@ -276,6 +276,7 @@ def test_writing_a_shard_again_removes_what_a_killed_writer_left(tmp_path):
     assert np.array_equal(np.load(tmp_path / 'shard-00003.npy'), maps)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir('/proc'),
                     reason='needs torch.distributed (torchrun) and /proc (to find its workers)')
 def test_precompute_two_processes_killed_then_resumed(tool, tiny_store, tiny_data, teacher_checkpoint, tmp_path):

@@ -7,6 +7,8 @@ import torch
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 
+pytestmark = pytest.mark.slow  # two whole runs compared
+
 # No mixing, no dropout or drop-path, LayerNorm only (no batch statistics): a batch of 6 and two micro-batches of
 # 3 see the same images (one RNG stream draws the order and the augmentations either way) and give the same
 # gradient, up to float32 summation order. SGD with momentum (no Nesterov) keeps the update linear in the gradient.

@@ -15,6 +15,8 @@ from tokenmix_train.data import build_dataset
 from tokenmix_train.evaluate import build_eval_loader, evaluate
 from tokenmix_train.model import build_student
 
+pytestmark = pytest.mark.slow  # torchrun with two processes
+
 
 def _load(path):
     with torch.serialization.safe_globals([argparse.Namespace]):

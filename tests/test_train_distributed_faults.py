@@ -23,8 +23,9 @@ from test_teacher_maps import _children
 from tokenmix_train.args import parse_train_args
 from tokenmix_train.mixing import build_mixer
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir('/proc'),
-                                reason='needs torch.distributed and /proc')
+pytestmark = [pytest.mark.slow,  # torchrun with two processes, kills and resumes
+              pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir('/proc'),
+                                 reason='needs torch.distributed and /proc')]
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
 RECORDER = os.path.join(ROOT, 'tests', 'record_train.py')

@@ -89,6 +89,7 @@ def test_unreadable_image_is_named(train_script, train_argv, capsys, tmp_path, d
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_unreadable_image_skipped_and_counted(train_script, train_argv, caplog, tmp_path, data_copy):
     bad = data_copy / 'train' / '3' / '00002.png'
     bad.write_bytes(b'not a png')

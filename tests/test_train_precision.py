@@ -5,6 +5,8 @@ import torch
 import tokenmix_train.engine as engine
 from tests.train_spies import spy_forwards
 
+pytestmark = pytest.mark.slow  # bf16 runs (slow convolutions on the CPU) and a resume
+
 BF16_AUTOCAST = ['--amp', '--amp-dtype', 'bfloat16', '--device', 'cpu', '--tokenmix', '--cutmix', '1.0',
                  '--model-ema', '--model-ema-decay', '0.9', '--epochs', '2']
 

@@ -13,6 +13,8 @@ from timm.models import load_checkpoint, resume_checkpoint
 import tokenmix_train.engine as engine
 from tokenmix_train.checkpoint import AtomicCheckpointSaver
 
+pytestmark = pytest.mark.slow  # several whole runs per test
+
 TOKENMIX = ['--tokenmix', '--mixup', '0.8', '--cutmix', '1.0', '--model-ema', '--model-ema-decay', '0.9',
             '--drop-path', '0.1', '--epochs', '3']
 

@@ -188,6 +188,7 @@ def test_occluded_inputs_change_by_the_requested_share(mode):
         assert occlusion_masks(3, (2, 5), 0.5, mode, seed=0).sum((1, 2)).tolist() == [5, 5, 5]
 
 
+@pytest.mark.slow
 def test_distributed_equals_single_process(tiny_data, tmp_path):
     data = str(tmp_path / 'odd')
     shutil.copytree(os.path.join(tiny_data, 'val'), os.path.join(data, 'val'))

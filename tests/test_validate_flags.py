@@ -219,6 +219,7 @@ def test_retry_decays_the_batch_size_on_out_of_memory(validate, two_classes, che
         validate.run_main(common)
 
 
+@pytest.mark.slow
 def test_model_dtype_and_compile_give_the_same_numbers(validate, two_classes, fitted_checkpoint, tmp_path, capsys,
                                                        monkeypatch):
     """Each variant gives the plain run's top-1 / top-5 and logits: within 1e-5 in float32, 2e-2 in bfloat16 (8
