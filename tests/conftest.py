@@ -98,3 +98,23 @@ def train_argv(tiny_data, tmp_path) -> Callable[..., List[str]]:
                 '--warmup-epochs', '0', '--workers', '0', '--seed', '0', '--log-interval', '2',
                 '--output', str(tmp_path / 'out'), '--experiment', experiment, *extra]
     return build
+
+
+class StopRun(Exception):
+    """Raised into a train.py run to stop it as a kill between epochs would."""
+
+
+def run_until_epoch(train_script, monkeypatch, argv: List[str], epoch: int) -> None:
+    """Run train.py with `argv` and stop it as epoch `epoch` starts, so its newest checkpoint is of epoch - 1."""
+    import tokenmix_train.engine as engine
+    train_one_epoch = engine.train_one_epoch
+
+    def stop_at(run, at_epoch, loader):
+        if at_epoch == epoch:
+            raise StopRun()
+        return train_one_epoch(run, at_epoch, loader)
+
+    monkeypatch.setattr(engine, 'train_one_epoch', stop_at)
+    with pytest.raises(StopRun):
+        train_script.run_main(argv)
+    monkeypatch.setattr(engine, 'train_one_epoch', train_one_epoch)

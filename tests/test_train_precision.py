@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import tokenmix_train.engine as engine
+from conftest import run_until_epoch
 from tests.train_spies import spy_forwards
 
 pytestmark = pytest.mark.slow  # bf16 runs (slow convolutions on the CPU) and a resume
@@ -26,20 +26,7 @@ def test_bfloat16_autocast_trains_and_resumes_bit_for_bit(train_script, train_ar
     assert {t.dtype for t in straight['state_dict'].values()} == {torch.float32}
     assert 'amp_scaler' not in straight
 
-    class Stop(Exception):
-        pass
-
-    train_one_epoch = engine.train_one_epoch
-
-    def stop_at_epoch_1(run, epoch, loader):
-        if epoch == 1:
-            raise Stop()
-        return train_one_epoch(run, epoch, loader)
-
-    monkeypatch.setattr(engine, 'train_one_epoch', stop_at_epoch_1)
-    with pytest.raises(Stop):
-        train_script.run_main(train_argv(*BF16_AUTOCAST, experiment='stopped'))
-    monkeypatch.setattr(engine, 'train_one_epoch', train_one_epoch)
+    run_until_epoch(train_script, monkeypatch, train_argv(*BF16_AUTOCAST, experiment='stopped'), 1)
     stopped = tmp_path / 'out' / 'stopped' / 'last.pth.tar'
     assert _load(stopped)['epoch'] == 0
     assert train_script.run_main(train_argv(*BF16_AUTOCAST, '--resume', str(stopped), experiment='stopped')) == 0

@@ -10,7 +10,7 @@ import timm
 import torch
 from timm.models import load_checkpoint, resume_checkpoint
 
-import tokenmix_train.engine as engine
+from conftest import run_until_epoch
 from tokenmix_train.checkpoint import AtomicCheckpointSaver
 
 pytestmark = pytest.mark.slow  # several whole runs per test
@@ -31,20 +31,7 @@ def test_resume_matches_uninterrupted_run(train_script, train_argv, teacher_chec
                '--workers', str(workers), '--color-jitter', '0.4', '--reprob', '0.25']
     assert train_script.run_main(train_argv(*TOKENMIX, *teacher, experiment='straight')) == 0
 
-    class Stop(Exception):
-        pass
-
-    real = engine.train_one_epoch
-
-    def stop_at_epoch_2(run, epoch, loader):
-        if epoch == 2:
-            raise Stop()
-        return real(run, epoch, loader)
-
-    monkeypatch.setattr(engine, 'train_one_epoch', stop_at_epoch_2)
-    with pytest.raises(Stop):
-        train_script.run_main(train_argv(*TOKENMIX, *teacher, experiment='stopped'))
-    monkeypatch.setattr(engine, 'train_one_epoch', real)
+    run_until_epoch(train_script, monkeypatch, train_argv(*TOKENMIX, *teacher, experiment='stopped'), 2)
     stopped = tmp_path / 'out' / 'stopped'
     assert _load(stopped / 'last.pth.tar')['epoch'] == 1
     assert train_script.run_main(train_argv(*TOKENMIX, *teacher, '--resume', str(stopped / 'last.pth.tar'),
