@@ -20,7 +20,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
-from timm.models import register_model
+from timm.models import get_pretrained_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torchvision import transforms
 
@@ -149,6 +149,8 @@ def _write_pattern_stores(root, k=2):
                                                  split='train', split_folder='train'))
     os.makedirs(root / 'authors' / 'b')
     torch.save(entry, root / 'authors' / 'b' / 'img.pt')
+    os.makedirs(root / 'authors' / 'a')  # the teacher's class 0 has its folder, without the train image's map
+    torch.save(torch.zeros(2, k, 8, 8).half(), root / 'authors' / 'a' / 'unrelated.pt')
     return ImageDataset(str(root / 'data' / 'train'))
 
 
@@ -169,7 +171,6 @@ def test_stored_map_orientation_both_layouts(tmp_path):
     dataset_b = ImageDataset(str(tmp_path / 'data' / 'train'))
     with pytest.raises(ConfigError, match="no maps for 1 of 2 train images .*'a/other.png'"):
         StoredMapDataset(dataset_b, open_map_store(str(tmp_path / 'authors')), (2, 2))
-    os.makedirs(tmp_path / 'authors' / 'a')
     torch.save(torch.zeros(2, 2, 8, 8).half(), tmp_path / 'authors' / 'a' / 'other.pt')
     authors = StoredMapDataset(dataset_b, open_map_store(str(tmp_path / 'authors')), (2, 2))
     assert isinstance(authors.store, AuthorsMapStore)
@@ -216,7 +217,7 @@ def test_stored_maps_match_online_teacher(tool, smooth_data, pointwise_checkpoin
     has_mass = online.flatten(1).sum(1) > 0.05
     assert has_mass.sum() >= 30
     map_error = (dist[0] - dist[1]).abs().flatten(1).sum(1)[has_mass]  # L1 distance of the two distributions
-    # measured: median 0.004 / 0.015, max 0.11 / 0.14 (without / with geometric RandAugment ops)
+    # measured: median 0.004 / 0.014, max 0.11 / 0.14 (without / with geometric RandAugment ops)
     assert map_error.median() < 0.03 and map_error.max() < 0.25, map_error
 
     kwargs = dict(mixup_alpha=0., cutmix_alpha=1., label_smoothing=0., num_classes=4, patch_size=patch, mode='elem',
@@ -353,6 +354,7 @@ def test_precompute_refuses_other_settings_in_the_same_store(tool, tiny_store, t
     (['--num-classes', '0'], '--num-classes must be >= 1, got 0'),
     (['--img-size', '0'], '--img-size must be >= 1, got 0'),
     (['--device', 'nosuch'], '--device nosuch: '),
+    (['--interpolation', 'area'], "argument --interpolation: invalid choice: 'area'"),
     (['--out', '{file}'], "--out '{file}': '{file}' is a file, not a folder"),
 ])
 def test_precompute_bad_values_are_one_line(tool, tiny_data, teacher_checkpoint, tmp_path, capsys, extra, message):
@@ -368,6 +370,35 @@ def test_precompute_bad_values_are_one_line(tool, tiny_data, teacher_checkpoint,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('precompute_teacher_maps.py: error: ' + message.format(**fill)), err
     assert not os.path.exists(tmp_path / 'out')
+
+
+def test_precompute_resizes_as_the_teacher_was_trained(tool, smooth_data, pointwise_checkpoint, tiny_store, tmp_path):
+    """The whole image is resized with the teacher's pretrained-config interpolation; --interpolation overrides."""
+    assert get_pretrained_cfg('dm_nfnet_f6.dm_in1k').interpolation == 'bicubic'  # the authors' maps' teacher
+    manifest = MapStore.read_manifest(tiny_store)
+    assert (manifest['interpolation'], manifest['precision']) == ('bilinear', 'float32')  # the tiny teacher's config
+    stores = {}
+    for interpolation in ('', 'bilinear', 'bicubic'):
+        out = str(tmp_path / (interpolation or 'default'))
+        assert tool.main(['--data-dir', smooth_data, '--teacher-model', 'tokenmix_test_pointwise_vit',
+                          '--teacher-checkpoint', pointwise_checkpoint, '--out', out, '--img-size', str(IMAGE_W),
+                          '--topk', '2', '--workers', '0'] + (['--interpolation', interpolation] if interpolation
+                                                              else [])) == 0
+        stores[interpolation] = _read_store(out)
+    # a model without a pretrained config gets timm's default, bicubic
+    assert MapStore.read_manifest(str(tmp_path / 'default'))['interpolation'] == 'bicubic'
+    for key, (values, indices) in stores[''].items():
+        assert torch.equal(values, stores['bicubic'][key][0]) and torch.equal(indices, stores['bicubic'][key][1])
+    assert not torch.equal(stores['bilinear']['c0/0.png'][0], stores['bicubic']['c0/0.png'][0])
+    model = tokenmix_test_pointwise_vit()
+    model.load_state_dict(torch.load(pointwise_checkpoint))
+    image = Image.open(os.path.join(smooth_data, 'train', 'c0', '0.png')).convert('RGB')
+    for interpolation, resample in (('bilinear', Image.BILINEAR), ('bicubic', Image.BICUBIC)):
+        resized = transforms.functional.to_tensor(image.resize((IMAGE_W, IMAGE_W), resample))
+        x = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(resized)
+        values, indices = Teacher(model)(x[None])[0].topk(2, dim=0)
+        assert torch.allclose(stores[interpolation]['c0/0.png'][0], values, rtol=1e-3, atol=1e-3)
+        assert torch.equal(stores[interpolation]['c0/0.png'][1], indices)
 
 
 def test_train_from_stored_maps_with_workers_and_resume(train_script, train_argv, tiny_store, tmp_path):
@@ -411,6 +442,7 @@ def test_teacher_table_precomputes_the_store_then_trains_from_it(maps):
     assert ('precompute_teacher_maps.py' in lines[0]) == (not maps)
     if not maps:
         assert '--nproc_per_node 8' in lines[0] and f'--out {store}' in lines[0] and '--img-size 576' in lines[0]
+        assert '--amp-dtype' not in lines[0] and '--interpolation' not in lines[0]  # fp32; F6's own bicubic
     train = next(line for line in lines if 'distributed_train.sh' in line)
     assert train.endswith(f'--teacher-maps {store}')
 
@@ -467,3 +499,68 @@ def test_authors_layout_with_fewer_classes_than_teacher_topk(tmp_path):
     args = argparse.Namespace(teacher_maps=str(tmp_path / 'authors'), teacher_model='', teacher_topk=3)
     with pytest.raises(ConfigError, match="--teacher-topk 3: --teacher-maps '.*authors' keeps only the top 2"):
         wrap_train_dataset(args, dataset, (3, 32, 32), 16)
+
+
+AUTHORS_CLASSES = ('a', 'b', 'c', 'd')  # the authors' teacher's classes: class i is the i-th folder by name
+
+
+def _authors_store_and_data(root, data_classes, class_map=None, store_classes=AUTHORS_CLASSES):
+    """An authors' store (one 8 x 8 map per image: every position holds all 4 teacher classes, class i scoring
+    10 * (i + 1), best first), a train split of one 8 x 8 image per class of `data_classes`, and, with `class_map`,
+    a --class-map file listing those names: the train dataset and the arguments that read it with the store."""
+    values = torch.tensor([40., 30., 20., 10.]).view(4, 1, 1).expand(4, 8, 8)
+    indices = torch.tensor([3., 2., 1., 0.]).view(4, 1, 1).expand(4, 8, 8)
+    for name in store_classes:
+        os.makedirs(root / 'authors' / name)
+        torch.save(torch.stack([values, indices]).half(), root / 'authors' / name / '0.pt')
+    for name in data_classes:
+        os.makedirs(root / 'train' / name)
+        Image.new('RGB', (8, 8)).save(root / 'train' / name / '0.png')
+    map_file = ''
+    if class_map:
+        map_file = str(root / 'classes.txt')
+        (root / 'classes.txt').write_text('\n'.join(class_map) + '\n')
+    args = argparse.Namespace(teacher_maps=str(root / 'authors'), teacher_model='', teacher_topk=0,
+                              class_map=map_file)
+    return ImageDataset(str(root / 'train'), class_map=map_file), args
+
+
+@pytest.mark.parametrize('data_classes, class_map', [
+    (('b', 'd'), None),  # a subset: labels 0, 1 are the teacher's classes 1, 3
+    (AUTHORS_CLASSES, ('d', 'c', 'b', 'a')),  # --class-map reverses the labels
+    (('d', 'b'), ('d', 'b')),  # a subset in another order
+])
+def test_authors_layout_labels_are_matched_to_the_teacher_classes_by_name(tmp_path, data_classes, class_map):
+    dataset, args = _authors_store_and_data(tmp_path, data_classes, class_map)
+    wrapped = wrap_train_dataset(args, dataset, (3, 16, 16), 8)
+    wrapped.transform = transforms.Compose([RandomResizedCropAndInterpolation(16, scale=(1., 1.), ratio=(1., 1.)),
+                                            MaybeToTensor()])
+    expected_labels = {name: i for i, name in enumerate(class_map or data_classes)}
+    for index in range(len(wrapped)):
+        name = wrapped.keys[index].split('/')[0]
+        _, target = wrapped[index]
+        assert target[0].item() == expected_labels[name]
+        score = 10. * (AUTHORS_CLASSES.index(name) + 1)  # the channel of the teacher's class of that name
+        assert torch.equal(target[1:], torch.full((4,), score)), (name, target)
+
+
+@pytest.mark.parametrize('data_classes, class_map, store_classes, message', [
+    (('b', 'e'), None, AUTHORS_CLASSES,
+     r"has no class folder 'e' of the train split \(1 of 2 classes missing; .* its 4 folders in order"),
+    (AUTHORS_CLASSES, ('a', 'x', 'b'), AUTHORS_CLASSES, r"has no class folder 'x' of --class-map '.*classes.txt'"),
+    (('b', 'd'), None, ('b', 'd'), r"'b/0.pt' names class 3 but the store has 2 class folders"),
+])
+def test_authors_layout_refuses_classes_it_cannot_match(tmp_path, data_classes, class_map, store_classes, message):
+    dataset, args = _authors_store_and_data(tmp_path, data_classes, class_map, store_classes)
+    with pytest.raises(ConfigError, match='--teacher-maps .*' + message) as error:
+        wrap_train_dataset(args, dataset, (3, 16, 16), 8)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_authors_layout_of_another_split_is_refused(tmp_path):
+    _, args = _authors_store_and_data(tmp_path, AUTHORS_CLASSES)
+    for name in AUTHORS_CLASSES:  # the same classes, other images (as ImageNet's val images beside train's)
+        os.rename(tmp_path / 'train' / name / '0.png', tmp_path / 'train' / name / 'val_0.png')
+    with pytest.raises(ConfigError, match=r"no maps for 4 of 4 train images \(first: 'a/val_0.png'\): a store of "
+                                          'another split'):
+        wrap_train_dataset(args, ImageDataset(str(tmp_path / 'train')), (3, 16, 16), 8)

@@ -15,7 +15,8 @@ Two layouts are read:
   the images' paths relative to the split folder: 129 shards for ImageNet-1k at 10000 images a shard, not 1.28 M files.
 * the authors' layout (TokenLabeling's ``generate_label.py``): ``ROOT/<class folder>/<image stem>.pt``, an fp16
   tensor ``[2, K, h, w]`` per image. Those maps cover only the **centre square** of each image (short side resized,
-  centre crop 1.0); a crop reaching outside it reads zero there.
+  centre crop 1.0); a crop reaching outside it reads zero there. Their class indices are the teacher's (ImageNet-1k),
+  so each label is matched to its class folder by name.
 """
 import glob
 import json
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.utils.misc import natural_key
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
@@ -145,7 +147,11 @@ class MapStore:
 class AuthorsMapStore:
     """The authors' layout, ``ROOT/<class folder>/<image stem>.pt`` with fp16 ``[2, K, h, w]`` (centre square).
 
-    K (`topk`) is read from the first file, so a larger --teacher-topk is refused as for a manifest's store.
+    K (`topk`) is read from the first file, so a larger --teacher-topk is refused as for a manifest's store. The
+    stored class indices are the teacher's, numbered as an image folder numbers its classes: `classes`, the class
+    folders in timm's order (natural sort), is the teacher's class list. A store lacking some of the teacher's
+    classes would shift every index after them, so one whose first file names a class index beyond its folders
+    is refused.
     """
 
     coverage = 'centre'
@@ -153,12 +159,24 @@ class AuthorsMapStore:
     def __init__(self, root: str) -> None:
         self.root = root
         self.files = set()
+        folders = []
         for entry in os.scandir(root):
             if entry.is_dir():
-                self.files.update(f'{entry.name}/{name}' for name in os.listdir(entry.path) if name.endswith('.pt'))
+                names = [name for name in os.listdir(entry.path) if name.endswith('.pt')]
+                if names:
+                    folders.append(entry.name)
+                    self.files.update(f'{entry.name}/{name}' for name in names)
         if not self.files:
             raise ConfigError(f"--teacher-maps '{root}': neither a {MANIFEST} nor <class>/<image>.pt files")
-        self.topk = self._load(min(self.files)).shape[1]
+        self.classes = sorted(folders, key=natural_key)
+        first = min(self.files)
+        entry = self._load(first)
+        self.topk = entry.shape[1]
+        top = int(entry[1].float().max())
+        if top >= len(self.classes):
+            raise ConfigError(f"--teacher-maps '{root}': '{first}' names class {top} but the store has "
+                              f'{len(self.classes)} class folders (class i is the i-th folder by name, so a store '
+                              'needs every class of its teacher)')
 
     @staticmethod
     def _file(key: str) -> str:
@@ -319,17 +337,20 @@ class StoredMapDataset(DatasetView):
         store: an opened map store.
         grid: token grid (rows, cols) of the student's input.
         topk: use the first `topk` stored classes per position (0: all stored).
+        teacher_classes: each label's class index in the stored maps (None: the label itself).
     """
 
-    def __init__(self, dataset, store, grid: Tuple[int, int], topk: int = 0) -> None:
+    def __init__(self, dataset, store, grid: Tuple[int, int], topk: int = 0,
+                 teacher_classes: Optional[Dict[int, int]] = None) -> None:
         super().__init__(dataset)
-        self.store, self.grid, self.topk = store, grid, topk
+        self.store, self.grid, self.topk, self.teacher_classes = store, grid, topk, teacher_classes
         self.log = GeometryLog()
         self.keys = [dataset.reader.filename(i) for i in range(len(dataset))]
         missing = [k for k in self.keys if k not in store]
         if missing:
+            split = ': a store of another split?' if len(missing) == len(self.keys) else ''
             raise ConfigError(f"--teacher-maps '{store.root}' has no maps for {len(missing)} of {len(self.keys)} "
-                              f"train images (first: '{missing[0]}')")
+                              f"train images (first: '{missing[0]}'){split}")
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -351,7 +372,8 @@ class StoredMapDataset(DatasetView):
         if log.crop is None:
             raise RuntimeError('no crop was recorded: the transform was not instrumented')
         values, indices = self.store.read(self.keys[index])
-        full = own_map_from_topk(values, indices, label, self.topk)
+        own_class = label if self.teacher_classes is None else self.teacher_classes[label]
+        full = own_map_from_topk(values, indices, own_class, self.topk)
         box = map_box(log.crop, log.image_size, tuple(full.shape), self.store.coverage)
         if not log.ops:
             return crop_map(full, box, self.grid, hflip=log.hflip, vflip=log.vflip)
@@ -394,17 +416,32 @@ class StoredMapsMixer:
         return self.tokenmix(x, labels, own_maps=target[:, 1:].reshape(-1, rows, cols))
 
 
-def _check_store(store, args: Any, classes: List[str], split_dir: str) -> None:
+def _authors_classes(store: AuthorsMapStore, class_to_idx: Dict[str, int], class_map: str) -> Dict[int, int]:
+    """Each label's class index in the authors' maps, matched by class name (so a class subset or a --class-map
+    works); ConfigError naming the first class that has no folder in the store."""
+    position = {name: i for i, name in enumerate(store.classes)}
+    missing = [name for name in class_names(class_to_idx) if name not in position]
+    if missing:
+        source = f"--class-map '{class_map}'" if class_map else 'the train split'
+        raise ConfigError(f"--teacher-maps '{store.root}' has no class folder '{missing[0]}' of {source} "
+                          f'({len(missing)} of {len(class_to_idx)} classes missing; the maps\' class indices are '
+                          f'its {len(store.classes)} folders in order, matched by name)')
+    return {label: position[name] for name, label in class_to_idx.items()}
+
+
+def _check_store(store, args: Any, class_to_idx: Dict[str, int], split_dir: str) -> Optional[Dict[int, int]]:
     """The store must keep --teacher-topk classes and be for this split's classes, this split, and the teacher the
-    config names (the authors' layout records only its K)."""
+    config names. The authors' layout records only its K and its class folders: its classes are matched by name
+    (the returned label -> class index in its maps), its split by the image names (:class:`StoredMapDataset`)."""
     if args.teacher_topk > store.topk:
         raise ConfigError(f"--teacher-topk {args.teacher_topk}: --teacher-maps '{store.root}' keeps only the top "
                           f'{store.topk}')
-    manifest = getattr(store, 'manifest', None)
-    if manifest is None:
-        _logger.info('--teacher-maps %s: authors\' per-image layout (maps cover the centre square; teacher, class '
-                     'list and split not recorded, not checked)', store.root)
-        return
+    if isinstance(store, AuthorsMapStore):
+        _logger.info('--teacher-maps %s: authors\' per-image layout, %d class folders (maps cover the centre square; '
+                     'the teacher is not recorded)', store.root, len(store.classes))
+        return _authors_classes(store, class_to_idx, args.class_map)
+    manifest = store.manifest
+    classes = class_names(class_to_idx)
     where = f"--teacher-maps '{store.root}'"
     if manifest['classes'] != classes:
         raise ConfigError(f'{where} was made for {len(manifest["classes"])} classes that differ from the train '
@@ -415,6 +452,7 @@ def _check_store(store, args: Any, classes: List[str], split_dir: str) -> None:
     if args.teacher_model and args.teacher_model != manifest['teacher']:
         raise ConfigError(f"{where} was made by teacher '{manifest['teacher']}', not --teacher-model "
                           f"'{args.teacher_model}'")
+    return None
 
 
 def wrap_train_dataset(args: Any, dataset: torch.utils.data.Dataset, input_size: Sequence[int],
@@ -426,7 +464,7 @@ def wrap_train_dataset(args: Any, dataset: torch.utils.data.Dataset, input_size:
     if not hasattr(reader, 'class_to_idx') or not hasattr(reader, 'root'):
         raise ConfigError('--teacher-maps needs an image-folder train split (--dataset left empty)')
     store = open_map_store(args.teacher_maps)
-    _check_store(store, args, class_names(reader.class_to_idx), reader.root)
+    teacher_classes = _check_store(store, args, reader.class_to_idx, reader.root)
     grid = token_grid(input_size[-2], input_size[-1], token_size)
-    return StoredMapDataset(dataset, store, grid, args.teacher_topk)
+    return StoredMapDataset(dataset, store, grid, args.teacher_topk, teacher_classes)
 

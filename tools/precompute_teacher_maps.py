@@ -2,14 +2,17 @@
 """Run a teacher once over a dataset split and store each image's top-k class maps for `train.py --teacher-maps`.
 
     python tools/precompute_teacher_maps.py --data-dir DIR --split train --teacher-model NAME \\
-        (--teacher-checkpoint FILE | --teacher-pretrained) --out STORE [--img-size N] [--topk K] [-b N] [--workers N]
+        (--teacher-checkpoint FILE | --teacher-pretrained) --out STORE [--img-size N] [--interpolation MODE] \\
+        [--topk K] [-b N] [--workers N]
     torchrun --nproc_per_node 8 tools/precompute_teacher_maps.py ...   # each process takes every 8th shard
 
 Each image is resized whole to img_size x img_size (aspect not kept, nothing cropped away), so every
-RandomResizedCrop box of training has a map under it. Per image and map position the teacher's top-k scores and
-class indices are stored in fp16 (see tokenmix_train/teacher_maps.py for the layout), with a manifest naming the
-teacher, sizes, k, split and class list. Shards are written to a temporary file and renamed, their key list last:
-a killed run is resumed by running the same command again, which skips every finished shard.
+RandomResizedCrop box of training has a map under it, with the interpolation the teacher was trained with (its
+pretrained config: bicubic for NFNet-F6) unless --interpolation names another. Per image and map position the
+teacher's top-k scores and class indices are stored in fp16 (see tokenmix_train/teacher_maps.py for the layout),
+with a manifest naming the teacher, sizes, interpolation, precision, k, split and class list. Shards are written to a
+temporary file and renamed, their key list last: a killed run is resumed by running the same command again, which
+skips every finished shard.
 """
 import argparse
 import logging
@@ -21,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from timm.data import ImageDataset, resolve_model_data_config
+from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +41,7 @@ from tokenmix_train.teacher_maps import (FORMAT, MANIFEST, MapStore, class_names
 
 _logger = logging.getLogger('precompute_teacher_maps')
 MAX_FP16_INDEX = 2048  # fp16 holds every integer up to 2048 exactly
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'box', 'hamming', 'lanczos')  # timm's names
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -53,13 +58,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--out', required=True, metavar='STORE', help='output folder of the map store')
     parser.add_argument('--img-size', type=int, default=None,
                         help="teacher input size, whole image resized to N x N (default: the teacher's own)")
+    parser.add_argument('--interpolation', default=None, choices=INTERPOLATIONS,
+                        help="resize interpolation (default: the teacher's pretrained config, as it was trained)")
     parser.add_argument('--topk', type=int, default=5, help='classes kept per map position (default: 5)')
     parser.add_argument('-b', '--batch-size', type=int, default=64)
     parser.add_argument('--workers', type=int, default=4, help='data loader processes per rank')
     parser.add_argument('--shard-size', type=int, default=10000, help='images per shard file (default: 10000)')
     parser.add_argument('--device', default=None, help='default: cuda:LOCAL_RANK when available, else cpu')
     parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
-                        help='run the teacher under autocast (scores are stored in fp16 either way)')
+                        help='run the teacher under autocast (default: fp32, as the authors\' maps were made; '
+                             'scores are stored in fp16 either way)')
     args = parser.parse_args(argv)
     for name in ('topk', 'batch_size', 'shard_size', 'num_classes', 'img_size'):  # the last two: None = default
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -77,7 +85,8 @@ def manifest_for(args: argparse.Namespace, classes: Sequence[str], split_dir: st
         format=FORMAT, teacher=args.teacher_model,
         weights=('pretrained' if args.teacher_pretrained else
                  dict(file=os.path.basename(checkpoint), bytes=os.path.getsize(checkpoint))),
-        img_size=args.img_size, map_size=list(map_size), topk=topk, coverage='whole', resize='square',
+        img_size=args.img_size, interpolation=args.interpolation, precision=args.amp_dtype or 'float32',
+        map_size=list(map_size), topk=topk, coverage='whole', resize='square',
         split=args.split, split_folder=os.path.basename(os.path.normpath(split_dir)), classes=list(classes),
         num_images=num_images, shard_size=args.shard_size, num_shards=-(-num_images // args.shard_size))
 
@@ -133,8 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f'--teacher-model {args.teacher_model}: {e}') from None
     data_config = resolve_model_data_config(teacher.model)
     args.img_size = args.img_size or data_config['input_size'][-1]
+    args.interpolation = args.interpolation or data_config['interpolation']
     dataset = ImageDataset(split_dir, class_map=class_to_idx, transform=transforms.Compose([
-        transforms.Resize((args.img_size, args.img_size), interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.Resize((args.img_size, args.img_size), interpolation=str_to_interp_mode(args.interpolation)),
         transforms.ToTensor(), transforms.Normalize(data_config['mean'], data_config['std'])]))
     topk = min(args.topk, num_classes)
     map_size = teacher(torch.zeros(1, 3, args.img_size, args.img_size, device=device)).shape[-2:]
@@ -145,7 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     num_shards = manifest['num_shards']
     todo = [s for s in range(rank, num_shards, world) if not shard_done(args.out, s)]
     _logger.info(f'[rank {rank}/{world}] {len(dataset)} images in {num_shards} shards of {args.shard_size}; '
-                 f'{len(todo)} of this rank\'s shards to do; maps {map_size[0]}x{map_size[1]}, top-{topk}, {device}')
+                 f'{len(todo)} of this rank\'s shards to do; maps {map_size[0]}x{map_size[1]}, top-{topk}, '
+                 f'{args.interpolation} resize, {device}')
     start = time.perf_counter()
     done_images = 0
     for count, shard in enumerate(todo, 1):
