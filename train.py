@@ -23,7 +23,8 @@ from timm.utils import ModelEmaV3, get_outdir, random_seed
 
 from models import Teacher
 from tokenmix_train.args import parse_train_args, resolve_lr
-from tokenmix_train.checkpoint import AtomicCheckpointSaver, continue_history, restore_rng_state, resume
+from tokenmix_train.checkpoint import (LATEST, AtomicCheckpointSaver, continue_history, latest_checkpoint,
+                                      restore_rng_state, resume, run_checkpoints)
 from tokenmix_train.data import build_dataset, build_train_loader, resolve_num_classes
 from tokenmix_train.distributed import init_device, is_primary, run_cli, sync_batchnorm, wrap_ddp
 from tokenmix_train.engine import NonFiniteLossError, Training, fit
@@ -35,14 +36,15 @@ from tokenmix_train.mixing import build_criterion, build_mixer, build_teacher_fr
 from tokenmix_train.model import (build_student, check_input_size, compile_model, model_dtype_of, place_model,
                                   token_size_of)
 from tokenmix_train.precision import setup_precision
+from tokenmix_train.run_folder import RunLock, check_free
 from tokenmix_train.teacher_maps import wrap_train_dataset
 
 _logger = logging.getLogger('train')
 
 
 def resumes_in_place(args: argparse.Namespace) -> bool:
-    """A resumed run without --output/--experiment keeps writing into the folder of its checkpoint."""
-    return bool(args.resume) and not args.experiment and not args.output
+    """A run resumed from a file without --output/--experiment keeps writing into the folder of its checkpoint."""
+    return bool(args.resume) and args.resume not in LATEST and not args.experiment and not args.output
 
 
 def output_base(args: argparse.Namespace) -> str:
@@ -59,6 +61,31 @@ def output_folder(args: argparse.Namespace, input_size: int) -> str:
     name = args.experiment or '-'.join(
         [datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(input_size)])
     return get_outdir(output_base(args), name)
+
+
+def resume_source(args: argparse.Namespace) -> str:
+    """The checkpoint the run resumes from ('' for none): --resume's file, or for `latest` the newest loadable one
+    of the run folder --output/--experiment ('' when it holds none).
+
+    A run folder held by a live run, or holding a run's checkpoints while --resume is not given (a relaunch would
+    restart at epoch 0 over them), is a ConfigError; nothing is written before these checks.
+    """
+    folder = os.path.join(output_base(args), args.experiment) if args.experiment else None
+    if folder:
+        check_free(folder)
+    if args.resume in LATEST:
+        if folder is None:
+            raise ConfigError(f'--resume {args.resume} needs --experiment: it continues the run folder '
+                              f'--output/--experiment')
+        latest = latest_checkpoint(folder)
+        if latest is None:
+            _logger.info(f"--resume {args.resume}: no checkpoint in '{folder}', starting afresh")
+            return ''
+        return latest[0]
+    if not args.resume and folder and run_checkpoints(folder):
+        raise ConfigError(f"--output/--experiment '{folder}' holds the checkpoints of a run: --resume latest "
+                          f"continues it, another --experiment starts afresh")
+    return args.resume
 
 
 def build_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
@@ -98,13 +125,13 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, lr: float)
                           f'--opt-kwargs {args.opt_kwargs or "none"}): {e}') from None
 
 
-def training_state(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                   loss_scaler: Any, model_ema: Any, updates_per_epoch: int) -> Dict[str, Any]:
-    """Where the run starts: dict(start_epoch, rng_state, saver_state) of `resume` (--resume loaded into the run's
-    objects) or of a fresh run; --start-epoch wins, and the schedule is stepped to the start epoch."""
+def training_state(args: argparse.Namespace, resume_path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: Any, loss_scaler: Any, model_ema: Any, updates_per_epoch: int) -> Dict[str, Any]:
+    """Where the run starts: dict(start_epoch, rng_state, saver_state) of `resume` (`resume_path` loaded into the
+    run's objects) or of a fresh run; --start-epoch wins, and the schedule is stepped to the start epoch."""
     state = dict(start_epoch=0, rng_state=None, saver_state=None)
-    if args.resume:
-        state = resume(args.resume, model, optimizer=None if args.no_resume_opt else optimizer, scheduler=scheduler,
+    if resume_path:
+        state = resume(resume_path, model, optimizer=None if args.no_resume_opt else optimizer, scheduler=scheduler,
                        loss_scaler=loss_scaler, model_ema=model_ema, rank=args.rank, world_size=args.world_size,
                        workers=args.workers)
     if args.start_epoch is not None:
@@ -118,13 +145,17 @@ def training_state(args: argparse.Namespace, model: torch.nn.Module, optimizer: 
 
 
 def open_output(args: argparse.Namespace, args_text: str, data_config: Dict[str, Any], saved: Dict[str, Any],
-                saver_state: Optional[Dict[str, Any]]) -> Tuple[str, logging.Handler, RunLogger, AtomicCheckpointSaver]:
-    """The run folder with its log file, args.yaml, run logger (TensorBoard, W&B) and checkpoint saver.
+                resume_path: str, state: Dict[str, Any], updates_per_epoch: int
+                ) -> Tuple[str, RunLock, logging.Handler, RunLogger, AtomicCheckpointSaver]:
+    """The run folder, locked for this run, with its log file, args.yaml, run logger (TensorBoard, W&B) and
+    checkpoint saver; what was logged for the epochs from the start epoch on is dropped (the run logs it again).
 
-    `saved` are the objects each checkpoint holds (model, optimizer, model_ema, amp_scaler); `saver_state` the
-    resumed checkpoint's history, continued when the run writes into the same folder.
+    `saved` are the objects each checkpoint holds (model, optimizer, model_ema, amp_scaler); `state` is
+    `training_state`'s, whose saver_state (the history of `resume_path`) continues when the run writes into the
+    same folder.
     """
     output_dir = output_folder(args, data_config['input_size'][-1])
+    lock = RunLock(output_dir)
     log_file = add_log_file(output_dir)
     with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
         f.write(args_text)
@@ -132,9 +163,10 @@ def open_output(args: argparse.Namespace, args_text: str, data_config: Dict[str,
     run_logger = RunLogger(output_dir, data_config['mean'], data_config['std'], wandb_run, args.save_images)
     saver = AtomicCheckpointSaver(**saved, args=args, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                   decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
-    if args.resume:
-        continue_history(saver, args.resume, saver_state)
-    return output_dir, log_file, run_logger, saver
+    if resume_path:
+        continue_history(saver, resume_path, state['saver_state'])
+    run_logger.drop_rerun(state['start_epoch'], updates_per_epoch)
+    return output_dir, lock, log_file, run_logger, saver
 
 
 def restore_streams(args: argparse.Namespace, rng_state: Optional[Dict[str, Any]], generator: torch.Generator,
@@ -167,6 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(is_primary(args))
     for level, note in notes:
         getattr(_logger, level)(note)
+    resume_path = resume_source(args)
     random_seed(args.seed, args.rank)
 
     train_dataset, eval_dataset, num_classes = build_datasets(args)
@@ -189,14 +222,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     generator = mixer_generator(args.seed, args.rank)
     mixer = build_mixer(args, num_classes, token_size, teacher, generator)
 
-    state = training_state(args, model, optimizer, scheduler, loss_scaler, model_ema, updates_per_epoch)
+    state = training_state(args, resume_path, model, optimizer, scheduler, loss_scaler, model_ema, updates_per_epoch)
     start_epoch = state['start_epoch']
 
-    saver, run_logger, output_dir, log_file = None, RunLogger(None), None, None
+    saver, run_logger, output_dir, lock, log_file = None, RunLogger(None), None, None, None
     if is_primary(args):  # every check has passed: only now is anything written
-        output_dir, log_file, run_logger, saver = open_output(
+        output_dir, lock, log_file, run_logger, saver = open_output(
             args, args_text, data_config, dict(model=model, optimizer=optimizer, model_ema=model_ema,
-                                               amp_scaler=loss_scaler), state['saver_state'])
+                                               amp_scaler=loss_scaler), resume_path, state, updates_per_epoch)
         _logger.info(f'output folder {output_dir}; {num_classes} classes, {len(train_dataset)} train / '
                      f'{len(eval_dataset)} val images, lr {lr:.3g}, epochs {start_epoch}..{num_epochs - 1}')
 
@@ -230,6 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if log_file is not None:
             logging.root.removeHandler(log_file)
             log_file.close()
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -11,7 +11,8 @@
 #                      else the active conda environment; scripts/python_env.sh)
 #   OCCLUSION="0 0.25 0.5 0.75"  shares of 16 px patches dropped at validation (0 = clean)
 #   DRY_RUN=1          print the commands instead of running them
-# A row whose OUTPUT_DIR/<row>/summary.csv already lists every epoch is not trained again (only validated).
+# A row is trained with --resume latest, so an interrupted row continues from its newest checkpoint; a row whose
+# newest checkpoint finished every epoch is not trained again (only validated).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,6 +56,15 @@ config_value() {  # config_value FILE KEY: a top-level scalar of a config
     sed -n "s/^$2: *//p" "$1"
 }
 
+# finished_epochs DIR: the epochs the newest loadable checkpoint in run folder DIR finished (0 without DIR).
+finished_epochs() {
+    if [ -d "$1" ]; then
+        PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m tokenmix_train.checkpoint "$1"
+    else
+        echo 0
+    fi
+}
+
 # Train one table row (configs/imagenet/NAME.yaml) unless finished, then validate its best checkpoint, raw and
 # (when the recipe keeps them) EMA weights, clean and occluded; append the rows to $RESULTS with the table and
 # row names in front.
@@ -62,14 +72,15 @@ run_row() {
     local table=$1 name=$2
     local cfg="$CONFIG_DIR/$name.yaml" dir="$OUT/$name"
     [ -f "$cfg" ] || die "no config $cfg"
-    local model epochs
+    local model epochs finished
     model=$(config_value "$cfg" model)
     epochs=$(($(config_value "$cfg" epochs) + $(config_value "$cfg" cooldown_epochs | grep . || echo 0)))
-    if [ -f "$dir/summary.csv" ] && [ "$(($(wc -l < "$dir/summary.csv") - 1))" -ge "$epochs" ]; then
-        echo "$name: $dir/summary.csv lists all $epochs epochs, not training again"
+    finished=$(finished_epochs "$dir")  # a folder of only broken checkpoints ends the script here (exit 2)
+    if [ "$finished" -ge "$epochs" ]; then
+        echo "$name: the newest checkpoint in $dir finished all $epochs epochs, not training again"
     else
         run env PYTHON="$PYTHON" "$REPO/distributed_train.sh" "$GPUS" -c "$cfg" --data-dir "$DATA" \
-            --output "$OUT" --experiment "$name" -b "$PER_GPU_BATCH" --grad-accum-steps "$ACCUM" \
+            --output "$OUT" --experiment "$name" --resume latest -b "$PER_GPU_BATCH" --grad-accum-steps "$ACCUM" \
             ${EXTRA[@]+"${EXTRA[@]}"}
     fi
     local ema suffix emas=('')

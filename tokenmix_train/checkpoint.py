@@ -11,13 +11,17 @@ loads with a plain `torch.load(path)`. Checkpoints also hold the LR scheduler an
 generator states, so `resume()` restores model, EMA, optimiser, scheduler, loss scaler, epoch and RNG. The
 teacher is never saved. `checkpoint_files` and `load_model_weights` serve validate.py (and --initial-checkpoint):
 which files a folder holds, and weights into a model with every fault a ConfigError naming the flag.
+`latest_checkpoint` picks what `--resume latest` continues: the run folder's checkpoint that got furthest and loads;
+`python -m tokenmix_train.checkpoint FOLDER` prints how many epochs it finished (scripts/lib.sh asks it).
 """
 import argparse
 import glob
 import logging
 import os
 import random
+import re
 import shutil
+import sys
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -33,7 +37,8 @@ from .errors import ConfigError
 
 __all__ = ['AtomicCheckpointSaver', 'plain_data', 'numerics', 'capture_rng_state', 'restore_rng_state',
            'gather_rng_states', 'load_training_checkpoint', 'resume', 'continue_history', 'CHECKPOINT_PATTERNS',
-           'PARTIAL_FILES', 'checkpoint_files', 'load_model_weights']
+           'PARTIAL_FILES', 'checkpoint_files', 'load_model_weights', 'LATEST', 'run_checkpoints', 'progress',
+           'latest_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +47,10 @@ CHECKPOINT_PATTERNS = ('*.pth.tar', '*.pth', '*.safetensors')
 # timm's names for a save in progress (`save_checkpoint`, `save_recovery`; this project's earlier one too), which
 # `*.pth.tar` matches
 PARTIAL_FILES = ('tmp.pth.tar', 'recovery_tmp.pth.tar')
+LATEST = ('latest', 'auto')  # --resume values that mean the newest checkpoint of the run folder
+RUN_PATTERN = '*.pth.tar'  # the saver's files: last, model_best, checkpoint-N, timm's recovery-E-B
+TIE_RANK = {'last.pth.tar': 2, 'model_best.pth.tar': 0}  # which of equally far files `latest` takes (else 1)
+RECOVERY_NAME = re.compile(r'recovery-(\d+)-(\d+)\.pth\.tar')  # timm's save_recovery(epoch, batch_idx)
 
 
 def temp_path(path: str) -> str:
@@ -239,6 +248,12 @@ def _inexact_reasons(checkpoint: Dict[str, Any], model: torch.nn.Module, world_s
     return reasons
 
 
+def _epochs_done(checkpoint: Dict[str, Any]) -> int:
+    """The epochs a training checkpoint finished, where its resume starts."""
+    # timm: 'epoch' is the last finished epoch in version 2 files, the next one before; none: start at 0
+    return checkpoint['epoch'] + (1 if checkpoint.get('version', 1) > 1 else 0) if 'epoch' in checkpoint else 0
+
+
 def resume(path: str, model: torch.nn.Module, *, optimizer=None, scheduler=None, loss_scaler=None,
            model_ema=None, rank: int = 0, world_size: int = 1, workers: Optional[int] = None) -> Dict[str, Any]:
     """Load a training checkpoint into the run's objects; return where and how to continue.
@@ -267,8 +282,7 @@ def resume(path: str, model: torch.nn.Module, *, optimizer=None, scheduler=None,
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             detail = ' '.join(str(e).split())[:300] or type(e).__name__
             raise ConfigError(f"--resume: checkpoint '{path}' does not fit this run's {part}: {detail}") from None
-    # timm: 'epoch' is the last finished epoch in version 2 files, the next one before; none: start at 0
-    start_epoch = checkpoint['epoch'] + (1 if checkpoint.get('version', 1) > 1 else 0) if 'epoch' in checkpoint else 0
+    start_epoch = _epochs_done(checkpoint)
     states = checkpoint.get('rng_states')
     rng_state = states[rank] if isinstance(states, list) and len(states) == world_size else None
     reasons = _inexact_reasons(checkpoint, model, world_size, workers)
@@ -302,6 +316,54 @@ def continue_history(saver: AtomicCheckpointSaver, resume_path: str, saver_state
         saver.best_metric, saver.best_epoch = metric, best.get('epoch')
 
 
+def progress(checkpoint: Dict[str, Any], path: str) -> Tuple[int, int]:
+    """How far the run of a training checkpoint got: (epochs finished, steps of the next epoch done).
+
+    An epoch checkpoint is (epoch + 1, 0); timm's recovery file `recovery-E-B` (saved after step B of epoch E,
+    whose 'epoch' is E) is (E, B + 1).
+    """
+    recovery = RECOVERY_NAME.fullmatch(os.path.basename(path))
+    if recovery:
+        return int(recovery.group(1)), int(recovery.group(2)) + 1
+    return _epochs_done(checkpoint), 0
+
+
+def _folder_files(folder: str, patterns: Tuple[str, ...]) -> List[str]:
+    """The files of `folder` matching `patterns`, sorted, without `PARTIAL_FILES` (hidden temporary files never
+    match)."""
+    return sorted({f for pattern in patterns for f in glob.glob(os.path.join(glob.escape(folder), pattern))
+                   if os.path.basename(f) not in PARTIAL_FILES})
+
+
+def run_checkpoints(folder: str) -> List[str]:
+    """The checkpoint files a run left in its folder (none when the folder does not exist)."""
+    return _folder_files(folder, (RUN_PATTERN,))
+
+
+def latest_checkpoint(folder: str) -> Optional[Tuple[str, Tuple[int, int]]]:
+    """What `--resume latest` continues: (path, `progress`) of the run folder's checkpoint that got furthest and
+    loads (the file's content decides, not its time), among equals `last` first and `model_best` after the history
+    files; None when the folder holds no checkpoint. Each file that does not load is a warning naming it; a folder
+    of only such files is a ConfigError, so a run never restarts from zero over them.
+    """
+    found = []
+    files = run_checkpoints(folder)
+    for path in files:
+        try:
+            checkpoint = load_training_checkpoint(path, '--resume latest')
+        except ConfigError as e:
+            _logger.warning(f'{e}; skipped, the newest checkpoint that loads is used')
+            continue
+        found.append((progress(checkpoint, path), TIE_RANK.get(os.path.basename(path), 1), path))
+    if files and not found:
+        raise ConfigError(f"--resume latest: none of the {len(files)} checkpoints in '{folder}' loads (see the "
+                          f"warnings): move them away, or give another --experiment to start afresh")
+    if not found:
+        return None
+    done, _, path = max(found)
+    return path, done
+
+
 def checkpoint_files(path: str) -> List[str]:
     """--checkpoint `path` itself, or every checkpoint file in the folder `path` (sorted; `PARTIAL_FILES` and
     hidden temporary files left out)."""
@@ -309,8 +371,7 @@ def checkpoint_files(path: str) -> List[str]:
         if not os.path.isfile(path):
             raise ConfigError(f"--checkpoint '{path}': no such file or folder")
         return [path]
-    files = sorted({f for pattern in CHECKPOINT_PATTERNS for f in glob.glob(os.path.join(glob.escape(path), pattern))
-                    if os.path.basename(f) not in PARTIAL_FILES})
+    files = _folder_files(path, CHECKPOINT_PATTERNS)
     if not files:
         raise ConfigError(f"--checkpoint '{path}': the folder holds no {' / '.join(CHECKPOINT_PATTERNS)} files")
     return files
@@ -325,3 +386,21 @@ def load_model_weights(model: torch.nn.Module, path: str, flag: str, use_ema: bo
         raise ConfigError(f"{flag} '{path}': no such file") from None
     except ValueError as e:
         raise ConfigError(f'{flag}: {e}' + (' (--use-ema)' if use_ema and 'EMA' in str(e) else '')) from None
+
+
+def main(argv: List[str]) -> int:
+    """`python -m tokenmix_train.checkpoint FOLDER`: print the epochs the run in FOLDER finished (0: none)."""
+    if len(argv) != 1:
+        print('usage: python -m tokenmix_train.checkpoint RUN_FOLDER', file=sys.stderr)
+        return 2
+    try:
+        latest = latest_checkpoint(argv[0])
+    except ConfigError as e:
+        print(f'tokenmix_train.checkpoint: error: {e}', file=sys.stderr)
+        return 2
+    print(latest[1][0] if latest else 0)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))

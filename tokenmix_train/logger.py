@@ -5,8 +5,11 @@ Only the primary rank writes; `RunLogger(None)` is a logger that writes nothing,
 wandb is optional (timm's --log-wandb): `import_wandb()` names the missing package before anything is written.
 `StepMeter` times the steps of a loop (train and validate alike) and writes its progress lines.
 """
+import csv
 import datetime
+import glob
 import importlib
+import io
 import logging
 import math
 import os
@@ -21,19 +24,23 @@ from torchvision.utils import make_grid, save_image
 from .errors import ConfigError
 
 try:
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
     from torch.utils.tensorboard import SummaryWriter
     has_tensorboard = True
 except ImportError:
     has_tensorboard = False
 
 __all__ = ['setup_logging', 'add_log_file', 'StepMeter', 'RunLogger', 'mixed_image_grid', 'import_wandb',
-           'start_wandb']
+           'start_wandb', 'drop_summary_rows', 'drop_tensorboard_events']
 
 _logger = logging.getLogger(__name__)
 
 LOG_FILE = 'log.txt'
 SUMMARY_FILE = 'summary.csv'
 GRID_IMAGES = 16  # images in a TensorBoard grid of mixed images
+EPOCH_TAGS = ('eval/', 'epoch/', 'train/mixed_images')  # TensorBoard tags whose step is the epoch, not the update
 
 
 def setup_logging(primary: bool) -> None:
@@ -153,6 +160,59 @@ def start_wandb(args: Any, output_dir: str, name: str) -> Any:
                       dir=output_dir)
 
 
+def _replace_atomically(path: str, data: bytes) -> None:
+    """Write `data` as the new `path`: to a hidden temporary name (no 'tfevents' in it, so TensorBoard never reads
+    it), then renamed over `path`, so a kill at any instant leaves the old file or the new one."""
+    tmp = os.path.join(os.path.dirname(path), '.' + os.path.basename(path).replace('tfevents', 'rewrite') + '.tmp')
+    with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def drop_summary_rows(output_dir: str, start_epoch: int) -> None:
+    """Remove the summary.csv rows of epochs >= `start_epoch`, which a run starting there writes again, so no epoch
+    is listed twice. timm's `trim_summary` rewrites the file in place; here the new file replaces it atomically."""
+    path = os.path.join(output_dir, SUMMARY_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    body = [row for row in rows[1:] if row and int(float(row[0])) < start_epoch]
+    if len(body) == len(rows) - 1:
+        return
+    kept = rows[:1] + body if body else []  # none kept: the next row writes its own header
+    text = io.StringIO()
+    csv.writer(text).writerows(kept)
+    _replace_atomically(path, text.getvalue().encode())
+    _logger.info(f'{path}: dropped the rows of epochs {start_epoch} and later, which this run writes again')
+
+
+def _runs_again(record: bytes, start_epoch: int, start_update: int) -> bool:
+    """Whether a TensorBoard event is of an epoch >= `start_epoch` (or an update after `start_update`)."""
+    event = Event.FromString(record)
+    tags = [value.tag for value in event.summary.value]
+    if not tags:
+        return False
+    return event.step >= start_epoch if tags[0].startswith(EPOCH_TAGS) else event.step > start_update
+
+
+def drop_tensorboard_events(log_dir: str, start_epoch: int, start_update: int) -> None:
+    """Remove the TensorBoard events of the epochs from `start_epoch` on (per-update scalars: the updates after
+    `start_update`) from the event files in `log_dir`, each file replaced atomically, so a resumed run that writes
+    them again lists each step once (TensorBoard itself shows both)."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(log_dir), '*tfevents*'))):
+        records = list(RawEventFileLoader(path).Load())
+        kept = [record for record in records if not _runs_again(record, start_epoch, start_update)]
+        if len(kept) == len(records):
+            continue
+        data = io.BytesIO()
+        for record in kept:
+            RecordWriter(data).write(record)
+        _replace_atomically(path, data.getvalue())
+
+
 class RunLogger:
     """Writes summary.csv, TensorBoard events and (timm's --save-images) training batches into `output_dir` (and
     rows to a wandb run when given); does nothing when `output_dir` is None."""
@@ -170,6 +230,15 @@ class RunLogger:
             self.writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'))
         elif output_dir:
             _logger.warning('tensorboard is not installed: no TensorBoard events are written')
+
+    def drop_rerun(self, start_epoch: int, updates_per_epoch: int) -> None:
+        """Forget what earlier runs logged for the epochs from `start_epoch` on (summary.csv rows, TensorBoard
+        events), which this run logs again."""
+        if not self.active:
+            return
+        drop_summary_rows(self.output_dir, start_epoch)
+        if self.writer is not None:
+            drop_tensorboard_events(self.writer.log_dir, start_epoch, start_epoch * updates_per_epoch)
 
     @property
     def active(self) -> bool:

@@ -61,7 +61,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                        help='load this checkpoint into model after initialization (default: none)')
     group.add_argument('--resume', default='', type=str, metavar='PATH',
-                       help='resume full model and optimizer state from checkpoint (default: none)')
+                       help='resume full model and optimizer state from checkpoint (default: none); `latest` (or '
+                            '`auto`): the newest loadable checkpoint of --output/--experiment, a fresh start when '
+                            'it holds none')
     _negated(group, '--no-resume-opt', '--resume-opt', 'prevent resume of optimizer state when resuming model')
     group.add_argument('--num-classes', type=int, default=None, metavar='N',
                        help='number of label classes (default: the number of class folders in the train split)')

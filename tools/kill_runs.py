@@ -4,8 +4,8 @@
     python tools/kill_runs.py --out DIR --kills 50 -- -c configs/demo_tokenmix.yaml --data-dir DATA ...
 
 Runs `train.py ARGS` once uninterrupted (DIR/straight), then again in DIR/killed: started, killed after a random
-delay (counted from the moment the run writes its log, i.e. once start-up is over), resumed from its
-`last.pth.tar` (or restarted when it has none), and so on until it finishes; then again from scratch until
+delay (counted from the moment the run writes its log, i.e. once start-up is over), relaunched with
+`--resume latest` (its newest loadable checkpoint, or a fresh start when it has none), and so on until it finishes; then again from scratch until
 `--kills` kills are spent. After every kill it loads each `*.pth.tar` a reader would pick up with a plain
 `torch.load` and checks that no best epoch was lost (`model_best` is at least as good as every checkpoint on
 disk). Each finished killed run is compared with the uninterrupted one (weights bit for bit, files, best
@@ -97,8 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rounds += 1
         shutil.rmtree(run, ignore_errors=True)
         while True:
-            resume = ['--resume', last] if os.path.exists(last) else []
-            proc = subprocess.Popen(train + ['--experiment', 'killed', *resume], env=env,
+            proc = subprocess.Popen(train + ['--experiment', 'killed', '--resume', 'latest'], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if kills < args.kills:
                 wait_for_start(proc, os.path.join(run, 'log.txt'))
