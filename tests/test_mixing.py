@@ -10,6 +10,7 @@ from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEn
 
 from mixup_ext import TokenMix
 from tokenmix_train.args import parse_train_args
+from tokenmix_train.errors import ConfigError
 from tokenmix_train.mixing import (build_criterion, build_mixer, build_teacher_from_args, mixer_generator,
                                    mixing_enabled)
 from tokenmix_train.teacher_maps import StoredMapsMixer
@@ -142,3 +143,45 @@ def test_loss_flags_choose_timms_loss_and_its_options(flags, loss_class, attribu
         for name in path.split('.'):
             owner = getattr(owner, name)
         assert owner == pytest.approx(value)
+
+
+def test_every_bce_option_and_the_jsd_split_count_reach_the_loss():
+    """--bce-pos-weight with mixing, all three BCE options beside --smoothing, and an --aug-splits other than
+    JsdCrossEntropy's default 3 (mutation testing: each was dropped by a surviving mutant)."""
+    mixed = build_criterion(parse_train_args(['--data-dir', 'd', '--mixup', '0.8', '--bce-loss', '--bce-pos-weight',
+                                              '2.5'])[0])
+    assert type(mixed) is BinaryCrossEntropy and mixed.pos_weight.item() == 2.5
+    smoothed = build_criterion(parse_train_args(['--data-dir', 'd', '--smoothing', '0.2', '--bce-loss',
+                                                 '--bce-target-thresh', '0.3', '--bce-sum', '--bce-pos-weight',
+                                                 '2'])[0])
+    assert type(smoothed) is BinaryCrossEntropy and smoothed.pos_weight.item() == 2.0
+    assert (smoothed.smoothing, smoothed.target_threshold, smoothed.sum_classes) == (0.2, 0.3, True)
+    jsd = build_criterion(parse_train_args(['--data-dir', 'd', '--aug-splits', '2', '--jsd-loss'])[0])
+    assert type(jsd) is JsdCrossEntropy and jsd.num_splits == 2
+
+
+def test_a_teacher_checkpoint_for_another_class_count_is_refused(teacher_checkpoint):
+    """The teacher is built for the student's classes: a 10-class checkpoint under a 7-class dataset names the flag
+    and both counts instead of loading a head for the wrong classes."""
+    args = parse_train_args(['--data-dir', 'd', '--tokenmix', '--cutmix', '1', '--teacher-model',
+                             'tokenmix_cnn_teacher_64', '--teacher-checkpoint', teacher_checkpoint])[0]
+    with pytest.raises(ConfigError, match=r'^--teacher-checkpoint: .*10.*num_classes=7'):
+        build_teacher_from_args(args, 7, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device('cpu'))
+
+
+def test_the_teacher_follows_channels_last_and_is_moved_to_the_device(teacher_checkpoint):
+    """--channels-last reaches the teacher too, and the teacher is put on the run's device (the `meta` device stands
+    for an accelerator here: on a CPU-only machine a teacher left on the CPU looks placed)."""
+    args = parse_train_args(['--data-dir', 'd', '--tokenmix', '--cutmix', '1', '--teacher-model',
+                             'tokenmix_cnn_teacher_64', '--teacher-checkpoint', teacher_checkpoint,
+                             '--channels-last'])[0]
+    teacher = build_teacher_from_args(args, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device('meta'))
+    assert teacher.channels_last is True
+    assert {t.device.type for t in list(teacher.parameters()) + list(teacher.buffers())} == {'meta'}
+
+
+def test_stored_maps_make_tokenmix_weigh_by_them_whatever_the_target_flag():
+    """With --teacher-maps there is no online teacher: TokenMix takes target 'auto' (the maps that come with each
+    batch), also under --tokenmix-target teacher, which alone would refuse to build without a teacher."""
+    stored = _mixer(TOKENMIX + ['--teacher-maps', 'store', '--tokenmix-target', 'teacher'])
+    assert isinstance(stored, StoredMapsMixer) and stored.tokenmix.target == 'auto'

@@ -2,6 +2,7 @@
 import os
 import re
 
+import torch
 from conftest import ROOT, load_script
 
 mutation = load_script(os.path.join('tools', 'mutation.py'))
@@ -34,3 +35,76 @@ def test_config_names_the_module_its_tests_and_the_copied_files(tmp_path):
     assert ''.join(f'\n    {p}' for p in mutation.ALSO_COPY) in text
     assert '\nsource_paths =\n    mixup_ext\n    models\n    tokenmix_train\n' in text
     assert text.endswith('process_isolation = forkserver\n')
+
+
+GRAD_MODE_SOURCE = '''import torch
+
+
+class Net(torch.nn.Module):
+    @torch.no_grad()
+    def forward(self, x):
+        """Doubles a positive batch, negates another.
+        Its multi-line text must not move."""
+        text = """a
+b"""
+        if x.sum() > 0:
+            return x * 2, text, torch.is_grad_enabled()
+        return -x, text, torch.is_grad_enabled()
+
+
+@torch.inference_mode()
+def plain(x):
+    return x + 1, torch.is_inference_mode_enabled()
+
+
+@torch.no_grad()
+def one_line(x): return x
+
+
+@torch.no_grad()
+def steps(x):
+    yield torch.is_grad_enabled()
+'''
+
+
+def _load(source: str) -> dict:
+    space = {}
+    exec(compile(source, '<source>', 'exec'), space)
+    return space
+
+
+def test_grad_mode_decorators_become_a_with_block_that_behaves_the_same():
+    """mutmut 3 skips decorated functions: in the scratch copy `@torch.no_grad()` turns into a `with` block after the
+    docstring, so the function is mutated and still runs without autograd; a generator and a one-line body keep it."""
+    rewritten = mutation.decorators_into_body(GRAD_MODE_SOURCE)
+    assert '    def forward(self, x):\n        """Doubles' in rewritten
+    assert 'move."""\n        with torch.no_grad():\n            text = """a\nb"""\n' in rewritten
+    assert '\n            if x.sum() > 0:\n                return x * 2,' in rewritten
+    assert 'def plain(x):\n    with torch.inference_mode():\n        return x + 1,' in rewritten
+    assert '@torch.no_grad()\ndef one_line(x): return x\n' in rewritten
+    assert '@torch.no_grad()\ndef steps(x):\n    yield' in rewritten
+    before, after = _load(GRAD_MODE_SOURCE), _load(rewritten)
+    x = torch.ones(2, requires_grad=True)
+    for space in (before, after):
+        assert space['Net'].forward.__doc__.endswith('another.\n        Its multi-line text must not move.')
+        y, text, grad = space['Net']()(x)
+        assert torch.equal(y, torch.full((2,), 2.0)) and not y.requires_grad and text == 'a\nb' and grad is False
+        y, _, _ = space['Net']()(torch.full((2,), -3.0, requires_grad=True))
+        assert torch.equal(y, torch.full((2,), 3.0)) and not y.requires_grad
+        assert space['plain'](x)[1] is True
+        assert list(space['steps'](x)) == [False]
+    assert torch.is_grad_enabled()
+
+
+def test_the_decorated_functions_of_the_mutated_files_are_rewritten():
+    """evaluate and the teacher's two forwards are mutated: no grad-mode decorator is left in their scratch copy."""
+    files = {path for paths, _ in mutation.MODULES.values() for path in paths if path.endswith('.py')}
+    rewritten = 0
+    for path in sorted(files):
+        with open(os.path.join(ROOT, path)) as f:
+            source = f.read()
+        new = mutation.decorators_into_body(source)
+        compile(new, path, 'exec')
+        assert not any(line.strip() in {'@' + d for d in mutation.IN_BODY_DECORATORS} for line in new.splitlines())
+        rewritten += new != source
+    assert rewritten == 2  # tokenmix_train/evaluate.py and models/teacher.py
