@@ -37,6 +37,7 @@ from tokenmix_train.flag_rules import output_problem
 from tokenmix_train.logger import StepMeter, setup_logging
 from tokenmix_train.model import build_student, compile_model, model_dtype_of, place_model, token_size_of
 from tokenmix_train.occlusion import OccludedDataset, occlusion_masks
+from tokenmix_train.precision import amp_dtype_of
 from tokenmix_train.results import (OutputRecorder, format_table, has_sklearn, read_real_labels, read_valid_labels,
                                     write_results)
 from tokenmix_train.validate_flags import parse_validate_args
@@ -139,9 +140,8 @@ def evaluate_images(run: Validation, net: torch.nn.Module, images: Dataset, data
         images, data_config, batch_size, args.workers, args.distributed, device=run.device,
         use_prefetcher=not args.no_prefetcher and prefetch, pin_memory=args.pin_mem,
         crop_border_pixels=args.crop_border_pixels, tf_preprocessing=args.tf_preprocessing)
-    amp_dtype = (torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16) if args.amp else None
     return evaluate(net, StepMeter(loader, label, args.log_freq, world_size=args.world_size), run.device,
-                    amp_dtype=amp_dtype, input_dtype=model_dtype_of(args), class_subset=run.valid_labels,
+                    amp_dtype=amp_dtype_of(args), input_dtype=model_dtype_of(args), class_subset=run.valid_labels,
                     on_output=recorder)
 
 

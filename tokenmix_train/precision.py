@@ -13,7 +13,14 @@ except ImportError:
     apex_amp = None
     has_apex = False
 
-__all__ = ['setup_precision']
+__all__ = ['amp_dtype_of', 'setup_precision']
+
+
+def amp_dtype_of(args: Any) -> Optional[torch.dtype]:
+    """The native autocast dtype of --amp / --amp-dtype (train.py and validate.py alike), None without --amp."""
+    if not args.amp:
+        return None
+    return torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
 
 
 def setup_precision(args: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -30,8 +37,8 @@ def setup_precision(args: Any, model: torch.nn.Module, optimizer: torch.optim.Op
             raise ConfigError('--apex-amp needs a CUDA device')
         model, optimizer = apex_amp.initialize(model, optimizer, opt_level='O1')
         return model, optimizer, None, ApexScaler()
-    if not args.amp:
+    amp_dtype = amp_dtype_of(args)
+    if amp_dtype is None:
         return model, optimizer, None, None
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     return model, optimizer, amp_dtype, scaler
