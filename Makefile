@@ -55,6 +55,12 @@ print('demo: ViT + TokenMix top-1 %.1f%% after %s epochs (chance: 10%%)' % (floa
 bench: setup
 	$(PYTHON) benchmarks/bench_mixup.py
 
+# A recipe's train input pipeline on JPEG files (800 ImageNet-like ones generated into output/bench_loader/ on first
+# use): img/s per loader worker core, time per stage, faster decode/augment candidates. docs/benchmarks.md has figures.
+.PHONY: bench-loader
+bench-loader: setup
+	$(PYTHON) benchmarks/bench_loader.py
+
 # Mutation testing (mutmut, requirements-dev.txt) of the core modules, each with the tests that cover it: prints the
 # score per module and writes the surviving mutants to output/mutation/survivors.txt. Not part of `make test`.
 mutation: setup
