@@ -65,9 +65,20 @@ def test_control_differs_only_in_the_mixer(recipe):
     # Mixup + CutMix with the recipe's alphas and switch, no teacher
     assert not control['teacher_model'] and not control['teacher_pretrained']
     assert (control['mixup'], control['cutmix'], control['mixup_switch_prob']) == (0.8, 1.0, 0.5)
-    # what the published baselines differ in is the same here: loss, repeated augmentation, length, EMA
-    for key in ('model', 'bce_loss', 'aug_repeats', 'epochs', 'cooldown_epochs', 'model_ema', 'model_ema_decay'):
+    # what the published baselines differ in is the same here: loss, repeated augmentation, length, EMA, order
+    for key in ('model', 'bce_loss', 'aug_repeats', 'epochs', 'cooldown_epochs', 'model_ema', 'model_ema_decay',
+                'aug_order'):
         assert control[key] == SETTINGS[recipe][key], key
+
+
+def test_paper_rows_take_the_authors_augmentation_order_and_published_baselines_timms():
+    """The TokenMix rows and their controls flip and RandAugment the whole image before the crop, as the authors'
+    code; DeiT's and Swin's published baselines keep timm's order, with which they were run."""
+    authors = set(EXPECTED_CONTROLS) | set(EXPECTED_CONTROLS.values())
+    assert {n for n, s in SETTINGS.items() if s['aug_order'] == 'authors'} == authors
+    assert {n for n, s in SETTINGS.items() if s['aug_order'] == 'timm'} == {
+        'deit_tiny_cutmix_mixup_300ep', 'deit_small_cutmix_mixup_300ep', 'deit_base_cutmix_mixup_300ep',
+        'deit_small_cutmix_mixup_400ep', 'swin_tiny_cutmix_mixup_300ep'}
 
 
 def _trained_rows(script: str) -> List[str]:
