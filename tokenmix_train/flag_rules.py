@@ -253,9 +253,6 @@ def _teacher(args: argparse.Namespace) -> Optional[str]:
         for dest, flag in online.items():
             if getattr(args, dest):
                 return f'{flag} is for an online teacher; --teacher-maps reads stored maps'
-        if args.skip_bad_images:
-            return ('--skip-bad-images loads the next image in place of a bad one, whose stored map the '
-                    'loader cannot tell: fix the images or drop --teacher-maps')
         if not args.tokenmix or args.tokenmix_target == 'area':
             return ('--teacher-maps gives TokenMix its label weights: add --tokenmix (and --cutmix > 0) '
                     'without --tokenmix-target area')
@@ -274,12 +271,28 @@ def _teacher(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+def _aug_order(args: argparse.Namespace) -> Optional[str]:
+    """--aug-order authors moves timm's random-resized crop after the flip and RandAugment, in the one pipeline that
+    has it; --no-aug turns every augmentation off, and with it their order (as it overrides every augmentation flag)."""
+    if args.aug_order != 'authors' or args.no_aug:
+        return None
+    if args.train_crop_mode not in (None, 'rrc'):
+        return (f'--aug-order authors moves the random-resized crop (--train-crop-mode rrc), which --train-crop-mode '
+                f'{args.train_crop_mode} replaces')
+    if args.aug_splits:
+        return '--aug-order authors and --aug-splits exclude each other (the splits share timm\'s crop-first pipeline)'
+    if args.train_img_sizes is not None:
+        return '--aug-order authors and --train-img-sizes exclude each other here'
+    return None
+
+
 def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """train.py's rules in order (--data-dir, values, flags that cannot apply, mixed batches, teacher): the first
-    problem ends in `parser.error`, one line naming the flag. Then the defaults derived from other flags are set."""
+    """train.py's rules in order (--data-dir, values, flags that cannot apply, augmentation order, mixed batches,
+    teacher): the first problem ends in `parser.error`, one line naming the flag. Then the defaults derived from
+    other flags are set."""
     args.data_dir = args.data_dir or args.data
     problem = (None if args.data_dir else '--data-dir is required') or check_values(args, flag_names(parser)) \
-        or unsupported_flags(args) or _mixed_batches(args) or _teacher(args)
+        or unsupported_flags(args) or _aug_order(args) or _mixed_batches(args) or _teacher(args)
     if problem:
         parser.error(problem)
     if args.tokenmix_target_norm is None:

@@ -2,9 +2,11 @@
 
 A teacher run once over a split (tools/precompute_teacher_maps.py) stores, per image and map position, its top-K
 class scores and their class indices. At train time each sample's augmentation geometry is recorded as it is
-drawn (the RandomResizedCrop box, the flips, the geometric ops of RandAugment / AutoAugment), the image's
-own-class map is cut to that crop, flipped, put through the same geometric ops and averaged onto the token
-grid; the batch carries it beside the label and :class:`StoredMapsMixer` hands it to TokenMix.
+drawn (the RandomResizedCrop box, the flips, the geometric ops of RandAugment / AutoAugment) and replayed on the
+image's own-class map in the order the image got them: timm's order cuts the map to the crop, then flips it and puts
+it through the same geometric ops; the authors' order (`--aug-order authors`) flips and transforms a map of the
+whole image, then cuts the crop. The result is averaged onto the token grid; the batch carries it beside the label
+and :class:`StoredMapsMixer` hands it to TokenMix.
 
 Two layouts are read:
 
@@ -12,22 +14,24 @@ Two layouts are read:
   (aspect not kept), so every crop box has a map under it. ``shard-NNNNN.npy`` holds an fp16 array
   ``[n, 2, K, h, w]`` (top-K values, then their class indices, best first) for n images in dataset order,
   memory-mapped when read; ``shard-NNNNN.json`` (written last, so its presence means the shard is complete) lists
-  the images' paths relative to the split folder: 129 shards for ImageNet-1k at 10000 images a shard, not 1.28 M files.
+  the images' paths relative to the split folder, with checksums: 129 shards for ImageNet-1k at 10000 images a
+  shard, not 1.28 M files. The manifest's ``classes`` names the teacher's class indices, so labels are matched to
+  them by name; the whole store is checked when opened (:class:`MapStore`).
 * the authors' layout (TokenLabeling's ``generate_label.py``): ``ROOT/<class folder>/<image stem>.pt``, an fp16
   tensor ``[2, K, h, w]`` per image. Those maps cover only the **centre square** of each image (short side resized,
   centre crop 1.0); a crop reaching outside it reads zero there. Their class indices are the teacher's (ImageNet-1k),
   so each label is matched to its class folder by name.
 """
 import glob
+import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -36,12 +40,13 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from mixup_ext import TokenMix, crop_map, own_map_from_topk, token_grid
+from models import CheckpointError, read_checkpoint
 
-from .data import DatasetView
+from .data import CheckedImageDataset, DatasetView
 from .errors import ConfigError
 
 __all__ = ['MANIFEST', 'FORMAT', 'MapStore', 'AuthorsMapStore', 'open_map_store', 'class_names', 'shard_name',
-           'shard_done', 'write_shard', 'write_json_atomic', 'StoredMapDataset', 'StoredMapsMixer',
+           'shard_done', 'shard_record', 'write_shard', 'write_json_atomic', 'StoredMapDataset', 'StoredMapsMixer',
            'wrap_train_dataset']
 
 _logger = logging.getLogger(__name__)
@@ -77,6 +82,30 @@ def shard_done(root: str, shard: int) -> bool:
     return os.path.exists(os.path.join(root, shard_name(shard) + '.json'))
 
 
+SAMPLE_ROWS = 8  # rows of a shard whose bytes are hashed when it is written and checked when the store is opened
+
+
+def _key_bytes(keys: Sequence[str]) -> np.ndarray:
+    """Image keys as one fixed-width bytes array (UTF-8; file-name bytes that are not UTF-8 kept as they are)."""
+    return np.array([key.encode('utf-8', 'surrogateescape') for key in keys], dtype=np.bytes_)
+
+
+def _keys_digest(keys: Sequence[str]) -> str:
+    """sha256 of a shard's key list in order: swapping, editing, adding or dropping a key changes it."""
+    return hashlib.sha256(json.dumps(list(keys)).encode()).hexdigest()
+
+
+def _rows_digest(maps: np.ndarray) -> str:
+    """sha256 of `SAMPLE_ROWS` rows of a shard spread evenly over it, its first and last among them."""
+    rows = np.unique(np.linspace(0, len(maps) - 1, min(len(maps), SAMPLE_ROWS)).round().astype(np.int64))
+    return hashlib.sha256(np.ascontiguousarray(maps[rows]).tobytes()).hexdigest()
+
+
+def shard_record(maps: np.ndarray, keys: Sequence[str]) -> Dict[str, Any]:
+    """A shard's ``.json``: its image keys, and the checksums :class:`MapStore` checks them and its data against."""
+    return dict(count=len(keys), keys=list(keys), keys_sha256=_keys_digest(keys), rows_sha256=_rows_digest(maps))
+
+
 def write_shard(root: str, shard: int, maps: np.ndarray, keys: Sequence[str]) -> None:
     """Write one shard (fp16 ``[n, 2, K, h, w]`` and its n image keys): data first, the key list last, each renamed
     into place, so a killed run never leaves a shard that a reader would take as complete. The temporary files a
@@ -91,49 +120,187 @@ def write_shard(root: str, shard: int, maps: np.ndarray, keys: Sequence[str]) ->
     with open(tmp, 'wb') as f:
         np.save(f, maps)
     os.replace(tmp, path + '.npy')
-    write_json_atomic(path + '.json', dict(count=len(keys), keys=list(keys)))
+    write_json_atomic(path + '.json', shard_record(maps, keys))
+
+
+class _KeyIndex:
+    """Image keys (non-empty), sorted, as one fixed-width bytes array, and each key's position in the order given.
+
+    (longest key + 4) bytes a key in two arrays, no Python object per key: a forked loader worker reads it without
+    writing to it, where a dict of 1.28 M keys is copied into each worker page by page as reference counts change
+    (docs/benchmarks.md). Sorted as (key, int32 position) records rather than by argsort, whose int64 array, once
+    freed, stays in the process as heap the allocator keeps (10 MB at ImageNet scale).
+    """
+
+    def __init__(self, keys: np.ndarray) -> None:
+        pairs = np.empty(len(keys), dtype=[('key', keys.dtype), ('position', np.int32)])
+        pairs['key'], pairs['position'] = keys, np.arange(len(keys), dtype=np.int32)
+        pairs.sort(order='key')  # equal keys in the order given: the position breaks ties
+        self.sorted, self.positions = pairs['key'].copy(), pairs['position'].copy()
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Each key's position, -1 where it is absent."""
+        at = np.searchsorted(self.sorted, keys).clip(max=len(self.sorted) - 1)
+        return np.where(self.sorted[at] == keys, self.positions[at], -1)
+
+    def duplicate(self) -> Optional[Tuple[str, int, int]]:
+        """A key given twice and its first two positions; None when every key differs."""
+        same = np.flatnonzero(self.sorted[1:] == self.sorted[:-1])
+        if not len(same):
+            return None
+        at = same[0]
+        return (self.sorted[at].decode('utf-8', 'surrogateescape'), int(self.positions[at]),
+                int(self.positions[at + 1]))
+
+
+_MANIFEST_FIELDS = dict(teacher=str, split=str, split_folder=str, classes=list, map_size=list, topk=int,
+                        num_images=int, shard_size=int, num_shards=int)
 
 
 class MapStore:
-    """This project's store: manifest, shards of fp16 ``[n, 2, K, h, w]``, memory-mapped on first use per process."""
+    """This project's store: manifest, shards of fp16 ``[n, 2, K, h, w]``, memory-mapped on first use per process.
+
+    Opening it checks all of it, so that a fault stops train.py before it writes anything, in one line naming
+    --teacher-maps, the file and the fault: the manifest's fields and their types; each shard's ``.json`` (JSON,
+    as many keys as the manifest gives the shard: `shard_size`, the last one fewer); its ``.npy`` header (fp16
+    ``[rows, 2, topk, *map_size]``) against the file's size (a truncated shard); no key in two places; and the
+    checksums each ``.json`` was written with (:func:`shard_record`): the sha256 of its key list (a swapped or
+    edited key) and of `SAMPLE_ROWS` rows of its ``.npy`` (another shard's or another store's data, an overwritten
+    start or end). The data is not hashed whole: for ImageNet-1k at F6's 18 x 18 maps that is 8.4 GB to read in
+    every process, against 129 x 8 rows (docs/teacher_maps.md); a change inside a row between the samples goes
+    unseen. Shards written before the checksums were recorded get every other check and one warning; rerunning the
+    precompute command adds their checksums.
+
+    The index (:class:`_KeyIndex`) takes (longest key + 4) bytes an image: 41.5 MiB for ImageNet-1k.
+    """
 
     coverage = 'whole'
 
     def __init__(self, root: str) -> None:
         self.root = root
         self.manifest = self.read_manifest(root)
+        self._check_manifest()
         shards = self.manifest['num_shards']
         missing = [s for s in range(shards) if not shard_done(root, s)]
         if missing:
             raise ConfigError(
                 f"--teacher-maps '{root}': incomplete store, {len(missing)} of {shards} shards missing (first: "
                 f'{shard_name(missing[0])}); rerun tools/precompute_teacher_maps.py with the same flags to finish it')
-        self.index: Dict[str, Tuple[int, int]] = {}
-        for s in range(shards):
-            with open(os.path.join(root, shard_name(s) + '.json')) as f:
-                for row, key in enumerate(json.load(f)['keys']):
-                    self.index[key] = (s, row)
-        self.topk = int(self.manifest['topk'])
+        self.topk, self.shard_size, self.classes = (self.manifest[k] for k in ('topk', 'shard_size', 'classes'))
+        keys, unverified = np.empty(self.manifest['num_images'], dtype='S1'), 0  # filled in place: no heap left over
+        for shard in range(shards):
+            shard_keys, verified = self._check_shard(shard)
+            part = _key_bytes(shard_keys)
+            if part.itemsize > keys.itemsize:  # longer keys than any before
+                keys = keys.astype(part.dtype)
+            keys[shard * self.shard_size:shard * self.shard_size + len(part)] = part
+            unverified += not verified
+        self.index = _KeyIndex(keys)
+        twice = self.index.duplicate()
+        if twice:
+            key, first, second = twice
+            self._fault(shard_name(second // self.shard_size) + '.json',
+                        f"lists '{key}' a second time (first in {shard_name(first // self.shard_size)}.json)")
+        if unverified:
+            _logger.warning(f"--teacher-maps '{root}': {unverified} of {shards} shards were written without "
+                            'checksums, so swapped keys or replaced data in them cannot be seen (their sizes are '
+                            'checked); rerun tools/precompute_teacher_maps.py with the store\'s flags to add them')
         self._arrays: Dict[int, np.ndarray] = {}
 
     @staticmethod
-    def read_manifest(root: str) -> Dict[str, Any]:
-        """A store's manifest; ConfigError when unreadable or of another format."""
+    def read_manifest(root: str, flag: str = '--teacher-maps') -> Dict[str, Any]:
+        """A store's manifest; ConfigError naming `flag` when it is unreadable or of another format."""
         try:
             with open(os.path.join(root, MANIFEST)) as f:
                 manifest = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"map store '{root}': cannot read {MANIFEST} ({e})") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{flag} '{root}': cannot read {MANIFEST} ({e})") from None
         if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
-            raise ConfigError(f"map store '{root}': {MANIFEST} is not a {FORMAT} manifest")
+            raise ConfigError(f"{flag} '{root}': {MANIFEST} is not a {FORMAT} manifest")
         return manifest
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.index
+    def _fault(self, file: str, what: str) -> NoReturn:
+        """Stop with one line naming --teacher-maps, the file and what is wrong with it."""
+        remedy = '' if file == MANIFEST else ("; delete the shard's .npy and .json and rerun "
+                                              "tools/precompute_teacher_maps.py with the store's flags to remake it")
+        raise ConfigError(f"--teacher-maps '{self.root}': {file} {what}{remedy}")
+
+    def _check_manifest(self) -> None:
+        """Every field the store is read by, of its type; counts and sizes >= 1; as many shards as images fill."""
+        manifest = self.manifest
+        for name, kind in _MANIFEST_FIELDS.items():
+            if name not in manifest:
+                self._fault(MANIFEST, f"has no '{name}'")
+            value = manifest[name]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                self._fault(MANIFEST, f"'{name}' is {type(value).__name__}, not {kind.__name__}")
+            if kind is int and value < 1:
+                self._fault(MANIFEST, f"'{name}' is {value}, not >= 1")
+        size, classes = manifest['map_size'], manifest['classes']
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+            self._fault(MANIFEST, f"'map_size' is {size}, not [rows, columns]")
+        if not all(isinstance(name, str) for name in classes) or len(set(classes)) != len(classes):
+            self._fault(MANIFEST, "'classes' is not a list of distinct class names")
+        expected = -(-manifest['num_images'] // manifest['shard_size'])
+        if manifest['num_shards'] != expected:
+            self._fault(MANIFEST, f"gives {manifest['num_shards']} shards for {manifest['num_images']} images of "
+                                  f"{manifest['shard_size']} a shard, not {expected}")
+
+    def _check_shard(self, shard: int) -> Tuple[List[str], bool]:
+        """A shard's keys, once its files have passed the checks; whether it had checksums to check."""
+        manifest, name = self.manifest, shard_name(shard)
+        rows = min(self.shard_size, manifest['num_images'] - shard * self.shard_size)
+        path = os.path.join(self.root, name)
+        try:
+            with open(path + '.json', encoding='utf-8') as f:
+                record = json.load(f)
+        except (OSError, ValueError) as e:
+            self._fault(name + '.json', f'cannot be read as JSON ({e})')
+        keys = record.get('keys') if isinstance(record, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            self._fault(name + '.json', 'holds no list of image keys')
+        if len(keys) != rows:
+            self._fault(name + '.json', f'lists {len(keys)} images, the manifest gives this shard {rows}')
+        self._check_npy(name + '.npy', (rows, 2, self.topk, *manifest['map_size']))
+        if 'keys_sha256' not in record:
+            return keys, False
+        if record['keys_sha256'] != _keys_digest(keys):
+            self._fault(name + '.json', 'does not match its checksum: its keys were changed (swapped, edited) '
+                                        'after it was written')
+        if record.get('rows_sha256') != _rows_digest(np.load(path + '.npy', mmap_mode='r')):
+            self._fault(name + '.npy', f'does not match the checksum in {name}.json: it holds other data than '
+                                       'was written with those keys')
+        return keys, True
+
+    def _check_npy(self, file: str, shape: Tuple[int, ...]) -> None:
+        """The ``.npy``'s header says fp16 of `shape`, and the file holds all of that data, no more."""
+        path = os.path.join(self.root, file)
+        try:
+            with open(path, 'rb') as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                found, fortran_order, dtype = read_header(f)
+                start = f.tell()
+        except (OSError, ValueError) as e:
+            self._fault(file, f'is not a .npy array ({e})')
+        if dtype != np.float16 or fortran_order or tuple(found) != shape:
+            self._fault(file, f'holds {dtype} {list(found)}, the manifest says float16 {list(shape)}')
+        size, expected = os.path.getsize(path), start + int(np.prod(shape)) * 2
+        if size != expected:
+            self._fault(file, f'has {size} bytes, its header needs {expected} '
+                              f'({"truncated" if size < expected else "bytes after the data"})')
+
+    def has_maps(self, keys: Sequence[str]) -> np.ndarray:
+        """Whether each image key (its path relative to the split folder) has a map here."""
+        return self.index.find(_key_bytes(keys)) >= 0
 
     def read(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-K values (float32) and class indices (int64) of one image, each K x h x w."""
-        shard, row = self.index[key]
+        position = int(self.index.find(_key_bytes([key]))[0])
+        if position < 0:
+            raise KeyError(key)
+        shard, row = divmod(position, self.shard_size)
         array = self._arrays.get(shard)
         if array is None:
             array = self._arrays[shard] = np.load(os.path.join(self.root, shard_name(shard) + '.npy'), mmap_mode='r')
@@ -151,25 +318,26 @@ class AuthorsMapStore:
     stored class indices are the teacher's, numbered as an image folder numbers its classes: `classes`, the class
     folders in timm's order (natural sort), is the teacher's class list. A store lacking some of the teacher's
     classes would shift every index after them, so one whose first file names a class index beyond its folders
-    is refused.
+    is refused. Only that file is read when the store is opened (1.28 M files are too many to read each time); any
+    file that cannot be read, then or during training, stops the run in one line naming it.
     """
 
     coverage = 'centre'
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self.files = set()
-        folders = []
+        files, folders = [], []
         for entry in os.scandir(root):
             if entry.is_dir():
                 names = [name for name in os.listdir(entry.path) if name.endswith('.pt')]
                 if names:
                     folders.append(entry.name)
-                    self.files.update(f'{entry.name}/{name}' for name in names)
-        if not self.files:
+                    files.extend(f'{entry.name}/{name}' for name in names)
+        if not files:
             raise ConfigError(f"--teacher-maps '{root}': neither a {MANIFEST} nor <class>/<image>.pt files")
         self.classes = sorted(folders, key=natural_key)
-        first = min(self.files)
+        self.files = _KeyIndex(_key_bytes(files))
+        first = min(files)
         entry = self._load(first)
         self.topk = entry.shape[1]
         top = int(entry[1].float().max())
@@ -183,13 +351,17 @@ class AuthorsMapStore:
         folder, name = os.path.split(key)
         return f'{os.path.basename(folder)}/{os.path.splitext(name)[0]}.pt'
 
-    def __contains__(self, key: str) -> bool:
-        return self._file(key) in self.files
+    def has_maps(self, keys: Sequence[str]) -> np.ndarray:
+        """Whether each image key (its path relative to the split folder) has a map file here."""
+        return self.files.find(_key_bytes([self._file(key) for key in keys])) >= 0
 
     def _load(self, file: str) -> torch.Tensor:
-        entry = torch.load(os.path.join(self.root, file), map_location='cpu')
+        try:
+            entry = read_checkpoint(os.path.join(self.root, file))
+        except (OSError, CheckpointError) as e:
+            raise ConfigError(f"--teacher-maps '{self.root}': cannot read '{file}': {e}") from None
         if not isinstance(entry, torch.Tensor) or entry.ndim != 4 or entry.shape[0] != 2:
-            raise ConfigError(f"--teacher-maps: '{file}' is not a [2, K, h, w] tensor "
+            raise ConfigError(f"--teacher-maps '{self.root}': '{file}' is not a [2, K, h, w] tensor "
                               f'(got {tuple(getattr(entry, "shape", ())) or type(entry).__name__})')
         return entry
 
@@ -200,7 +372,7 @@ class AuthorsMapStore:
 
 
 def open_map_store(root: str) -> Union[MapStore, AuthorsMapStore]:
-    """A :class:`MapStore` when `root` has a manifest, else the authors' per-image layout."""
+    """A :class:`MapStore` when `root` has a manifest, else the authors' per-image layout; checked as each says."""
     if not os.path.isdir(root):
         raise ConfigError(f"--teacher-maps '{root}' is not a directory")
     if os.path.exists(os.path.join(root, MANIFEST)):
@@ -227,13 +399,18 @@ def map_box(crop: Tuple[int, int, int, int], image_size: Tuple[int, int], map_si
 
 @dataclass
 class GeometryLog:
-    """What the recording transforms saw for the sample being loaded (one per process, reset per sample)."""
+    """What the recording transforms saw for the sample being loaded (one per process, reset per sample).
+
+    `crop_last` is the pipeline's order, set when it is instrumented and kept across samples: the flips and ops act
+    on the whole image before the crop (the authors' order, --aug-order authors), else on the crop after it (timm's).
+    """
     image_size: Optional[Tuple[int, int]] = None
     crop: Optional[Tuple[int, int, int, int]] = None
     output_size: Optional[Tuple[int, int]] = None
     hflip: bool = False
     vflip: bool = False
     ops: List[Tuple[Any, tuple]] = field(default_factory=list)
+    crop_last: bool = False
 
     def reset(self) -> None:
         self.image_size, self.crop, self.hflip, self.vflip, self.ops = None, None, False, False, []
@@ -284,45 +461,60 @@ def _augment_ops(t) -> List[AugmentOp]:
 
 
 def instrument_transform(transform: transforms.Compose, log: GeometryLog) -> None:
-    """Make a timm train transform record its geometry into `log` (in place; the same random draws).
+    """Make a timm train transform record its geometry into `log` (in place; the same random draws), and its order
+    (`log.crop_last`). A transform instrumented before (then reordered: --aug-order authors) records into `log` anew.
 
     Raises ConfigError for a pipeline whose geometry cannot be followed (no RandomResizedCrop, AugMix, other
-    geometric transforms).
+    geometric transforms, flips or geometric ops on both sides of the crop).
     """
     steps = transform.transforms
-    crops = [t for t in steps if isinstance(t, RandomResizedCropAndInterpolation)]
+    crops = [i for i, t in enumerate(steps) if isinstance(t, RandomResizedCropAndInterpolation)]
     if len(crops) != 1:
         raise ConfigError('--teacher-maps needs the RandomResizedCrop train pipeline (not --no-aug or other crops)')
+    moved = []  # positions of the steps that move pixels, besides the crop
     for i, t in enumerate(steps):
         name = type(t).__name__
         if isinstance(t, RandomResizedCropAndInterpolation):
             t.get_params = _RecordedCropParams(type(t).get_params, log)
             log.output_size = tuple(t.size)
-        elif isinstance(t, (transforms.RandomHorizontalFlip, transforms.RandomVerticalFlip)):
-            steps[i] = _RecordedFlip(t.p, isinstance(t, transforms.RandomVerticalFlip), log)
+        elif isinstance(t, (transforms.RandomHorizontalFlip, transforms.RandomVerticalFlip, _RecordedFlip)):
+            vertical = t.vertical if isinstance(t, _RecordedFlip) else isinstance(t, transforms.RandomVerticalFlip)
+            steps[i] = _RecordedFlip(t.p, vertical, log)
+            moved.append(i)
         elif name == 'AugMixAugment':  # blends several augmented copies: no single geometry to follow
             raise ConfigError('--teacher-maps cannot follow the geometry of AugMix (--aa augmix-*)')
         elif _augment_ops(t):
             for op in _augment_ops(t):
-                if op.name in GEOMETRIC_OPS and not isinstance(op.aug_fn, _RecordedOp):
-                    op.aug_fn = _RecordedOp(op.aug_fn, log)
+                if op.name in GEOMETRIC_OPS:
+                    op.aug_fn = _RecordedOp(op.aug_fn.fn if isinstance(op.aug_fn, _RecordedOp) else op.aug_fn, log)
+                    moved.append(i)
         elif name not in _PHOTOMETRIC:
             raise ConfigError(f'--teacher-maps cannot follow the geometry of the train transform {name}')
+    sides = {i < crops[0] for i in moved}
+    if len(sides) > 1:
+        raise ConfigError("--teacher-maps follows flips and geometric ops all after the crop (timm's order) or all "
+                          'before it (--aug-order authors), not on both sides')
+    log.crop_last = sides == {True}
 
 
-def replay_geometry(grid_map: torch.Tensor, ops: Sequence[Tuple[Any, tuple]], output_size: Tuple[int, int],
-                    grid: Tuple[int, int]) -> torch.Tensor:
-    """Apply recorded geometric augment ops to a crop's map (given at `_REPLAY_CELLS` points a token), then average
-    it onto the token grid. Absolute translations are scaled from image pixels to map points; empty areas read 0."""
-    rows, cols = grid_map.shape
-    image = Image.fromarray(grid_map.numpy(), mode='F')
-    scale = cols / output_size[1]
+# the authors' order replays its ops on a map of the whole image, _CANVAS_CELLS points a stored map cell each way, its
+# longest side at most _CANVAS_MAX (18 x 18 maps, ImageNet-sized crops: L1 0.005 median from a map of 16 points a
+# token, 4 to 6 times faster)
+_CANVAS_CELLS, _CANVAS_MAX = 4, 1024
+
+
+def replay_geometry(image_map: torch.Tensor, ops: Sequence[Tuple[Any, tuple]], scale: float,
+                    box: Tuple[float, float, float, float], grid: Tuple[int, int]) -> torch.Tensor:
+    """Apply recorded geometric augment ops to a map laid over the image they acted on (the crop in timm's order, the
+    whole image in the authors'), `scale` map points a pixel each way, then cut `box` (x0, y0, x1, y1 in map points)
+    out of it onto the token grid. Absolute translations are scaled from image pixels to map points (relative ones,
+    angles and shears are the same at any scale); areas the ops bring in read 0."""
+    image = Image.fromarray(image_map.numpy(), mode='F')
     for fn, args in ops:
         if getattr(fn, '__name__', '').startswith('translate_') and fn.__name__.endswith('_abs'):
             args = tuple(a * scale for a in args)
         image = fn(image, *args, fillcolor=0.0, resample=Image.BILINEAR)
-    out = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
-    return F.adaptive_avg_pool2d(out[None], grid)[0]
+    return crop_map(torch.from_numpy(np.asarray(image, dtype=np.float32).copy()), box, grid)
 
 
 class StoredMapDataset(DatasetView):
@@ -331,6 +523,10 @@ class StoredMapDataset(DatasetView):
     Each item is ``(image, target)`` with target a float32 vector ``[label, map (grid rows x cols, row-major)]``;
     :class:`StoredMapsMixer` unpacks it on the device. The wrapped dataset's transform (set by timm's loader
     factory through this object's `transform`) is instrumented to record its geometry.
+
+    Keys are not kept here (the store's index holds them): a sample's key is read from the dataset's reader when it
+    is loaded. A `CheckedImageDataset` that skips an unreadable image (--skip-bad-images) serves the next readable
+    one, and that image's map is served with it.
 
     Args:
         dataset: a timm ImageDataset over an image folder (its reader gives each sample's relative path).
@@ -345,12 +541,18 @@ class StoredMapDataset(DatasetView):
         super().__init__(dataset)
         self.store, self.grid, self.topk, self.teacher_classes = store, grid, topk, teacher_classes
         self.log = GeometryLog()
-        self.keys = [dataset.reader.filename(i) for i in range(len(dataset))]
-        missing = [k for k in self.keys if k not in store]
+        missing, count, block = [], len(dataset), 1 << 14  # in blocks: no list of 1.28 M keys at once
+        for start in range(0, count, block):
+            keys = [self.key(i) for i in range(start, min(start + block, count))]
+            missing.extend(keys[i] for i in np.flatnonzero(~store.has_maps(keys)))
         if missing:
-            split = ': a store of another split?' if len(missing) == len(self.keys) else ''
-            raise ConfigError(f"--teacher-maps '{store.root}' has no maps for {len(missing)} of {len(self.keys)} "
+            split = ': a store of another split?' if len(missing) == count else ''
+            raise ConfigError(f"--teacher-maps '{store.root}' has no maps for {len(missing)} of {count} "
                               f"train images (first: '{missing[0]}'){split}")
+
+    def key(self, index: int) -> str:
+        """The image key of sample `index`: its path relative to the split folder, as the store lists it."""
+        return self.dataset.reader.filename(index)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -367,23 +569,45 @@ class StoredMapDataset(DatasetView):
         DatasetView.transform.fset(self, value)
 
     def own_map(self, index: int, label: int) -> torch.Tensor:
-        """The sample's own-class map cut to the geometry just recorded, on the token grid (rows x cols)."""
+        """The sample's own-class map put through the geometry just recorded, in the order it touched the image, on
+        the token grid (rows x cols)."""
         log = self.log
         if log.crop is None:
             raise RuntimeError('no crop was recorded: the transform was not instrumented')
-        values, indices = self.store.read(self.keys[index])
+        values, indices = self.store.read(self.key(index))
         own_class = label if self.teacher_classes is None else self.teacher_classes[label]
         full = own_map_from_topk(values, indices, own_class, self.topk)
-        box = map_box(log.crop, log.image_size, tuple(full.shape), self.store.coverage)
-        if not log.ops:
+        (rows, cols), coverage = self.grid, self.store.coverage
+        top, left, height, width = log.crop
+        img_w, img_h = log.image_size
+        if not log.crop_last:  # timm's order: the crop, then the flips and ops on it
+            box = map_box(log.crop, log.image_size, tuple(full.shape), coverage)
+            if not log.ops:
+                return crop_map(full, box, self.grid, hflip=log.hflip, vflip=log.vflip)
+            fine = (rows * _REPLAY_CELLS, cols * _REPLAY_CELLS)
+            cut = crop_map(full, box, fine, hflip=log.hflip, vflip=log.vflip)
+            return replay_geometry(cut, log.ops, fine[1] / log.output_size[1], (0, 0, fine[1], fine[0]), self.grid)
+        if not log.ops:  # the authors' order, flips only: a crop of the flipped image is the flipped crop of its mirror
+            mirror = (img_h - top - height if log.vflip else top, img_w - left - width if log.hflip else left, height,
+                      width)
+            box = map_box(mirror, log.image_size, tuple(full.shape), coverage)
             return crop_map(full, box, self.grid, hflip=log.hflip, vflip=log.vflip)
-        fine = (self.grid[0] * _REPLAY_CELLS, self.grid[1] * _REPLAY_CELLS)
-        cut = crop_map(full, box, fine, hflip=log.hflip, vflip=log.vflip)
-        return replay_geometry(cut, log.ops, log.output_size, self.grid)
+        # the authors' order: flips and ops on a map of the whole image, then the crop
+        whole = map_box((0, 0, img_h, img_w), log.image_size, tuple(full.shape), coverage)
+        cells = max((whole[2] - whole[0]) / img_w, (whole[3] - whole[1]) / img_h)  # map cells a pixel
+        scale = min(_CANVAS_CELLS * cells, _CANVAS_MAX / max(img_w, img_h))
+        canvas = crop_map(full, whole, (max(1, round(img_h * scale)), max(1, round(img_w * scale))), hflip=log.hflip,
+                          vflip=log.vflip)
+        sy, sx = canvas.shape[0] / img_h, canvas.shape[1] / img_w
+        box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+        return replay_geometry(canvas, log.ops, sx, box, self.grid)
 
     def __getitem__(self, index: int):
         self.log.reset()
-        img, label = self.dataset[index]
+        if isinstance(self.dataset, CheckedImageDataset):  # with --skip-bad-images it may serve the next image
+            img, label, index = self.dataset.served_item(index)
+        else:
+            img, label = self.dataset[index]
         grid_map = self.own_map(index, int(label))
         return img, torch.cat([torch.tensor([float(label)]), grid_map.flatten()])
 
@@ -416,43 +640,44 @@ class StoredMapsMixer:
         return self.tokenmix(x, labels, own_maps=target[:, 1:].reshape(-1, rows, cols))
 
 
-def _authors_classes(store: AuthorsMapStore, class_to_idx: Dict[str, int], class_map: str) -> Dict[int, int]:
-    """Each label's class index in the authors' maps, matched by class name (so a class subset or a --class-map
-    works); ConfigError naming the first class that has no folder in the store."""
+def _teacher_classes(store: Union[MapStore, AuthorsMapStore], class_to_idx: Dict[str, int],
+                     class_map: str) -> Dict[int, int]:
+    """Each label's class index in the stored maps, matched by class name in the store's class list (its manifest's,
+    or the authors' class folders), so a class subset, a reordered class list or a --class-map works; ConfigError
+    naming the first class the store lacks."""
     position = {name: i for i, name in enumerate(store.classes)}
     missing = [name for name in class_names(class_to_idx) if name not in position]
     if missing:
         source = f"--class-map '{class_map}'" if class_map else 'the train split'
-        raise ConfigError(f"--teacher-maps '{store.root}' has no class folder '{missing[0]}' of {source} "
-                          f'({len(missing)} of {len(class_to_idx)} classes missing; the maps\' class indices are '
-                          f'its {len(store.classes)} folders in order, matched by name)')
+        origin = (f'its {len(store.classes)} class folders' if isinstance(store, AuthorsMapStore) else
+                  f'the {len(store.classes)} classes its {MANIFEST} lists')
+        raise ConfigError(f"--teacher-maps '{store.root}' has no class '{missing[0]}' of {source} "
+                          f"({len(missing)} of {len(class_to_idx)} classes missing; the maps' class indices are "
+                          f'{origin}, in order, matched by name)')
     return {label: position[name] for name, label in class_to_idx.items()}
 
 
-def _check_store(store, args: Any, class_to_idx: Dict[str, int], split_dir: str) -> Optional[Dict[int, int]]:
-    """The store must keep --teacher-topk classes and be for this split's classes, this split, and the teacher the
-    config names. The authors' layout records only its K and its class folders: its classes are matched by name
-    (the returned label -> class index in its maps), its split by the image names (:class:`StoredMapDataset`)."""
+def _check_store(store, args: Any, class_to_idx: Dict[str, int], split_dir: str) -> Dict[int, int]:
+    """The store must keep --teacher-topk classes and hold every class of this split by name (returned: each label's
+    class index in its maps), and, for this project's store, be of this split and the teacher the config names. The
+    authors' layout records only its K and its class folders: its split is checked by the image names
+    (:class:`StoredMapDataset`)."""
     if args.teacher_topk > store.topk:
         raise ConfigError(f"--teacher-topk {args.teacher_topk}: --teacher-maps '{store.root}' keeps only the top "
                           f'{store.topk}')
     if isinstance(store, AuthorsMapStore):
         _logger.info('--teacher-maps %s: authors\' per-image layout, %d class folders (maps cover the centre square; '
                      'the teacher is not recorded)', store.root, len(store.classes))
-        return _authors_classes(store, class_to_idx, args.class_map)
+        return _teacher_classes(store, class_to_idx, args.class_map)
     manifest = store.manifest
-    classes = class_names(class_to_idx)
     where = f"--teacher-maps '{store.root}'"
-    if manifest['classes'] != classes:
-        raise ConfigError(f'{where} was made for {len(manifest["classes"])} classes that differ from the train '
-                          f'split\'s {len(classes)}')
     if os.path.basename(os.path.normpath(split_dir)) != manifest['split_folder']:
         raise ConfigError(f"{where} holds split '{manifest['split']}', the train split is "
                           f"'{os.path.basename(os.path.normpath(split_dir))}'")
     if args.teacher_model and args.teacher_model != manifest['teacher']:
         raise ConfigError(f"{where} was made by teacher '{manifest['teacher']}', not --teacher-model "
                           f"'{args.teacher_model}'")
-    return None
+    return _teacher_classes(store, class_to_idx, args.class_map)
 
 
 def wrap_train_dataset(args: Any, dataset: torch.utils.data.Dataset, input_size: Sequence[int],

@@ -3,27 +3,32 @@
 
     python tools/precompute_teacher_maps.py --data-dir DIR --split train --teacher-model NAME \\
         (--teacher-checkpoint FILE | --teacher-pretrained) --out STORE [--img-size N] [--interpolation MODE] \\
-        [--topk K] [-b N] [--workers N]
+        [--topk K] [--class-map FILE] [-b N] [--workers N]
     torchrun --nproc_per_node 8 tools/precompute_teacher_maps.py ...   # each process takes every 8th shard
 
 Each image is resized whole to img_size x img_size (aspect not kept, nothing cropped away), so every
 RandomResizedCrop box of training has a map under it, with the interpolation the teacher was trained with (its
 pretrained config: bicubic for NFNet-F6) unless --interpolation names another. Per image and map position the
 teacher's top-k scores and class indices are stored in fp16 (see tokenmix_train/teacher_maps.py for the layout),
-with a manifest naming the teacher, sizes, interpolation, precision, k, split and class list. Shards are written to a
-temporary file and renamed, their key list last: a killed run is resumed by running the same command again, which
-skips every finished shard.
+with a manifest naming the teacher, sizes, interpolation, precision, k, split and the teacher's class list (the names
+of its class indices: the split's class folders in order, or --class-map, the list the teacher was trained with, for
+a teacher of other classes than the split's), by which train.py matches its labels. Shards are written to a
+temporary file and renamed, their key list (with the checksums train.py checks) last: a killed run is resumed by
+running the same command again, which skips every finished shard and adds checksums to shards written before they
+were recorded.
 """
 import argparse
+import json
 import logging
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 from timm.data import ImageDataset, resolve_model_data_config
+from timm.data.readers.class_map import load_class_map
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms
 
@@ -37,7 +42,7 @@ from tokenmix_train.distributed import run_cli  # noqa: E402
 from tokenmix_train.errors import ConfigError, OneLineParser  # noqa: E402
 from tokenmix_train.flag_rules import output_problem  # noqa: E402
 from tokenmix_train.teacher_maps import (FORMAT, MANIFEST, MapStore, class_names, shard_done, shard_name,  # noqa: E402
-                                   write_json_atomic, write_shard)
+                                         shard_record, write_json_atomic, write_shard)
 
 _logger = logging.getLogger('precompute_teacher_maps')
 MAX_FP16_INDEX = 2048  # fp16 holds every integer up to 2048 exactly
@@ -54,7 +59,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     weights.add_argument('--teacher-checkpoint', default='', metavar='FILE', help='teacher weights file')
     weights.add_argument('--teacher-pretrained', action='store_true', help="timm's pretrained weights")
     parser.add_argument('--num-classes', type=int, default=None,
-                        help="teacher classifier size (default: the split's class count)")
+                        help="teacher classifier size (default: the class count of --class-map, else of the split)")
+    parser.add_argument('--class-map', default='', metavar='FILE',
+                        help="the teacher's classes in index order, as timm's --class-map it was trained with (.txt: "
+                             "a name a line), recorded in the manifest (default: the split's class folders)")
     parser.add_argument('--out', required=True, metavar='STORE', help='output folder of the map store')
     parser.add_argument('--img-size', type=int, default=None,
                         help="teacher input size, whole image resized to N x N (default: the teacher's own)")
@@ -91,17 +99,52 @@ def manifest_for(args: argparse.Namespace, classes: Sequence[str], split_dir: st
         num_images=num_images, shard_size=args.shard_size, num_shards=-(-num_images // args.shard_size))
 
 
+def teacher_class_names(class_map: str, split_classes: Sequence[str]) -> List[str]:
+    """The names of the teacher's class indices: --class-map's classes in index order, else the split's."""
+    if not class_map:
+        return list(split_classes)
+    if not os.path.isfile(class_map):
+        raise ConfigError(f"--class-map '{class_map}': no such file")
+    try:
+        class_to_idx = load_class_map(class_map)
+    except (AssertionError, OSError, ValueError) as e:  # timm asserts on an extension other than .txt / .pkl
+        raise ConfigError(f"--class-map '{class_map}': {e}") from None
+    if sorted(class_to_idx.values()) != list(range(len(class_to_idx))):
+        raise ConfigError(f"--class-map '{class_map}': class indices are not 0..{len(class_to_idx) - 1}, each once")
+    return class_names(class_to_idx)
+
+
 def write_or_check_manifest(out: str, manifest: dict) -> None:
     """A new store gets its manifest; a store being resumed must have been started with the same settings."""
     path = os.path.join(out, MANIFEST)
     if os.path.exists(path):
-        old = MapStore.read_manifest(out)
+        old = MapStore.read_manifest(out, '--out')
         changed = [k for k in manifest if old.get(k) != manifest[k]]
         if changed:
             raise ConfigError(f"--out '{out}' holds a store made with other settings ({', '.join(changed)}); "
                               'use another --out or the same flags to resume it')
         return
     write_json_atomic(path, manifest)
+
+
+def add_checksums(out: str, shards: Sequence[int]) -> int:
+    """Record the checksums of finished shards written before they were (computed from their files as they are
+    now, so they guard against later changes only); the number of shards given them."""
+    added = 0
+    for shard in shards:
+        path = os.path.join(out, shard_name(shard))
+        try:
+            with open(path + '.json') as f:
+                record = json.load(f)
+            if 'keys_sha256' in record:
+                continue
+            maps, keys = np.load(path + '.npy', mmap_mode='r'), record['keys']
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--out '{out}': {shard_name(shard)} cannot be read ({e}); delete its .npy and .json "
+                              'and rerun to remake it') from None
+        write_json_atomic(path + '.json', shard_record(maps, keys))
+        added += 1
+    return added
 
 
 @torch.no_grad()
@@ -127,8 +170,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     split_dir = split_folder(args.data_dir, args.split, '--split')
     class_to_idx = check_image_folder(split_dir)
-    classes = class_names(class_to_idx)
+    classes = teacher_class_names(args.class_map, class_names(class_to_idx))
     num_classes = args.num_classes or len(classes)
+    if len(classes) > num_classes:
+        raise ConfigError(f'--num-classes {num_classes}: the teacher\'s class list (--class-map, else the split\'s '
+                          f'class folders) names {len(classes)} classes')
     if num_classes > MAX_FP16_INDEX:
         raise ConfigError(f'--num-classes {num_classes}: class indices are stored in fp16, exact up to '
                           f'{MAX_FP16_INDEX} classes')
@@ -153,7 +199,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_or_check_manifest(args.out, manifest)
 
     num_shards = manifest['num_shards']
-    todo = [s for s in range(rank, num_shards, world) if not shard_done(args.out, s)]
+    mine = range(rank, num_shards, world)
+    upgraded = add_checksums(args.out, [s for s in mine if shard_done(args.out, s)])
+    if upgraded:
+        _logger.info(f'[rank {rank}] checksums added to {upgraded} shards written without them')
+    todo = [s for s in mine if not shard_done(args.out, s)]
     _logger.info(f'[rank {rank}/{world}] {len(dataset)} images in {num_shards} shards of {args.shard_size}; '
                  f'{len(todo)} of this rank\'s shards to do; maps {map_size[0]}x{map_size[1]}, top-{topk}, '
                  f'{args.interpolation} resize, {device}')
