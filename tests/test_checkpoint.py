@@ -7,10 +7,12 @@ Two mutants of the module are equivalent and have no test here: storing NumPy's 
 of int64 (`astype(None)`: float64 holds every uint32 exactly, and `np.random.set_state` casts its keys to uint32
 itself), and `_fsync_file` opening the file in text mode (nothing is read; `fsync` acts on the descriptor).
 """
+import errno
 import logging
 import os
 import pathlib
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +22,8 @@ import torch
 from tokenmix_train.checkpoint import (AtomicCheckpointSaver, capture_rng_state, checkpoint_files, continue_history,
                                        gather_rng_states, load_model_weights, load_training_checkpoint, numerics,
                                        plain_data, restore_rng_state, resume)
-from tokenmix_train.errors import ConfigError
+from tokenmix_train.errors import ConfigError, OutputError
+from tokenmix_train.run_folder import size_text
 
 
 class Stateful:
@@ -147,7 +150,7 @@ def test_resume_restores_every_part_and_returns_where_to_continue(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         out = resume(path, model, optimizer=optimizer, scheduler=scheduler, loss_scaler=scaler, model_ema=ema)
     assert _warnings(caplog) == []  # one process, same machine, RNG states saved: an exact resume
-    assert out == dict(start_epoch=3, rng_state=dict(rank=0, epoch=2), saver_state=saved['saver'])
+    assert out == dict(start_epoch=3, start=None, rng_state=dict(rank=0, epoch=2), saver_state=saved['saver'])
     assert torch.equal(model.weight, saved['state_dict']['weight']) and torch.equal(ema.weight, _model(1).weight)
     assert not torch.equal(model.weight, _model(2).weight)
     momentum = optimizer.state_dict()['state'][0]['momentum_buffer']
@@ -207,12 +210,12 @@ def test_resume_says_why_it_will_not_continue_bit_for_bit(tmp_path, caplog):
                     rng_states=[{}, {}], numerics=dict(device='cuda', threads=torch.get_num_threads() + 1,
                                                        cpu_kernels='OTHER')), path)
     with caplog.at_level(logging.WARNING):
-        out = resume(str(path), _model(2), workers=2)
+        out = resume(str(path), _model(2))
     assert out['rng_state'] is None
     now = torch.backends.cpu.get_cpu_capability()
     assert _warnings(caplog) == [
         f"resuming '{path}' will not continue bit for bit like an uninterrupted run: it holds the RNG states of 2 "
-        f"processes, this run has 1, so random streams are reseeded; --workers 2, the checkpoint was written with 4; "
+        f"processes, this run has 1, so random streams are reseeded; "
         f"device cpu, the checkpoint was written with cuda; CPU threads {torch.get_num_threads()}, the checkpoint was "
         f"written with {torch.get_num_threads() + 1}; CPU kernels {now}, the checkpoint was written with OTHER"]
 
@@ -221,7 +224,7 @@ def test_a_checkpoint_without_args_or_numerics_only_lacks_rng_states(tmp_path, c
     path = tmp_path / 'timm.pth'
     torch.save(dict(state_dict=_model(0).state_dict(), epoch=1, version=2), path)
     with caplog.at_level(logging.WARNING):
-        resume(str(path), _model(2), workers=2)
+        resume(str(path), _model(2))
     assert _warnings(caplog) == [f"resuming '{path}' will not continue bit for bit like an uninterrupted run: the "
                                  f"checkpoint holds no RNG states, so random streams are reseeded"]
 
@@ -310,3 +313,98 @@ def test_load_model_weights_names_the_flag_and_the_file(tmp_path):
     with pytest.raises(ConfigError, match=f"^--checkpoint: checkpoint '{path}' does not fit Linear: shape "
                                           r"mismatches .*\(is it for another architecture\?\)$"):
         load_model_weights(torch.nn.Linear(3, 4), str(path), '--checkpoint', use_ema=True)
+
+
+def _disk_error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _saver_after_epoch_0(folder, monkeypatch) -> AtomicCheckpointSaver:
+    """A saver that has saved epoch 0, in a folder whose free space reads 1000 bytes."""
+    model = _model(0)
+    saver = AtomicCheckpointSaver(model=model, optimizer=_optimizer(model), checkpoint_dir=str(folder),
+                                  recovery_dir=str(folder), max_history=2)
+    saver.save(0, 1.0, {})
+    usage = shutil.disk_usage(folder)
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage._replace(free=1000) if path == str(folder) else 0)
+    return saver
+
+
+def _contents(folder) -> dict:
+    return {p.name: p.read_bytes() for p in pathlib.Path(folder).iterdir()}
+
+
+def test_a_save_onto_a_full_disk_is_one_line_and_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """torch.save's write fails as on a full disk: part of the file written, then a RuntimeError 'unexpected pos'
+    raised while handling the OSError. The error names the file, the folder, the checkpoint's size (as the next
+    save that fits writes it) and the free space; the temporary file is gone, the saver's records unchanged."""
+    saver = _saver_after_epoch_0(tmp_path, monkeypatch)
+    before = _contents(tmp_path)
+    real_save = torch.save
+
+    def full_disk(state, f, *args, **kwargs):
+        if not hasattr(f, 'fileno'):  # not a file: the count of the checkpoint's size
+            return real_save(state, f, *args, **kwargs)
+        f.write(b'PK\x03\x04 the first bytes of a checkpoint')
+        try:
+            raise _disk_error(errno.ENOSPC)
+        except OSError:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(OutputError) as error:
+        saver.save(1, 2.0, {})
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert _contents(tmp_path) == before
+    assert saver.save(1, 2.0, {}) == (2.0, 1)  # space freed: the same save again
+    size = size_text(os.path.getsize(tmp_path / 'last.pth.tar'))
+    assert str(error.value) == (f"cannot write 'last.pth.tar' in '{tmp_path}': No space left on device (needs {size}, "
+                                f"1000 bytes free); the files written before are intact: free space, then continue "
+                                f"with --resume latest")
+
+
+def test_a_save_error_that_is_not_a_write_passes_unchanged_without_a_temporary_file(tmp_path, monkeypatch):
+    saver = _saver_after_epoch_0(tmp_path, monkeypatch)
+    before = _contents(tmp_path)
+
+    def cannot_pickle(state, f, *args, **kwargs):
+        f.write(b'PK\x03\x04')
+        raise RuntimeError('cannot pickle a lock')
+
+    monkeypatch.setattr(torch, 'save', cannot_pickle)
+    with pytest.raises(RuntimeError, match='^cannot pickle a lock$'):
+        saver.save(1, 2.0, {})
+    assert _contents(tmp_path) == before
+
+
+def test_a_new_best_whose_copy_exceeds_the_quota_keeps_every_complete_file_and_no_temporary_one(tmp_path,
+                                                                                                monkeypatch):
+    """No hard links (the link fails too), the history copy fits, the copy to model_best does not: the error names
+    model_best and the checkpoint's size; what stays is what a kill at that instant leaves, without its temporary
+    files: `last` and the best of epoch 0, and the complete history file of epoch 1."""
+    saver = _saver_after_epoch_0(tmp_path, monkeypatch)
+    before = _contents(tmp_path)
+    real_copy = shutil.copy2
+
+    def quota(src, dst, *args, **kwargs):
+        if os.path.basename(dst) != '.model_best.pth.tar.tmp':
+            return real_copy(src, dst, *args, **kwargs)
+        with open(dst, 'wb') as f:
+            f.write(b'PK\x03\x04 the first bytes of a copy')
+        raise _disk_error(errno.EDQUOT)
+
+    def no_link(src, dst):
+        raise _disk_error(errno.ENOSPC)
+
+    monkeypatch.setattr(os, 'link', no_link)
+    monkeypatch.setattr(shutil, 'copy2', quota)
+    with pytest.raises(OutputError) as error:
+        saver.save(1, 2.0, {})
+    size = size_text(os.path.getsize(tmp_path / 'checkpoint-1.pth.tar'))
+    assert str(error.value) == (f"cannot write 'model_best.pth.tar' in '{tmp_path}': Disk quota exceeded (needs "
+                                f"{size}, 1000 bytes free); the files written before are intact: free space, then "
+                                f"continue with --resume latest")
+    after = _contents(tmp_path)
+    assert sorted(after) == sorted([*before, 'checkpoint-1.pth.tar'])
+    assert {name: after[name] for name in before} == before
+    assert torch.load(tmp_path / 'checkpoint-1.pth.tar', weights_only=False)['epoch'] == 1

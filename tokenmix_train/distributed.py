@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from timm.layers import convert_sync_batchnorm
 from timm.utils import init_distributed_device, is_primary
 
-from .errors import ConfigError, user_message
+from .errors import OUTPUT_EXIT_CODE, ConfigError, OutputError, first_output_error, user_message
 
 __all__ = ['init_device', 'wrap_ddp', 'sync_batchnorm', 'is_primary', 'process_group_active', 'run_cli']
 
@@ -59,7 +59,8 @@ def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Run an entry point's `main(argv)`: bad input is one line on stderr and exit code 2.
+    """Run an entry point's `main(argv)`: bad input is one line on stderr and exit code 2; a file of the run that
+    could not be written (a full disk) is one line naming the first such file and exit code `OUTPUT_EXIT_CODE`.
 
     The process group is torn down however `main` ends, so a torchrun worker never exits with it still open.
     """
@@ -68,6 +69,9 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Opt
     except ConfigError as e:
         print(f'{prog}: error: {user_message(e)}', file=sys.stderr)
         return 2
+    except OutputError as e:
+        print(f'{prog}: error: {user_message(first_output_error(e))}', file=sys.stderr)
+        return OUTPUT_EXIT_CODE
     finally:
         if process_group_active():
             dist.destroy_process_group()
