@@ -36,7 +36,9 @@ from tokenmix_train.mixing import build_criterion, build_mixer, build_teacher_fr
 from tokenmix_train.model import (build_student, check_input_size, compile_model, model_dtype_of, place_model,
                                   token_size_of)
 from tokenmix_train.precision import setup_precision
-from tokenmix_train.run_folder import RunLock, check_free
+from tokenmix_train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals, signal_numbers, stop_group
+from tokenmix_train.run_folder import RunLock, check_free, replace_file
+from tokenmix_train.sampling import resumable_loader
 from tokenmix_train.teacher_maps import wrap_train_dataset
 
 _logger = logging.getLogger('train')
@@ -71,7 +73,7 @@ def resume_source(args: argparse.Namespace) -> str:
     restart at epoch 0 over them), is a ConfigError; nothing is written before these checks.
     """
     folder = os.path.join(output_base(args), args.experiment) if args.experiment else None
-    if folder:
+    if folder and is_primary(args):  # the primary alone: the others could meet its own lock, taken meanwhile
         check_free(folder)
     if args.resume in LATEST:
         if folder is None:
@@ -127,26 +129,26 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, lr: float)
 
 def training_state(args: argparse.Namespace, resume_path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    scheduler: Any, loss_scaler: Any, model_ema: Any, updates_per_epoch: int) -> Dict[str, Any]:
-    """Where the run starts: dict(start_epoch, rng_state, saver_state) of `resume` (`resume_path` loaded into the
-    run's objects) or of a fresh run; --start-epoch wins, and the schedule is stepped to the start epoch."""
-    state = dict(start_epoch=0, rng_state=None, saver_state=None)
+    """Where the run starts: dict(start_epoch, start, rng_state, saver_state) of `resume` (`resume_path` loaded
+    into the run's objects; `start` the position within the start epoch) or of a fresh run, and `start_update`,
+    the updates done before; --start-epoch wins (at the epoch's start), and the schedule is stepped to the start."""
+    state = dict(start_epoch=0, start=None, rng_state=None, saver_state=None)
     if resume_path:
         state = resume(resume_path, model, optimizer=None if args.no_resume_opt else optimizer, scheduler=scheduler,
-                       loss_scaler=loss_scaler, model_ema=model_ema, rank=args.rank, world_size=args.world_size,
-                       workers=args.workers)
+                       loss_scaler=loss_scaler, model_ema=model_ema, rank=args.rank, world_size=args.world_size)
     if args.start_epoch is not None:
-        state['start_epoch'] = args.start_epoch
-    if scheduler is not None and state['start_epoch'] > 0:
-        if args.sched_on_updates:
-            scheduler.step_update(state['start_epoch'] * updates_per_epoch)
-        else:
-            scheduler.step(state['start_epoch'])
+        state.update(start_epoch=args.start_epoch, start=None)
+    first_batch = state['start']['batch'] if state['start'] else 0
+    state['start_update'] = state['start_epoch'] * updates_per_epoch + -(-first_batch // args.grad_accum_steps)
+    if scheduler is not None and state['start_update'] > 0:  # each call leaves the other kind of schedule alone
+        scheduler.step(state['start_epoch'])
+        scheduler.step_update(state['start_update'])
     return state
 
 
 def open_output(args: argparse.Namespace, args_text: str, data_config: Dict[str, Any], saved: Dict[str, Any],
-                resume_path: str, state: Dict[str, Any], updates_per_epoch: int
-                ) -> Tuple[str, RunLock, logging.Handler, RunLogger, AtomicCheckpointSaver]:
+                resume_path: str, state: Dict[str, Any]) -> Tuple[str, RunLock, logging.Handler, RunLogger,
+                                                                  AtomicCheckpointSaver]:
     """The run folder, locked for this run, with its log file, args.yaml, run logger (TensorBoard, W&B) and
     checkpoint saver; what was logged for the epochs from the start epoch on is dropped (the run logs it again).
 
@@ -156,16 +158,16 @@ def open_output(args: argparse.Namespace, args_text: str, data_config: Dict[str,
     """
     output_dir = output_folder(args, data_config['input_size'][-1])
     lock = RunLock(output_dir)
-    log_file = add_log_file(output_dir)
-    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-        f.write(args_text)
-    wandb_run = start_wandb(args, output_dir, os.path.basename(output_dir)) if args.log_wandb else None
-    run_logger = RunLogger(output_dir, data_config['mean'], data_config['std'], wandb_run, args.save_images)
+    # the saver first: it removes what an interrupted save left, so a full disk has room for what follows
     saver = AtomicCheckpointSaver(**saved, args=args, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                   decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+    log_file = add_log_file(output_dir)
+    replace_file(os.path.join(output_dir, 'args.yaml'), args_text.encode())
+    wandb_run = start_wandb(args, output_dir, os.path.basename(output_dir)) if args.log_wandb else None
+    run_logger = RunLogger(output_dir, data_config['mean'], data_config['std'], wandb_run, args.save_images)
     if resume_path:
         continue_history(saver, resume_path, state['saver_state'])
-    run_logger.drop_rerun(state['start_epoch'], updates_per_epoch)
+    run_logger.drop_rerun(state['start_epoch'], state['start_update'])
     return output_dir, lock, log_file, run_logger, saver
 
 
@@ -188,7 +190,7 @@ def report_skipped(datasets: Sequence[Dataset], epoch: int) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Train --model; 0 when the run ends, 1 when the loss or the weights stop being finite."""
+    """Train --model; the exit code of `train_epochs`."""
     args, args_text, notes = parse_train_args(argv)
     problem = output_problem(output_base(args))
     if problem:
@@ -206,7 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model, data_config, token_size, teacher = build_model_and_teacher(args, num_classes, device)
     train_dataset = wrap_train_dataset(args, train_dataset, data_config['input_size'], token_size)
 
-    train_loader = build_train_loader(train_dataset, args, data_config, device)
+    train_loader = resumable_loader(build_train_loader(train_dataset, args, data_config, device), args.seed,
+                                    args.rank, signal_numbers(args.preempt_signal))
     average_batch = getattr(train_loader.batch_sampler, 'average_batch_size', None) \
         if args.train_img_sizes is not None else None
     lr = resolve_lr(args, args.world_size, average_batch)
@@ -229,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if is_primary(args):  # every check has passed: only now is anything written
         output_dir, lock, log_file, run_logger, saver = open_output(
             args, args_text, data_config, dict(model=model, optimizer=optimizer, model_ema=model_ema,
-                                               amp_scaler=loss_scaler), resume_path, state, updates_per_epoch)
+                                               amp_scaler=loss_scaler), resume_path, state)
         _logger.info(f'output folder {output_dir}; {num_classes} classes, {len(train_dataset)} train / '
                      f'{len(eval_dataset)} val images, lr {lr:.3g}, epochs {start_epoch}..{num_epochs - 1}')
 
@@ -249,15 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    batch_loss_scale=args.variable_batch_loss_scale,
                    batch_size_reference=average_batch, model_dtype=model_dtype_of(args))
     try:
-        best = fit(run, train_loader, eval_loader, saver, start_epoch=start_epoch, num_epochs=num_epochs,
-                   eval_metric=args.eval_metric, on_epoch_end=partial(report_skipped, (train_dataset, eval_dataset)))
-        if best is not None and best[0] is not None:
-            _logger.info(f'*** best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]})')
-    except NonFiniteLossError as e:
-        last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
-        kept = f'; last good checkpoint kept: {last}' if last and os.path.exists(last) else '; no checkpoint saved'
-        _logger.error(f'{e}{kept}')
-        return 1
+        return train_epochs(args, run, (train_loader, eval_loader), saver, state, num_epochs,
+                            (train_dataset, eval_dataset), output_dir)
     finally:
         run_logger.close()
         if log_file is not None:
@@ -265,6 +261,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log_file.close()
         if lock is not None:
             lock.release()
+
+
+def train_epochs(args: argparse.Namespace, run: Training, loaders: Tuple[Any, Any],
+                 saver: Optional[AtomicCheckpointSaver], state: Dict[str, Any], num_epochs: int,
+                 datasets: Tuple[Dataset, Dataset], output_dir: Optional[str]) -> int:
+    """`fit` from the start `state`, with the stop signals caught; the exit code: 0 when the run ends, 1 when the
+    loss or the weights stop being finite, `PREEMPTED_EXIT_CODE` when a signal stopped it after saving."""
+    try:
+        with StopSignals(signal_numbers(args.preempt_signal), stop_group()) as run.stop:
+            best = fit(run, *loaders, saver, start_epoch=state['start_epoch'], start=state['start'],
+                       num_epochs=num_epochs, eval_metric=args.eval_metric,
+                       on_epoch_end=partial(report_skipped, datasets))
+        if best is not None and best[0] is not None:
+            _logger.info(f'*** best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]})')
+    except NonFiniteLossError as e:
+        last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
+        kept = f'; last good checkpoint kept: {last}' if last and os.path.exists(last) else '; no checkpoint saved'
+        _logger.error(f'{e}{kept}')
+        return 1
+    except Preempted as e:
+        _logger.warning(f'{e}; the same command with --resume latest continues from there '
+                        f'(exit code {PREEMPTED_EXIT_CODE})')
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -109,10 +109,10 @@ def run_until_epoch(train_script, monkeypatch, argv: List[str], epoch: int) -> N
     import tokenmix_train.engine as engine
     train_one_epoch = engine.train_one_epoch
 
-    def stop_at(run, at_epoch, loader):
+    def stop_at(run, at_epoch, loader, start=None):
         if at_epoch == epoch:
             raise StopRun()
-        return train_one_epoch(run, at_epoch, loader)
+        return train_one_epoch(run, at_epoch, loader, start)
 
     monkeypatch.setattr(engine, 'train_one_epoch', stop_at)
     with pytest.raises(StopRun):

@@ -79,11 +79,11 @@ def record_run(record: str, train_args: Sequence[str], hold_at_epoch: Optional[i
         runs.append(run)
         return fit(run, *args, **kwargs)
 
-    def train_or_hold(run: Any, epoch: int, loader: Any) -> Dict[str, float]:
+    def train_or_hold(run: Any, epoch: int, loader: Any, start: Any = None) -> Dict[str, float]:
         if epoch == hold_at_epoch:
             open(os.path.join(record, f'held-rank{rank}'), 'w').close()
             time.sleep(HOLD_SECONDS)
-        return train_one_epoch(run, epoch, loader)
+        return train_one_epoch(run, epoch, loader, start)
 
     patches: List[Tuple[Any, str, Callable]] = [
         (StoredMapDataset, '__getitem__', load_recorded), (train, 'build_mixer', build_recording_mixer),

@@ -1,11 +1,15 @@
-"""tokenmix_train.data: the class count of a split against --num-classes, and the transform passthrough of the
-datasets that serve another dataset's samples."""
+"""tokenmix_train.data: the class count of a split against --num-classes, the transform passthrough of the
+datasets that serve another dataset's samples, and the image served in place of an unreadable one."""
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
+from timm.data import ImageDataset
 
-from tokenmix_train.data import DatasetView, num_dataset_classes, resolve_num_classes
+from tokenmix_train.data import (CheckedImageDataset, DatasetView, ImageReadError, num_dataset_classes,
+                                 resolve_num_classes)
 from tokenmix_train.evaluate import ShardedDataset
 from tokenmix_train.occlusion import OccludedDataset
 from tokenmix_train.teacher_maps import StoredMapDataset
@@ -54,3 +58,155 @@ def test_a_view_reads_and_writes_the_wrapped_transform():
     base.transform = 'set below'
     assert [view.transform for view in views] == ['set below'] * 3
     assert issubclass(StoredMapDataset, DatasetView)
+
+
+def test_a_skipping_dataset_says_which_image_it_served(tmp_path):
+    """With skip_bad a broken image is replaced by the next readable one (wrapping at the end), and `served_item`
+    names it, so that per-image data added on top (stored maps) follows the image."""
+    os.makedirs(tmp_path / 'c')
+    for i in range(4):
+        Image.new('RGB', (4, 4), (60 * i, 0, 0)).save(tmp_path / 'c' / f'{i}.png')
+    for broken in ('1.png', '3.png'):
+        (tmp_path / 'c' / broken).write_bytes(b'not a png')
+    skipping = CheckedImageDataset(ImageDataset(str(tmp_path)), skip_bad=True)
+    served = {index: skipping.served_item(index) for index in range(4)}
+    assert {index: item[2] for index, item in served.items()} == {0: 0, 1: 2, 2: 2, 3: 0}
+    assert [item[0].getpixel((0, 0))[0] for item in served.values()] == [0, 120, 120, 0]
+    assert skipping.num_skipped == 2
+    image, label = skipping[1]
+    assert image.getpixel((0, 0))[0] == 120 and label == 0
+    with pytest.raises(ImageReadError, match=r"^cannot read image '.*1.png' .*pass --skip-bad-images$"):
+        CheckedImageDataset(ImageDataset(str(tmp_path))).served_item(1)
+
+
+class _EpochBatches(torch.utils.data.BatchSampler):
+    """A batch sampler that takes the epoch itself (as timm's scheduled-resolution one does)."""
+    epoch = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class _EpochData(torch.utils.data.Dataset):
+    epoch = None
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+def test_the_epoch_reaches_the_dataset_and_the_sampler_that_takes_it():
+    """set_loader_epoch as timm's loop does it: the dataset, and the batch sampler when it takes the epoch, else the
+    sampler; loader_batches looks behind timm's repeating sampler (--use-multi-epochs-loader)."""
+    from timm.data.loader import MultiEpochsDataLoader
+    from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+
+    from tokenmix_train.data import loader_batches, set_loader_epoch
+    for kind in (DataLoader, MultiEpochsDataLoader):
+        data, own = _EpochData(), _EpochBatches(SequentialSampler(range(6)), 2, drop_last=False)
+        loader = kind(data, batch_sampler=own)
+        assert loader_batches(loader) is own
+        set_loader_epoch(loader, 3)
+        assert (data.epoch, own.epoch) == (3, 3)
+        sampler = DistributedSampler(range(6), num_replicas=1, rank=0)
+        loader = kind(list(range(6)), sampler=sampler, batch_size=2)
+        assert type(loader_batches(loader)) is torch.utils.data.BatchSampler and loader_batches(loader).sampler is \
+            sampler
+        set_loader_epoch(loader, 4)
+        assert sampler.epoch == 4
+
+
+def test_a_loader_moved_to_another_sampler_keeps_every_other_setting():
+    """--aug-repeats on one process swaps the sampler of timm's loader (behind its prefetcher or not); nothing else
+    of the loader changes. Nothing is iterated: the settings are read off the new loader."""
+    from timm.data.loader import PrefetchLoader
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    from tokenmix_train.data import _with_sampler
+
+    def collate(samples):
+        return samples
+
+    def init(worker_id):
+        pass
+
+    data = list(range(8))
+    loader = DataLoader(data, batch_size=3, drop_last=True, num_workers=2, collate_fn=collate, pin_memory=True,
+                        worker_init_fn=init, persistent_workers=True)
+    sampler = SequentialSampler(data)
+    swapped = _with_sampler(loader, sampler)
+    assert swapped.sampler is sampler and swapped.dataset is data
+    assert (swapped.batch_size, swapped.drop_last, swapped.num_workers, swapped.collate_fn, swapped.pin_memory,
+            swapped.worker_init_fn, swapped.persistent_workers) == (3, True, 2, collate, True, init, True)
+    prefetcher = PrefetchLoader(DataLoader(data, batch_size=2), device=torch.device('cpu'))
+    assert _with_sampler(prefetcher, sampler) is prefetcher and prefetcher.loader.sampler is sampler
+
+
+class _Reader:
+    """A reader of two image files whose second sample has no label (as an unlabelled split's reader gives)."""
+
+    def __init__(self, folder):
+        self.files = [str(folder / 'a.png'), str(folder / 'b.png')]
+
+    def __getitem__(self, index):
+        return self.files[index], [2, None][index]
+
+    def __len__(self):
+        return 2
+
+    def filename(self, index, basename=False, absolute=False):
+        return self.files[index] if absolute else os.path.basename(self.files[index])
+
+
+def test_images_keep_or_take_the_input_mode_and_labels_pass_the_target_transform(tmp_path):
+    """input_img_mode None keeps the file's mode (a palette image stays one), a mode converts to it; a label goes
+    through target_transform, a missing label is -1; an unreadable file is named by its absolute path."""
+    Image.new('P', (4, 4)).save(tmp_path / 'a.png')
+    Image.new('L', (4, 4), 7).save(tmp_path / 'b.png')
+
+    def dataset(mode, target_transform=None):
+        return CheckedImageDataset(SimpleNamespace(reader=_Reader(tmp_path), load_bytes=False, input_img_mode=mode,
+                                                   transform=None, target_transform=target_transform))
+    assert [image.mode for image, _ in (dataset(None)[0], dataset(None)[1])] == ['P', 'L']
+    assert [image.mode for image, _ in (dataset('RGB')[0], dataset('RGB')[1])] == ['RGB', 'RGB']
+    assert dataset('L')[1][0].getpixel((0, 0)) == 7
+    assert [dataset(None)[i][1] for i in (0, 1)] == [2, -1]
+    assert [dataset(None, lambda t: t * 10)[i][1] for i in (0, 1)] == [20, -1]
+    (tmp_path / 'b.png').write_bytes(b'broken')
+    with pytest.raises(ImageReadError, match=f"^cannot read image '{tmp_path / 'b.png'}' "):
+        dataset('RGB')[1]
+
+
+def _train_loader(tmp_path, *argv, distributed=False):
+    """build_train_loader over four 8 x 8 images with train.py's flags `argv` (CPU, no workers)."""
+    from tokenmix_train.args import parse_train_args
+    from tokenmix_train.data import build_train_loader
+    os.makedirs(tmp_path / 'c', exist_ok=True)
+    for i in range(4):
+        Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / 'c' / f'{i}.png')
+    args = parse_train_args(['--data-dir', str(tmp_path), '-b', '2', '--workers', '0', '--device', 'cpu', *argv])[0]
+    args.distributed = distributed
+    config = dict(input_size=(3, 8, 8), interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3)
+    return build_train_loader(ImageDataset(str(tmp_path)), args, config, torch.device('cpu'))
+
+
+def test_aug_splits_wrap_the_dataset_and_aug_repeats_reach_timms_distributed_sampler(tmp_path):
+    """--aug-splits 3 gives timm's AugMixDataset with 3 views (2 is its default); in a (one-process gloo) distributed
+    run --aug-repeats reaches the sampler timm's loader builds itself."""
+    from timm.data import AugMixDataset
+    from timm.data.distributed_sampler import RepeatAugSampler
+    loader = _train_loader(tmp_path, '--aug-splits', '3')
+    assert isinstance(loader.dataset, AugMixDataset) and loader.dataset.num_splits == 3
+    assert not isinstance(_train_loader(tmp_path).dataset, AugMixDataset)
+    store = torch.distributed.FileStore(str(tmp_path / 'store'), 1)
+    torch.distributed.init_process_group('gloo', store=store, rank=0, world_size=1)
+    try:
+        sampler = _train_loader(tmp_path, '--aug-repeats', '3', distributed=True).sampler
+    finally:
+        torch.distributed.destroy_process_group()
+    assert isinstance(sampler, RepeatAugSampler) and sampler.num_repeats == 3

@@ -309,8 +309,8 @@ def test_non_finite_weights_are_divergence_even_with_a_finite_loss(train_script,
                                                                    caplog):
     real = engine.train_one_epoch
 
-    def poison_ema(run, epoch, loader):
-        result = real(run, epoch, loader)
+    def poison_ema(run, epoch, loader, start=None):
+        result = real(run, epoch, loader, start)
         with torch.no_grad():
             run.model_ema.module.head.bias[3] = float('inf')  # the EMA only: the model's eval loss stays finite
         return result

@@ -31,6 +31,7 @@ from tokenmix_train.errors import ConfigError
 from tokenmix_train.mixing import mixer_generator
 from tokenmix_train.occlusion import occlusion_masks
 from tokenmix_train.train_flags import build_train_parser
+from tokenmix_train.sampling import SeededBatches
 from tokenmix_train.validate_flags import build_validate_parser
 
 
@@ -103,7 +104,7 @@ def _one_rank_group(init_device: Callable, store: str) -> Callable:
 def _run_train(train_script, argv: List[str], one_rank: bool, folder: str) -> TrainBuild:
     built = TrainBuild()
 
-    def fit(run, train_loader, eval_loader, saver, *, start_epoch, num_epochs, eval_metric, on_epoch_end):
+    def fit(run, train_loader, eval_loader, saver, *, start_epoch, start, num_epochs, eval_metric, on_epoch_end):
         built.run, built.train_loader, built.eval_loader, built.saver = run, train_loader, eval_loader, saver
         built.start_epoch, built.num_epochs, built.eval_metric = start_epoch, num_epochs, eval_metric
 
@@ -197,7 +198,9 @@ def _loader(loader) -> torch.utils.data.DataLoader:
 
 
 def _dataset(loader):
-    return _loader(loader).dataset
+    """The loader's dataset (inside the seeding view train.py's training loader serves it through)."""
+    dataset = _loader(loader).dataset
+    return dataset.dataset if isinstance(dataset, SeededBatches) else dataset
 
 
 def _ops(loader) -> list:
@@ -240,7 +243,8 @@ def _lr_scales(b: TrainBuild) -> List[float]:
 
 
 def _sampler(b: TrainBuild) -> Any:
-    return _loader(b.train_loader).batch_sampler
+    """timm's batch sampler, inside the resumable one train.py wraps it in."""
+    return _loader(b.train_loader).batch_sampler.batch_sampler
 
 
 def _normalisation(b: TrainBuild, name: str) -> List[List[float]]:
@@ -287,7 +291,7 @@ TRAIN_FLAGS = [
     Row(['--std', '0.25'], lambda b: _normalisation(b, 'std'), [[63.75] * 3] * 2),
     Row(['--interpolation', 'bicubic'], lambda b: _op(b.eval_loader, 'Resize').interpolation,
         InterpolationMode.BICUBIC),
-    Row(['-b', '4'], lambda b: _loader(b.train_loader).batch_size, 4),
+    Row(['-b', '4'], lambda b: _sampler(b).batch_size, 4),
     Row(['-vb', '6'], lambda b: _loader(b.eval_loader).batch_size, 6),
     Row(['--channels-last'], lambda b: (b.run.channels_last, _is_channels_last(b.run.model)), (True, True)),
     Row(['--fuser', 'te'], lambda b: b.calls['set_jit_fuser'], [('te',)]),
@@ -362,8 +366,10 @@ TRAIN_FLAGS = [
     Row(['--grayscale-prob', '0.3'], lambda b: _p(b.train_loader, 'RandomGrayscale'), 0.3),
     Row(['--gaussian-blur-prob', '0.3'], lambda b: _p(b.train_loader, 'GaussianBlur'), 0.3),
     Row(['--aa', 'rand-m9-mstd0.5'], lambda b: _names(b.train_loader)[2], 'RandAugment'),  # in place of ColorJitter
-    Row(['--aug-repeats', '3'], lambda b: (type(_loader(b.train_loader).sampler).__name__,
-                                           getattr(_loader(b.train_loader).sampler, 'num_repeats', None)),
+    Row(['--aug-order', 'authors'], lambda b: _names(b.train_loader)[:3],  # timm's: crop, flip, colour
+        ['RandomHorizontalFlip', 'ColorJitter', 'RandomResizedCropAndInterpolation']),
+    Row(['--aug-repeats', '3'], lambda b: (type(_sampler(b).sampler).__name__,
+                                           getattr(_sampler(b).sampler, 'num_repeats', None)),
         ('RepeatAugSampler', 3)),
     Row(['--reprob', '0.25'], lambda b: _erasing(b, 'probability'), 0.25),
     Row(['--remode', 'const'], lambda b: _erasing(b, 'mode'), 'const', ['--reprob', '0.25']),
@@ -384,8 +390,8 @@ TRAIN_FLAGS = [
     Row(['--model-ema-warmup'], lambda b: b.run.model_ema.use_warmup, True, ['--model-ema']),
     Row(['--seed', '7'], lambda b: (b.run.mix_generator.initial_seed(), b.run.scheduler.noise_seed),
         (mixer_generator(7, 0).initial_seed(), 7)),
-    Row(['--worker-seeding', 'part'], lambda b: _loader(b.train_loader).worker_init_fn.keywords['worker_seeding'],
-        'part'),
+    Row(['--worker-seeding', 'part'],
+        lambda b: _loader(b.train_loader).worker_init_fn.init_fn.keywords['worker_seeding'], 'part'),
     Row(['-j', '2'], lambda b: (_loader(b.train_loader).num_workers, _loader(b.eval_loader).num_workers), (2, 2)),
     Row(['--pin-mem'], lambda b: (_loader(b.train_loader).pin_memory, _loader(b.eval_loader).pin_memory),
         (True, True)),
@@ -454,6 +460,8 @@ _INITIAL = 'tests/test_train_initial_checkpoint.py::test_initial_checkpoint_give
 # train.py flags proven by a test elsewhere (option -> the test, checked to exist)
 TRAIN_PROVEN = {
     '--config': 'tests/test_flag_coverage.py::test_a_yaml_key_reaches_what_its_flag_reaches',
+    '--preempt-signal': 'tests/test_preemption.py::test_preempt_signal_none_leaves_the_signal_alone_and_usr2_can_be_'
+                        'chosen',
     '--data-dir': 'tests/test_train_inputs.py::test_missing_data_dir',
     '--dataset': _TRAIN_FLAGS_TEST + 'test_dataset_flags_reach_timms_create_dataset',
     '--train-num-samples': _TRAIN_FLAGS_TEST + 'test_dataset_flags_reach_timms_create_dataset',
@@ -512,7 +520,7 @@ def test_each_distributed_train_flag_changes_what_train_py_builds(build_train, r
 
 YAML_ROWS = [row for row in TRAIN_FLAGS if row.flags[0] in (
     '--opt-betas', '--opt-kwargs', '--model-ema-decay', '--sched-on-updates', '--no-prefetcher', '--scale',
-    '--eval-metric', '--checkpoint-hist', '--aa')]
+    '--eval-metric', '--checkpoint-hist', '--aa', '--aug-order')]
 
 
 @pytest.mark.parametrize('row', YAML_ROWS, ids=_ids(YAML_ROWS))

@@ -139,5 +139,5 @@ def test_checkpoints_load_with_plain_torch_load_and_timm(train_script, train_arg
                                             experiment='from_old')) == 0
     assert _load(tmp_path / 'out' / 'from_old' / 'last.pth.tar')['epoch'] == 1
     assert (f"resuming '{old}' will not continue bit for bit like an uninterrupted run: the checkpoint holds no RNG "
-            f"states, so random streams are reseeded; --workers 1, the checkpoint was written with 0; CPU threads "
+            f"states, so random streams are reseeded; CPU threads "
             f"{threads}, the checkpoint was written with {threads + 1}") in caplog.text

@@ -14,7 +14,6 @@ which files a folder holds, and weights into a model with every fault a ConfigEr
 `latest_checkpoint` picks what `--resume latest` continues: the run folder's checkpoint that got furthest and loads;
 `python -m tokenmix_train.checkpoint FOLDER` prints how many epochs it finished (scripts/lib.sh asks it).
 """
-import argparse
 import glob
 import logging
 import os
@@ -34,6 +33,7 @@ from models import CheckpointError, load_checkpoint_weights, read_checkpoint
 
 from .distributed import process_group_active
 from .errors import ConfigError
+from .run_folder import discard, writing
 
 __all__ = ['AtomicCheckpointSaver', 'plain_data', 'numerics', 'capture_rng_state', 'restore_rng_state',
            'gather_rng_states', 'load_training_checkpoint', 'resume', 'continue_history', 'CHECKPOINT_PATTERNS',
@@ -57,6 +57,14 @@ def temp_path(path: str) -> str:
     """The hidden temporary name `path` is written under before its rename: `DIR/.NAME.tmp`."""
     folder, name = os.path.split(path)
     return os.path.join(folder, '.' + name + TEMP_SUFFIX)
+
+
+def target_of(path: str) -> str:
+    """The file a temporary name (`temp_path`) is written for, the one an error names; any other path itself."""
+    folder, name = os.path.split(path)
+    if name.startswith('.') and name.endswith(TEMP_SUFFIX):
+        return os.path.join(folder, name[1:-len(TEMP_SUFFIX)])
+    return path
 
 
 def plain_data(value: Any) -> Any:
@@ -87,6 +95,27 @@ def _fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
+class _ByteCount:
+    """A file that counts the bytes written to it: how large a checkpoint is, without room on any disk."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += memoryview(data).nbytes
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _saved_size(state: Dict[str, Any]) -> int:
+    """The bytes `torch.save(state)` writes (what a failed save reports it needs)."""
+    count = _ByteCount()
+    torch.save(state, count)
+    return count.size
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
     """timm's `CheckpointSaver` whose saves keep `last`, the best and the history loadable at every instant.
 
@@ -109,6 +138,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
         """Save this epoch as `last`, in the history when it earns a place, as `model_best` when it is the best.
 
         Same ranking and eviction as timm's `save_checkpoint`; returns (best_metric, best_epoch) as timm does.
+        A failed write (a full disk) is an `OutputError` naming the file, after its temporary files are removed:
+        the folder holds what a kill at that instant would leave, and no partial file.
         """
         last = self._named('last')
         new = temp_path(last)
@@ -118,11 +149,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 or (metric is not None and self.cmp(metric, worst[1])))
         history_path = self._checkpoint_path(epoch)
         evicted = [f for f, _ in self.checkpoint_files[self.max_history - 1:] if f != history_path] if kept else []
-        if kept:
-            self._publish(new, history_path)
-        if metric is not None and (self.best_metric is None or self.cmp(metric, self.best_metric)):
-            self._publish(new, self._named('model_best'))
-        os.replace(new, last)  # atomic: `last` is the old file or the new one, never missing
+        with writing(last, undo=lambda: discard(new)):
+            if kept:
+                self._publish(new, history_path)
+            if metric is not None and (self.best_metric is None or self.cmp(metric, self.best_metric)):
+                self._publish(new, self._named('model_best'))
+            os.replace(new, last)  # atomic: `last` is the old file or the new one, never missing
         for path in evicted:
             os.remove(path)
         if kept:
@@ -132,21 +164,25 @@ class AtomicCheckpointSaver(CheckpointSaver):
         return (None, None) if self.best_metric is None else (self.best_metric, self.best_epoch)
 
     def _publish(self, src: str, dst: str) -> None:
-        """Make `dst` a complete copy of `src` in one atomic step (hard link, else copy, to a temporary name)."""
+        """Make `dst` a complete copy of `src` in one atomic step (hard link, else copy, to a temporary name); a
+        failed copy is an `OutputError` naming `dst` and the size of `src`, with no temporary file left."""
         tmp = temp_path(dst)
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        if self.can_hardlink:
-            try:
-                os.link(src, tmp)
-            except (OSError, NotImplementedError):
-                self.can_hardlink = False
-        if not self.can_hardlink:
-            shutil.copy2(src, tmp)
-            _fsync_file(tmp)
-        os.replace(tmp, dst)
+        with writing(dst, needed=lambda: os.path.getsize(src), undo=lambda: discard(tmp)):
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            if self.can_hardlink:
+                try:
+                    os.link(src, tmp)
+                except (OSError, NotImplementedError):
+                    self.can_hardlink = False
+            if not self.can_hardlink:
+                shutil.copy2(src, tmp)
+                _fsync_file(tmp)
+            os.replace(tmp, dst)
 
     def _write(self, path: str, epoch: int, metric: Optional[float], extra: Dict[str, Any]) -> None:
+        """Write the checkpoint of `epoch` to `path` (a temporary name) and sync it to disk; a failed write is an
+        `OutputError` naming the file `path` is written for and the checkpoint's size, `path` removed."""
         state: Dict[str, Any] = {
             'epoch': epoch,
             'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
@@ -165,10 +201,34 @@ class AtomicCheckpointSaver(CheckpointSaver):
             state['metric'] = metric
         state.update(extra)
         state['saver'] = self.state_dict(epoch, metric)  # timm's format: the history before this save + pending
-        with open(path, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with writing(target_of(path), needed=lambda: _saved_size(state), undo=lambda: discard(path)):
+            with open(path, 'wb') as f:  # a file object: torch.save's failed write comes with its OSError
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+
+    def save_position(self, epoch: int, batches: int, extra: Dict[str, Any]) -> str:
+        """Save the run after `batches` batches of `epoch` as `recovery-{epoch}-{batches}` (timm's recovery name),
+        atomically, and remove the position files before it; returns the file.
+
+        Its 'epoch' is the last finished epoch (`epoch - 1`), so a plain timm resume redoes the epoch; `extra`
+        holds the 'position' that `resume` continues from.
+        """
+        path = os.path.join(self.recovery_dir, f'{self.recovery_prefix}-{epoch}-{batches}{self.extension}')
+        tmp = temp_path(path)
+        self._write(tmp, epoch - 1, None, extra)
+        os.replace(tmp, path)
+        self.drop_positions(keep=path)
+        return path
+
+    def drop_positions(self, keep: Optional[str] = None) -> None:
+        """Remove the position (recovery) files of the run folder but `keep`: an epoch saved after them, or a
+        newer position, supersedes them."""
+        pattern = os.path.join(glob.escape(self.recovery_dir), f'{self.recovery_prefix}-*{self.extension}')
+        for path in glob.glob(pattern):
+            if path != keep and RECOVERY_NAME.fullmatch(os.path.basename(path)):
+                os.remove(path)
 
 
 def capture_rng_state(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
@@ -196,9 +256,10 @@ def restore_rng_state(state: Dict[str, Any], generator: Optional[torch.Generator
         generator.set_state(state['generator'])
 
 
-def gather_rng_states(generator: Optional[torch.Generator] = None) -> List[Dict[str, Any]]:
-    """Every rank's RNG states, in rank order (a collective call when distributed)."""
-    state = capture_rng_state(generator)
+def gather_rng_states(generator: Optional[torch.Generator] = None, **extra: Any) -> List[Dict[str, Any]]:
+    """Every rank's RNG states (plus this rank's `extra` entries), in rank order (a collective call when
+    distributed)."""
+    state = dict(capture_rng_state(generator), **extra)
     if not process_group_active():
         return [state]
     states: List[Any] = [None] * dist.get_world_size()
@@ -225,9 +286,9 @@ def load_training_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any
     return checkpoint
 
 
-def _inexact_reasons(checkpoint: Dict[str, Any], model: torch.nn.Module, world_size: int,
-                     workers: Optional[int]) -> List[str]:
-    """Why a run resumed from `checkpoint` cannot continue bit for bit like the uninterrupted run."""
+def _inexact_reasons(checkpoint: Dict[str, Any], model: torch.nn.Module, world_size: int) -> List[str]:
+    """Why a run resumed from `checkpoint` cannot continue bit for bit like the uninterrupted run (the loader's
+    worker count is not a reason: `sampling.resumable_loader` draws nothing from it)."""
     states = checkpoint.get('rng_states')
     reasons = []
     if not isinstance(states, list):
@@ -235,11 +296,6 @@ def _inexact_reasons(checkpoint: Dict[str, Any], model: torch.nn.Module, world_s
     elif len(states) != world_size:
         reasons.append(f'it holds the RNG states of {len(states)} processes, this run has {world_size}, so '
                        f'random streams are reseeded')
-    saved_args = checkpoint.get('args')
-    saved_args = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args
-    saved_workers = saved_args.get('workers') if isinstance(saved_args, Mapping) else None
-    if workers is not None and saved_workers is not None and saved_workers != workers:
-        reasons.append(f'--workers {workers}, the checkpoint was written with {saved_workers}')
     saved, now = checkpoint.get('numerics'), numerics(model)
     saved = saved if isinstance(saved, Mapping) else {}
     for key, what in (('device', 'device'), ('threads', 'CPU threads'), ('cpu_kernels', 'CPU kernels')):
@@ -255,15 +311,17 @@ def _epochs_done(checkpoint: Dict[str, Any]) -> int:
 
 
 def resume(path: str, model: torch.nn.Module, *, optimizer=None, scheduler=None, loss_scaler=None,
-           model_ema=None, rank: int = 0, world_size: int = 1, workers: Optional[int] = None) -> Dict[str, Any]:
+           model_ema=None, rank: int = 0, world_size: int = 1) -> Dict[str, Any]:
     """Load a training checkpoint into the run's objects; return where and how to continue.
 
-    A resume that cannot continue bit for bit like the uninterrupted run (other process count, --workers,
+    A resume that cannot continue bit for bit like the uninterrupted run (other process count,
     thread count, CPU kernels, or no saved RNG states) is logged as a warning that says why.
     Pass `optimizer=None` to keep a fresh optimiser (--no-resume-opt). The RNG states are applied later, by
     the caller, once everything that draws random numbers while being built exists. Returns
-    dict(start_epoch, rng_state, saver_state): rng_state is this rank's saved state (None when the checkpoint
-    has none for this world size), saver_state the checkpoint history for `continue_history`.
+    dict(start_epoch, start, rng_state, saver_state): start is None, or for a position file (`save_position`)
+    dict(batch, totals), the batches of the start epoch done and this rank's running loss totals; rng_state is this
+    rank's saved state (None when the checkpoint has none for this world size), saver_state the checkpoint history
+    for `continue_history`.
     """
     checkpoint = load_training_checkpoint(path)
     parts = [('--model', lambda: unwrap_model(model).load_state_dict(checkpoint['state_dict']))]
@@ -282,15 +340,20 @@ def resume(path: str, model: torch.nn.Module, *, optimizer=None, scheduler=None,
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             detail = ' '.join(str(e).split())[:300] or type(e).__name__
             raise ConfigError(f"--resume: checkpoint '{path}' does not fit this run's {part}: {detail}") from None
-    start_epoch = _epochs_done(checkpoint)
+    start_epoch, first_batch = progress(checkpoint, path)
     states = checkpoint.get('rng_states')
     rng_state = states[rank] if isinstance(states, list) and len(states) == world_size else None
-    reasons = _inexact_reasons(checkpoint, model, world_size, workers)
+    reasons = _inexact_reasons(checkpoint, model, world_size)
     if reasons:
         _logger.warning(f"resuming '{path}' will not continue bit for bit like an uninterrupted run: "
                         + '; '.join(reasons))
-    _logger.info(f"resumed '{path}' (epoch {checkpoint.get('epoch')}), starting at epoch {start_epoch}")
-    return dict(start_epoch=start_epoch, rng_state=rng_state, saver_state=checkpoint.get('saver'))
+    start = None
+    if first_batch:
+        totals = rng_state.get('totals') if rng_state is not None else None
+        start = dict(batch=first_batch, totals=totals if totals is not None else [0.0, 0.0])
+    where = f'epoch {start_epoch}' + (f' after batch {first_batch}' if first_batch else '')
+    _logger.info(f"resumed '{path}' (epoch {checkpoint.get('epoch')}), starting at {where}")
+    return dict(start_epoch=start_epoch, start=start, rng_state=rng_state, saver_state=checkpoint.get('saver'))
 
 
 def continue_history(saver: AtomicCheckpointSaver, resume_path: str, saver_state: Optional[Dict[str, Any]]) -> None:
@@ -317,11 +380,14 @@ def continue_history(saver: AtomicCheckpointSaver, resume_path: str, saver_state
 
 
 def progress(checkpoint: Dict[str, Any], path: str) -> Tuple[int, int]:
-    """How far the run of a training checkpoint got: (epochs finished, steps of the next epoch done).
+    """How far the run of a training checkpoint got: (epochs finished, batches of the next epoch done).
 
-    An epoch checkpoint is (epoch + 1, 0); timm's recovery file `recovery-E-B` (saved after step B of epoch E,
-    whose 'epoch' is E) is (E, B + 1).
+    An epoch checkpoint is (epoch + 1, 0); a position file (`save_position`) says where it stands; timm's own
+    recovery file `recovery-E-B` (saved after batch B of epoch E, whose 'epoch' is E) is (E, B + 1).
     """
+    position = checkpoint.get('position')
+    if isinstance(position, Mapping):
+        return int(position['epoch']), int(position['batch'])
     recovery = RECOVERY_NAME.fullmatch(os.path.basename(path))
     if recovery:
         return int(recovery.group(1)), int(recovery.group(2)) + 1

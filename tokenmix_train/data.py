@@ -8,7 +8,7 @@ counted and replaced by the next readable sample.
 import logging
 import multiprocessing
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -21,9 +21,10 @@ from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.misc import natural_key
 
 from .errors import ConfigError
+from .transforms import authors_order
 
 __all__ = ['CheckedImageDataset', 'DatasetView', 'ImageReadError', 'build_dataset', 'check_image_folder',
-           'num_dataset_classes', 'resolve_num_classes', 'build_train_loader', 'set_loader_epoch']
+           'num_dataset_classes', 'resolve_num_classes', 'build_train_loader', 'loader_batches', 'set_loader_epoch']
 
 _logger = logging.getLogger(__name__)
 
@@ -73,6 +74,12 @@ class CheckedImageDataset(ImageDataset):
             return (im.convert(self.input_img_mode) if self.input_img_mode else im.copy()), target
 
     def __getitem__(self, index: int):
+        img, target, _ = self.served_item(index)
+        return img, target
+
+    def served_item(self, index: int) -> Tuple[Any, Any, int]:
+        """`self[index]` and the index of the sample served: `index`, or with `skip_bad` the next readable one, so
+        that a wrapper adding per-image data (the stored maps of `teacher_maps.StoredMapDataset`) takes that image's."""
         for _ in range(len(self)):
             try:
                 img, target = self._load(index)
@@ -91,7 +98,7 @@ class CheckedImageDataset(ImageDataset):
         if self.transform is not None:
             img = self.transform(img)
         target = -1 if target is None else (self.target_transform(target) if self.target_transform else target)
-        return img, target
+        return img, target, index
 
     @property
     def num_skipped(self) -> int:
@@ -211,6 +218,7 @@ def _with_sampler(loader, sampler):
 def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: torch.device):
     """timm's training loader (augmentation per timm flags); mixing is left to the caller, on the device.
 
+    --aug-order authors moves timm's crop after the flip and RandAugment (`transforms.authors_order`).
     --aug-repeats uses timm's `RepeatAugSampler` on one process too (timm's loader has it only when
     distributed); --aug-splits wraps the dataset in timm's `AugMixDataset` (clean + augmented views).
     Workers are started afresh each epoch (not persistent, as timm's default would keep them): their random
@@ -264,17 +272,25 @@ def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: 
         num_batches=args.train_batches_per_epoch,
         persistent_workers=False,
     )
+    if args.aug_order == 'authors' and not args.no_aug:
+        dataset.transform = authors_order(dataset.transform)
     if repeats_here:
         loader = _with_sampler(loader, RepeatAugSampler(dataset, num_replicas=1, rank=0,
                                                         num_repeats=args.aug_repeats))
     return loader
 
 
+def loader_batches(loader) -> Any:
+    """The batch sampler of `loader` (behind timm's repeating sampler with --use-multi-epochs-loader)."""
+    batches = loader.batch_sampler
+    return batches.sampler if type(batches).__name__ == '_RepeatSampler' else batches
+
+
 def set_loader_epoch(loader, epoch: int) -> None:
     """Tell the loader's dataset and (batch) sampler the epoch, as timm does before each training epoch."""
     if hasattr(loader.dataset, 'set_epoch'):
         loader.dataset.set_epoch(epoch)
-    if hasattr(loader.batch_sampler, 'set_epoch'):
-        loader.batch_sampler.set_epoch(epoch)
+    if hasattr(loader_batches(loader), 'set_epoch'):
+        loader_batches(loader).set_epoch(epoch)
     elif hasattr(loader.sampler, 'set_epoch'):
         loader.sampler.set_epoch(epoch)

@@ -22,8 +22,10 @@ from .data import set_loader_epoch
 from .distributed import process_group_active
 from .evaluate import evaluate
 from .logger import RunLogger, StepMeter
+from .preemption import Preempted, StopSignals
+from .sampling import start_epoch_at
 
-__all__ = ['Training', 'NonFiniteLossError', 'train_one_epoch', 'fit']
+__all__ = ['Training', 'NonFiniteLossError', 'save_position', 'train_one_epoch', 'fit']
 
 _logger = logging.getLogger(__name__)
 
@@ -56,8 +58,9 @@ class Training:
     mix_generator: Optional[torch.Generator] = None
     logger: RunLogger = field(default_factory=lambda: RunLogger(None))
     val_interval: int = 1  # evaluate and checkpoint every N epochs (and after the last)
-    recovery_interval: int = 0  # write a recovery checkpoint every N updates (0: never) ...
+    recovery_interval: int = 0  # write a recovery checkpoint (the run's position) every N updates (0: never) ...
     recovery_saver: Optional[AtomicCheckpointSaver] = None  # ... with this saver (primary rank only)
+    stop: Optional[StopSignals] = None  # the stop signals, asked at every step boundary
     ema_eval: bool = True  # evaluate the EMA (off for timm's --model-ema-force-cpu)
     synchronize_step: bool = False
     batch_loss_scale: str = 'none'  # timm's --variable-batch-loss-scale: 'none', 'linear' or 'sqrt'
@@ -125,21 +128,53 @@ def _loss_scale(run: Training, batch_size: int) -> float:
     return math.sqrt(ratio) if run.batch_loss_scale == 'sqrt' else ratio
 
 
-def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
-    """Train one epoch; returns the loss averaged over all ranks' images and the global images/s."""
+def save_position(run: Training, epoch: int, batches: int, totals: torch.Tensor) -> Optional[str]:
+    """Write the run's position after `batches` batches of `epoch` (a collective call): the weights, optimiser,
+    EMA, scheduler and scaler as an epoch checkpoint holds them, every rank's RNG states and epoch totals, and
+    where the epoch stands. Returns the file (primary rank; None elsewhere) once it is complete on disk."""
+    rng_states = gather_rng_states(run.mix_generator, totals=totals.tolist())
+    path = None
+    if run.recovery_saver is not None:
+        extra = dict(rng_states=rng_states, position=dict(epoch=epoch, batch=batches))
+        if run.scheduler is not None:
+            extra['scheduler'] = run.scheduler.state_dict()
+        path = run.recovery_saver.save_position(epoch, batches, extra)
+    if process_group_active():
+        dist.barrier()  # no rank leaves before the file exists
+    return path
+
+
+def _stop_if_asked(run: Training, epoch: int, batches: int, totals: torch.Tensor) -> None:
+    """At a step boundary: when any rank got a stop signal, save the position and raise `Preempted`."""
+    if run.stop is None or not run.stop.requested():
+        return
+    path = save_position(run, epoch, batches, totals)
+    raise Preempted(f'stopped by {run.stop.name} at epoch {epoch} after batch {batches}' +
+                    (f"; position saved in '{path}'" if path else ''))
+
+
+def train_one_epoch(run: Training, epoch: int, loader, start: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+    """Train one epoch; returns the loss averaged over all ranks' images and the global images/s.
+
+    `start` (a resume within the epoch) holds the batches already done (`batch`) and this rank's running
+    `totals` (loss x images, images); those batches are not read again.
+    """
     model, device, accum = run.model, run.device, run.grad_accum_steps
+    first_batch = start['batch'] if start else 0
     model.train()
     if run.mixer is not None and run.mixup_off_epoch and epoch >= run.mixup_off_epoch:
         run.mixer.mixup_enabled = False
-    num_batches = len(loader)
+    start_epoch_at(loader, epoch, first_batch)
+    num_batches = first_batch + len(loader)
     meter = StepMeter(loader, f'train epoch {epoch}', run.log_interval, world_size=run.world_size,
                       steps_before=epoch * ((num_batches + accum - 1) // accum), batches_per_step=accum,
-                      on_log=lambda step, values: run.logger.scalars(step, values, 'train'))
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images (this epoch)
-    window = torch.zeros(2, dtype=torch.float64, device=device)  # the same since the last log line
+                      first_batch=first_batch, on_log=lambda step, values: run.logger.scalars(step, values, 'train'))
+    totals = torch.tensor(start['totals'] if start else [0.0, 0.0], dtype=torch.float64, device=device)
+    window = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images since the last log line
     first_bad = torch.full((), math.inf, device=device)
     run.optimizer.zero_grad(set_to_none=True)
-    for idx, (images, targets) in enumerate(meter):
+    _stop_if_asked(run, epoch, first_batch, totals)
+    for idx, (images, targets) in enumerate(meter, first_batch):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         last = idx == num_batches - 1
         need_update = last or (idx + 1) % accum == 0
@@ -163,23 +198,32 @@ def train_one_epoch(run: Training, epoch: int, loader) -> Dict[str, float]:
         window += batch
         if not need_update:
             continue
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.synchronize_step and device.type == 'cuda':
-            torch.cuda.synchronize()
-        if run.model_ema is not None:
-            run.model_ema.update(unwrap_model(model), step=meter.step)
-        if run.scheduler is not None:
-            run.scheduler.step_update(num_updates=meter.step)
-        if meter.due:
+        _after_update(run, meter, first_bad, window, epoch, num_batches)
+        if run.recovery_interval and (idx // accum + 1) % run.recovery_interval == 0:
             _check_finite(first_bad, epoch, num_batches)
-            loss_sum, count = _all_reduce(window.clone()).tolist()
-            meter.update(loss=loss_sum / count, lr=run.optimizer.param_groups[0]['lr'])
-            window.zero_()
-        if run.recovery_saver is not None and run.recovery_interval and \
-                (idx // accum + 1) % run.recovery_interval == 0:
-            run.recovery_saver.save_recovery(epoch, batch_idx=idx // accum)
+            save_position(run, epoch, idx + 1, totals)
+        if run.stop is not None:
+            _check_finite(first_bad, epoch, num_batches)
+            _stop_if_asked(run, epoch, idx + 1, totals)
     loss_sum, count = _all_reduce(totals).tolist()
     return dict(loss=loss_sum / max(count, 1.0), img_per_sec=count / max(meter.elapsed, 1e-9))
+
+
+def _after_update(run: Training, meter: StepMeter, first_bad: torch.Tensor, window: torch.Tensor, epoch: int,
+                  num_batches: int) -> None:
+    """After an optimiser step: EMA and schedule steps, and at log steps the finite check and the loss line."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.synchronize_step and run.device.type == 'cuda':
+        torch.cuda.synchronize()
+    if run.model_ema is not None:
+        run.model_ema.update(unwrap_model(run.model), step=meter.step)
+    if run.scheduler is not None:
+        run.scheduler.step_update(num_updates=meter.step)
+    if meter.due:
+        _check_finite(first_bad, epoch, num_batches)
+        loss_sum, count = _all_reduce(window.clone()).tolist()
+        meter.update(loss=loss_sum / count, lr=run.optimizer.param_groups[0]['lr'])
+        window.zero_()
 
 
 def _evaluate_epoch(run: Training, eval_loader, epoch: int) -> Dict[str, float]:
@@ -205,19 +249,20 @@ def _evaluate_epoch(run: Training, eval_loader, epoch: int) -> Dict[str, float]:
 
 
 def fit(run: Training, train_loader, eval_loader, saver: Optional[AtomicCheckpointSaver], *, start_epoch: int,
-        num_epochs: int, eval_metric: str = 'top1',
+        num_epochs: int, eval_metric: str = 'top1', start: Optional[Dict[str, Any]] = None,
         on_epoch_end: Optional[Callable[[int], None]] = None) -> Optional[tuple]:
     """The epoch loop: train, evaluate (model and EMA), step the schedule, checkpoint, write the summary row.
 
     As in timm, with an evaluated EMA its metrics are the `eval_*` ones that rank checkpoints (the raw model's
     are kept as `eval_raw_*`), and epochs off --val-interval (but the last) skip evaluation and checkpoints.
-    `saver` is None on non-primary ranks (they still take part in every collective). Returns timm's
-    (best_metric, best_epoch) on the primary rank.
+    `saver` is None on non-primary ranks (they still take part in every collective). `start` continues
+    `start_epoch` within (`train_one_epoch`). Once an epoch is saved, the position files before it are removed.
+    Returns timm's (best_metric, best_epoch) on the primary rank.
     """
     best = None
     for epoch in range(start_epoch, num_epochs):
         set_loader_epoch(train_loader, epoch)
-        train_metrics = train_one_epoch(run, epoch, train_loader)
+        train_metrics = train_one_epoch(run, epoch, train_loader, start if epoch == start_epoch else None)
         if run.distributed and run.dist_bn:  # one model on every rank before each rank evaluates its shard
             distribute_bn(run.model, run.world_size, reduce=run.dist_bn == 'reduce')
         eval_metrics = None
@@ -238,5 +283,6 @@ def fit(run: Training, train_loader, eval_loader, saver: Optional[AtomicCheckpoi
             if run.scheduler is not None:
                 extra['scheduler'] = run.scheduler.state_dict()
             best = saver.save(epoch, eval_metrics[eval_metric], extra)
+            saver.drop_positions()
         run.logger.epoch_summary(epoch, train_metrics, eval_metrics, lr)
     return best

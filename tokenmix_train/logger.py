@@ -1,7 +1,10 @@
 """Run outputs besides checkpoints: log file, progress lines, summary.csv, TensorBoard (scalars and mixed-image
 grids), wandb.
 
-Only the primary rank writes; `RunLogger(None)` is a logger that writes nothing, used by the other ranks.
+Only the primary rank writes; `RunLogger(None)` is a logger that writes nothing, used by the other ranks. Every
+write into the run folder is whole or not at all, and a failed one (a full disk) is an `OutputError` naming the
+file (`run_folder.writing`): the log file, summary.csv and the TensorBoard event file are written in the calling
+thread for that (torch's SummaryWriter writes from a thread of its own, whose failure prints a traceback).
 wandb is optional (timm's --log-wandb): `import_wandb()` names the missing package before anything is written.
 `StepMeter` times the steps of a loop (train and validate alike) and writes its progress lines.
 """
@@ -10,9 +13,11 @@ import datetime
 import glob
 import importlib
 import io
+import itertools
 import logging
 import math
 import os
+import socket
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -21,19 +26,20 @@ import torch.nn.functional as F
 from timm.utils import AverageMeter, setup_default_logging, update_summary
 from torchvision.utils import make_grid, save_image
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
+from .run_folder import append_whole, discard, replace_file, writing
 
 try:
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import image, scalar
     has_tensorboard = True
 except ImportError:
     has_tensorboard = False
 
-__all__ = ['setup_logging', 'add_log_file', 'StepMeter', 'RunLogger', 'mixed_image_grid', 'import_wandb',
-           'start_wandb', 'drop_summary_rows', 'drop_tensorboard_events']
+__all__ = ['setup_logging', 'LogFile', 'add_log_file', 'StepMeter', 'EventFile', 'RunLogger', 'mixed_image_grid',
+           'import_wandb', 'start_wandb', 'drop_summary_rows', 'drop_tensorboard_events']
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ LOG_FILE = 'log.txt'
 SUMMARY_FILE = 'summary.csv'
 GRID_IMAGES = 16  # images in a TensorBoard grid of mixed images
 EPOCH_TAGS = ('eval/', 'epoch/', 'train/mixed_images')  # TensorBoard tags whose step is the epoch, not the update
+_EVENT_FILE_IDS = itertools.count()  # tells apart the event files one process opens within a second
 
 
 def setup_logging(primary: bool) -> None:
@@ -53,12 +60,47 @@ def setup_logging(primary: bool) -> None:
         setup_default_logging(default_level=level)
 
 
-def add_log_file(output_dir: str) -> logging.Handler:
+class LogFile(logging.Handler):
+    """A run's log file: each record appended whole (`append_whole`) in the thread that logs it.
+
+    The first failed write (a full disk) raises its `OutputError` from that logging call, which stops the run with
+    that one line; the records after it are not written (the console still shows them).
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path, self.failed = path, False
+        with writing(path):
+            self.fd: Optional[int] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failed or self.fd is None:
+            return
+        try:
+            line = (self.format(record) + '\n').encode(errors='backslashreplace')
+        except Exception:  # a record that does not format is reported as logging does, never stops the run
+            self.handleError(record)
+            return
+        try:
+            append_whole(self.fd, self.path, line)
+        except OutputError:
+            self.failed = True
+            raise
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+        super().close()
+
+
+def add_log_file(output_dir: str) -> LogFile:
     """Also log to `output_dir`/log.txt (appending, so a resumed run continues the same file).
 
     Returns the handler, for `logging.root.removeHandler` when the run ends.
     """
-    handler = logging.FileHandler(os.path.join(output_dir, LOG_FILE))
+    handler = LogFile(os.path.join(output_dir, LOG_FILE))
     handler.setFormatter(logging.Formatter('%(asctime)s - %(name)20s: [%(levelname)8s] - %(message)s'))
     logging.root.addHandler(handler)
     return handler
@@ -72,17 +114,18 @@ class StepMeter:
     `log_interval` and the loop's last: `header [done/total]`, the metrics given to `update` in that step,
     images/s since the previous line (this process's times `world_size`), data and step time (this step's, the
     loop's average) and the ETA. Steps count `batches_per_step` batches (updates under gradient accumulation)
-    after `steps_before`, so the cadence runs on over epochs as timm's does; `step` is that count and `due` tells
+    after `steps_before`, so the cadence runs on over epochs as timm's does (a loop resumed in the middle of an
+    epoch starts at batch `first_batch`, `loader` holding the rest); `step` is that count and `due` tells
     the caller during a step that it logs, so metrics that need a collective or a host sync are made only then.
     `on_log(step, values)` gets each line's metrics and img_per_sec; `clock` is injectable for tests.
     """
 
     def __init__(self, loader: Iterable, header: str, log_interval: int, *, world_size: int = 1,
-                 steps_before: int = 0, batches_per_step: int = 1,
+                 steps_before: int = 0, batches_per_step: int = 1, first_batch: int = 0,
                  on_log: Optional[Callable[[int, Dict[str, float]], None]] = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.loader, self.header, self.log_interval, self.world_size = loader, header, log_interval, world_size
-        self.steps_before, self.batches_per_step = steps_before, batches_per_step
+        self.steps_before, self.batches_per_step, self.first_batch = steps_before, batches_per_step, first_batch
         self.on_log, self.clock = on_log, clock
         self.data_time, self.step_time = AverageMeter(), AverageMeter()
         self.index, self.step, self.due = -1, steps_before, False
@@ -98,10 +141,10 @@ class StepMeter:
         return self.step_time.sum
 
     def __iter__(self) -> Iterator:
-        total = len(self.loader)
+        total = self.first_batch + len(self.loader)
         window_images, window_time = 0, 0.0
         end = self.clock()
-        for index, batch in enumerate(self.loader):
+        for index, batch in enumerate(self.loader, self.first_batch):
             self.data_time.update(self.clock() - end)
             self.index, self.step = index, self.steps_before + math.ceil((index + 1) / self.batches_per_step)
             step_ends = (index + 1) % self.batches_per_step == 0
@@ -160,17 +203,6 @@ def start_wandb(args: Any, output_dir: str, name: str) -> Any:
                       dir=output_dir)
 
 
-def _replace_atomically(path: str, data: bytes) -> None:
-    """Write `data` as the new `path`: to a hidden temporary name (no 'tfevents' in it, so TensorBoard never reads
-    it), then renamed over `path`, so a kill at any instant leaves the old file or the new one."""
-    tmp = os.path.join(os.path.dirname(path), '.' + os.path.basename(path).replace('tfevents', 'rewrite') + '.tmp')
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def drop_summary_rows(output_dir: str, start_epoch: int) -> None:
     """Remove the summary.csv rows of epochs >= `start_epoch`, which a run starting there writes again, so no epoch
     is listed twice. timm's `trim_summary` rewrites the file in place; here the new file replaces it atomically."""
@@ -185,7 +217,7 @@ def drop_summary_rows(output_dir: str, start_epoch: int) -> None:
     kept = rows[:1] + body if body else []  # none kept: the next row writes its own header
     text = io.StringIO()
     csv.writer(text).writerows(kept)
-    _replace_atomically(path, text.getvalue().encode())
+    replace_file(path, text.getvalue().encode())
     _logger.info(f'{path}: dropped the rows of epochs {start_epoch} and later, which this run writes again')
 
 
@@ -210,7 +242,47 @@ def drop_tensorboard_events(log_dir: str, start_epoch: int, start_update: int) -
         data = io.BytesIO()
         for record in kept:
             RecordWriter(data).write(record)
-        _replace_atomically(path, data.getvalue())
+        replace_file(path, data.getvalue())
+
+
+class EventFile:
+    """A TensorBoard event file in `log_dir` (SummaryWriter's name, which TensorBoard lists), written in the caller's
+    thread: `add_scalar` and `add_image` collect events, `flush` appends them whole (`append_whole`), so a failed
+    write is an `OutputError` from that call and leaves no partial record."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self.path = os.path.join(log_dir, f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
+                                          f'{os.getpid()}.{next(_EVENT_FILE_IDS)}')
+        with writing(self.path):
+            os.makedirs(log_dir, exist_ok=True)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._pending = io.BytesIO()
+        self._add(Event(file_version='brain.Event:2'))
+        self.flush()
+
+    def _add(self, event: 'Event') -> None:
+        event.wall_time = time.time()
+        RecordWriter(self._pending).write(event.SerializeToString())
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._add(Event(step=step, summary=scalar(tag, value)))
+
+    def add_image(self, tag: str, picture: torch.Tensor, step: int) -> None:
+        """`picture`: C x H x W, values in [0, 1]."""
+        self._add(Event(step=step, summary=image(tag, picture, dataformats='CHW')))
+
+    def flush(self) -> None:
+        """Append the events added since the last flush (dropped when the write fails: the run stops)."""
+        data, self._pending = self._pending.getvalue(), io.BytesIO()
+        if data:
+            append_whole(self.fd, self.path, data)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            os.close(self.fd)
 
 
 class RunLogger:
@@ -227,18 +299,18 @@ class RunLogger:
         self._unmasked: Optional[Tuple[int, torch.Tensor]] = None  # (epoch, its first images) for a grid without masks
         self.writer = None
         if output_dir and has_tensorboard:
-            self.writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'))
+            self.writer = EventFile(os.path.join(output_dir, 'tensorboard'))
         elif output_dir:
             _logger.warning('tensorboard is not installed: no TensorBoard events are written')
 
-    def drop_rerun(self, start_epoch: int, updates_per_epoch: int) -> None:
+    def drop_rerun(self, start_epoch: int, start_update: int) -> None:
         """Forget what earlier runs logged for the epochs from `start_epoch` on (summary.csv rows, TensorBoard
-        events), which this run logs again."""
+        events; per-update ones after update `start_update`), which this run logs again."""
         if not self.active:
             return
         drop_summary_rows(self.output_dir, start_epoch)
         if self.writer is not None:
-            drop_tensorboard_events(self.writer.log_dir, start_epoch, start_epoch * updates_per_epoch)
+            drop_tensorboard_events(self.writer.log_dir, start_epoch, start_update)
 
     @property
     def active(self) -> bool:
@@ -248,6 +320,7 @@ class RunLogger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f'{prefix}/{name}', value, step)
+            self.writer.flush()
 
     def train_batch(self, epoch: int, batch_idx: int, images: torch.Tensor, mask: Optional[torch.Tensor], *,
                     log_step: bool, last_step: bool) -> None:
@@ -258,8 +331,9 @@ class RunLogger:
         batch as train-batch-N.jpg (timm's file).
         """
         if self.save_images and log_step and self.active:
-            save_image(images.detach().float(), os.path.join(self.output_dir, f'train-batch-{batch_idx}.jpg'),
-                       padding=0, normalize=True)
+            path = os.path.join(self.output_dir, f'train-batch-{batch_idx}.jpg')
+            with writing(path, undo=lambda: discard(path)):
+                save_image(images.detach().float(), path, padding=0, normalize=True)
         if self.writer is None or self._grid_epoch == epoch:
             return
         if mask is None and (self._unmasked is None or self._unmasked[0] != epoch):
@@ -267,18 +341,20 @@ class RunLogger:
         if mask is not None or last_step:
             shown = images if mask is not None else self._unmasked[1]
             self.writer.add_image('train/mixed_images', mixed_image_grid(shown, mask, self.mean, self.std), epoch)
+            self.writer.flush()
             self._grid_epoch = epoch
 
     def epoch_summary(self, epoch: int, train: Dict[str, float], evaluation: Dict[str, float], lr: float) -> None:
-        """One summary.csv row (timm's columns: epoch, train_*, eval_*, lr) and the epoch's scalars."""
+        """One summary.csv row (timm's columns: epoch, train_*, eval_*, lr; whole or not at all) and the epoch's
+        scalars."""
         if not self.active:
             return
-        update_summary(epoch, train, evaluation, os.path.join(self.output_dir, SUMMARY_FILE), lr=lr,
-                       log_wandb=self.wandb_run is not None)
+        path = os.path.join(self.output_dir, SUMMARY_FILE)
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        with writing(path, undo=lambda: os.truncate(path, size) if os.path.exists(path) else None):
+            update_summary(epoch, train, evaluation, path, lr=lr, log_wandb=self.wandb_run is not None)
         self.scalars(epoch, evaluation, 'eval')
         self.scalars(epoch, dict(train, lr=lr), 'epoch')
-        if self.writer is not None:
-            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

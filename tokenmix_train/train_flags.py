@@ -9,6 +9,8 @@ import argparse
 from timm.utils import ParseKwargs
 
 from .errors import OneLineParser
+from .transforms import AUG_ORDERS
+from .preemption import SIGNAL_NAMES
 
 __all__ = ['build_train_parser']
 
@@ -221,6 +223,10 @@ def _add_augmentation_args(parser: argparse.ArgumentParser) -> None:
                        help='probability of applying gaussian blur')
     group.add_argument('--aa', type=str, default=None, metavar='NAME',
                        help='use AutoAugment policy, e.g. "rand-m9-mstd0.5-inc1" (default: None)')
+    group.add_argument('--aug-order', type=str, default='timm', choices=AUG_ORDERS,
+                       help='"timm": random-resized crop, flip, then RandAugment / colour jitter on the crop; '
+                            '"authors": the TokenMix authors\' order, flip and RandAugment on the whole image, then '
+                            'the crop (default: timm)')
     group.add_argument('--aug-repeats', type=float, default=0,
                        help='number of augmentation repetitions (timm\'s RepeatAugSampler; default: 0)')
     group.add_argument('--aug-splits', type=int, default=0,
@@ -305,7 +311,12 @@ def _add_eval_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
                        help='number of checkpoints to keep (default: 10)')
     group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
-                       help='how many updates to wait before writing a recovery checkpoint (0: never)')
+                       help='how many updates to wait before writing a recovery checkpoint (0: never); it holds '
+                            'the position in the epoch, which --resume continues step for step')
+    group.add_argument('--preempt-signal', nargs='+', default=['TERM', 'USR1'], choices=SIGNAL_NAMES + ('none',),
+                       metavar='SIG', help='signals that stop the run at the next step after saving its position '
+                                           '(exit code 3; --resume latest continues): any of %(choices)s '
+                                           '(default: TERM USR1)')
 
 
 def _add_output_logging_args(parser: argparse.ArgumentParser) -> None:
