@@ -37,7 +37,7 @@ from tokenmix_train.model import (build_student, check_input_size, compile_model
                                   token_size_of)
 from tokenmix_train.precision import setup_precision
 from tokenmix_train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals, signal_numbers, stop_group
-from tokenmix_train.run_folder import RunLock, check_free, replace_file
+from tokenmix_train.run_folder import RunLock, check_free, replace_file, writing
 from tokenmix_train.sampling import resumable_loader
 from tokenmix_train.teacher_maps import wrap_train_dataset
 
@@ -62,7 +62,8 @@ def output_folder(args: argparse.Namespace, input_size: int) -> str:
         return output_base(args)
     name = args.experiment or '-'.join(
         [datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(input_size)])
-    return get_outdir(output_base(args), name)
+    with writing(os.path.join(output_base(args), name)):  # a full disk: one line, as for any file of the run
+        return get_outdir(output_base(args), name)
 
 
 def resume_source(args: argparse.Namespace) -> str:

@@ -168,6 +168,27 @@ def test_a_relaunch_on_a_disk_still_full_is_one_line_on_stderr_and_changes_nothi
     assert _hashes(run) == before and not _temporary_files(small_disk)
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_line(train_script, train_argv, tmp_path, capsys):
+    """A file system out of inodes refuses the new run folder itself (timm's get_outdir): one line, exit 74."""
+    folder = tmp_path / 'out'
+    folder.mkdir()
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m,nr_inodes=8', 'tmpfs', str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here (root only): {done.stderr.strip()}')
+    try:
+        for i in range(8):
+            try:
+                (folder / f'f{i}').touch()
+            except OSError:
+                break
+        assert train_script.run_main(train_argv(experiment='new')) == OUTPUT_EXIT_CODE
+    finally:
+        subprocess.run(['umount', '-l', str(folder)], check=True)
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"train.py: error: cannot write 'new' in '{folder}': No space left on device")
+
+
 def _no_space(path, needed: str = '') -> str:
     """The line for `path` on a disk with no room left (`needed`: what it says the file needs)."""
     folder, name = os.path.split(path)
