@@ -14,6 +14,7 @@ import errno
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Union
 
@@ -62,8 +63,11 @@ def _what_is_wrong(path: str, error: Exception) -> str:
         return f'is not a torch checkpoint ({detail})'
 
 
-def read_checkpoint(path: PathLike) -> Any:
+def read_checkpoint(path: PathLike, mmap: bool = False) -> Any:
     """Everything stored in a checkpoint file, read on the CPU without running pickled code.
+
+    `mmap=True` maps the tensors of a file in torch's zip format instead of reading them (cheap for a look at a
+    file's epoch or metric; the tensors are read when touched); other files are read whole.
 
     ``.safetensors`` files are read with safetensors, anything else with ``torch.load(weights_only=True)``,
     allowing the ``argparse.Namespace`` that timm, DeiT and older files of this project store as ``args``.
@@ -88,7 +92,8 @@ def read_checkpoint(path: PathLike) -> Any:
             raise CheckpointError(f"checkpoint '{path}' is not a readable .safetensors file ({e})") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # on bad bytes torch.load raises OSError, EOFError, KeyError, UnpicklingError, ...
         raise CheckpointError(f"checkpoint '{path}' {_what_is_wrong(path, e)}") from None
 

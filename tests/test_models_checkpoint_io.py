@@ -8,7 +8,8 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers the tiny models)
-from models import Teacher, build_teacher, check_state_dict, load_checkpoint_weights, load_state_dict_file
+from models import (Teacher, build_teacher, check_state_dict, load_checkpoint_weights, load_state_dict_file,
+                    read_checkpoint)
 
 NAME = 'tokenmix_cnn_teacher_64'
 
@@ -181,3 +182,22 @@ def test_messages_list_five_keys_then_count_the_rest(tmp_path):
     torch.save({f'k{i}': i for i in range(5)}, path)
     with pytest.raises(ValueError, match=r"top-level keys: 'k0', 'k1', 'k2', 'k3', 'k4'\)$"):
         load_state_dict_file(path)
+
+
+def test_mmap_maps_the_tensors_of_a_zip_file_and_reads_a_legacy_one_whole(tmp_path, monkeypatch):
+    """What --resume latest uses to look at every checkpoint of a folder without reading their weights."""
+    state = dict(epoch=3, state_dict=dict(w=torch.arange(6.)))
+    torch.save(state, tmp_path / 'zip.pth.tar')
+    torch.save(state, tmp_path / 'legacy.pth.tar', _use_new_zipfile_serialization=False)
+    real, mapped = torch.load, []
+
+    def load(*args, **kwargs):
+        mapped.append(kwargs.get('mmap', False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, 'load', load)
+    for name in ('zip', 'legacy'):
+        for mmap in (True, False):
+            read = read_checkpoint(tmp_path / f'{name}.pth.tar', mmap=mmap)
+            assert read['epoch'] == 3 and torch.equal(read['state_dict']['w'], state['state_dict']['w'])
+    assert mapped == [True, False, False, False]  # a legacy file cannot be mapped: read whole

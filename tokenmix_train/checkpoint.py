@@ -267,10 +267,12 @@ def gather_rng_states(generator: Optional[torch.Generator] = None, **extra: Any)
     return states
 
 
-def load_training_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any]:
-    """A training checkpoint written by this package or timm; any unreadable file is a ConfigError naming `flag`."""
+def load_training_checkpoint(path: str, flag: str = '--resume', mmap: bool = False) -> Dict[str, Any]:
+    """A training checkpoint written by this package or timm; any unreadable file is a ConfigError naming `flag`.
+
+    `mmap=True`: its tensors mapped, not read (`models.read_checkpoint`), for a look at how far a run got."""
     try:
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, mmap=mmap)
     except FileNotFoundError:
         raise ConfigError(f"{flag} '{path}': no such file") from None
     except CheckpointError as e:
@@ -416,7 +418,7 @@ def latest_checkpoint(folder: str) -> Optional[Tuple[str, Tuple[int, int]]]:
     files = run_checkpoints(folder)
     for path in files:
         try:
-            checkpoint = load_training_checkpoint(path, '--resume latest')
+            checkpoint = load_training_checkpoint(path, '--resume latest', mmap=True)
         except ConfigError as e:
             _logger.warning(f'{e}; skipped, the newest checkpoint that loads is used')
             continue
