@@ -27,6 +27,15 @@ def load_script(relpath: str):
     return module
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """torch's thread count as each test found it: a benchmark run in-process sets one thread (as a loader worker),
+    and a later in-process run compared bit for bit with a subprocess would round differently."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def demo_tool():
     return load_script(os.path.join('tools', 'make_demo_data.py'))
