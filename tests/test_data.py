@@ -196,13 +196,16 @@ def _train_loader(tmp_path, *argv, distributed=False):
 
 
 def test_aug_splits_wrap_the_dataset_and_aug_repeats_reach_timms_distributed_sampler(tmp_path):
-    """--aug-splits 3 gives timm's AugMixDataset with 3 views (2 is its default); in a (one-process gloo) distributed
-    run --aug-repeats reaches the sampler timm's loader builds itself."""
+    """--aug-splits 2 and 3 give timm's AugMixDataset with that many views (2 is its default); workers are not
+    persistent; in a (one-process gloo) distributed run --aug-repeats reaches the sampler timm's loader builds."""
     from timm.data import AugMixDataset
     from timm.data.distributed_sampler import RepeatAugSampler
-    loader = _train_loader(tmp_path, '--aug-splits', '3')
-    assert isinstance(loader.dataset, AugMixDataset) and loader.dataset.num_splits == 3
+    for splits in (2, 3):
+        loader = _train_loader(tmp_path, '--aug-splits', str(splits))
+        assert isinstance(loader.dataset, AugMixDataset) and loader.dataset.num_splits == splits
     assert not isinstance(_train_loader(tmp_path).dataset, AugMixDataset)
+    # workers start afresh each epoch (timm's default would keep them)
+    assert not _train_loader(tmp_path, '--workers', '2').loader.persistent_workers
     store = torch.distributed.FileStore(str(tmp_path / 'store'), 1)
     torch.distributed.init_process_group('gloo', store=store, rank=0, world_size=1)
     try:
@@ -210,3 +213,35 @@ def test_aug_splits_wrap_the_dataset_and_aug_repeats_reach_timms_distributed_sam
     finally:
         torch.distributed.destroy_process_group()
     assert isinstance(sampler, RepeatAugSampler) and sampler.num_repeats == 3
+
+
+def test_class_folders_in_natural_order_images_behind_links_and_unknown_val_classes(tmp_path):
+    """Class indices in timm's natural order ('2' before '10'); images reached through a linked folder count; each
+    empty class folder is named although its siblings hold images; a val class the train split lacks is refused."""
+    from tokenmix_train.data import check_image_folder
+    from tokenmix_train.errors import ConfigError
+    for name in ('10', '2'):
+        os.makedirs(tmp_path / 'train' / name)
+        Image.new('RGB', (2, 2)).save(tmp_path / 'train' / name / 'x.png')
+    os.makedirs(tmp_path / 'elsewhere')
+    Image.new('RGB', (2, 2)).save(tmp_path / 'elsewhere' / 'y.png')
+    os.makedirs(tmp_path / 'train' / 'linked')
+    os.symlink(tmp_path / 'elsewhere', tmp_path / 'train' / 'linked' / 'images')
+    assert check_image_folder(str(tmp_path / 'train')) == {'2': 0, '10': 1, 'linked': 2}
+    os.makedirs(tmp_path / 'train' / 'empty')
+    with pytest.raises(ConfigError, match=f"^class folder '{tmp_path / 'train' / 'empty'}' holds no images$"):
+        check_image_folder(str(tmp_path / 'train'))
+    os.rmdir(tmp_path / 'train' / 'empty')
+    with pytest.raises(ConfigError, match="has classes that the train split lacks: 10, 2$"):
+        check_image_folder(str(tmp_path / 'train'), {'linked': 0})
+
+
+def test_no_reader_or_no_class_index_means_no_class_count():
+    assert num_dataset_classes(object()) is None and num_dataset_classes(SimpleNamespace(reader=object())) is None
+
+
+def test_aug_repeats_on_one_process_use_timms_repeat_sampler_for_this_process_alone(tmp_path):
+    from timm.data.distributed_sampler import RepeatAugSampler
+    sampler = _train_loader(tmp_path, '--aug-repeats', '2').sampler  # 3 is timm's default
+    assert isinstance(sampler, RepeatAugSampler)
+    assert (sampler.num_repeats, sampler.num_replicas, sampler.rank) == (2, 1, 0)

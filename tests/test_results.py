@@ -100,3 +100,39 @@ def test_results_written_as_csv_or_json(tmp_path):
     (tmp_path / 'file').write_text('')
     with pytest.raises(ConfigError, match=f"--results-file '{tmp_path / 'file' / 'r.csv'}': File exists"):
         write_results(ROWS, str(tmp_path / 'file' / 'r.csv'), 'csv')
+
+
+def test_an_empty_label_file_still_gives_class_indices(tmp_path):
+    """torch makes an empty list a float tensor; class indices must stay integers (they index the logits)."""
+    labels = tmp_path / 'labels.txt'
+    labels.write_text('\n')
+    read = read_valid_labels(str(labels))
+    assert read.dtype == torch.long and read.numel() == 0
+
+
+def test_json_results_are_indented_for_reading(tmp_path):
+    path = tmp_path / 'results.json'
+    write_results(ROWS[:1], str(path), 'json')
+    assert path.read_text().splitlines()[:3] == ['[', '  {', '    "model": "m",']
+
+
+def test_recorder_gathers_every_ranks_predictions_without_warnings(tmp_path):
+    """In a one-process gloo world the scores come from the gathered pairs; classes never predicted score 0
+    without sklearn's UndefinedMetricWarning (zero_division set)."""
+    import warnings
+
+    import torch.distributed as dist
+    from sklearn.exceptions import UndefinedMetricWarning
+    recorder = OutputRecorder(None, 'macro')
+    logits = torch.zeros(3, 4)
+    logits[:, 1] = 1.  # always class 1
+    recorder(logits, torch.tensor([1, 1, 2]))
+    dist.init_process_group('gloo', store=dist.FileStore(str(tmp_path / 'store'), 1), rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', UndefinedMetricWarning)
+            scores = recorder.results()
+    finally:
+        dist.destroy_process_group()
+    # precision: class 1 2/3, class 2 0 (never predicted) -> 1/3; recall: class 1 1, class 2 0 -> 1/2; F1 0.8 / 2
+    assert scores == dict(macro_precision=33.3333, macro_recall=50.0, macro_f1_score=40.0)

@@ -51,13 +51,16 @@ MODULES = {
                                        ['tests/test_teacher_maps.py', 'tests/test_mixing.py', 'tests/test_data.py']),
     'tokenmix_train/results.py': (['tokenmix_train/results.py'],
                                   ['tests/test_results.py', 'tests/test_validate_flags.py', 'tests/test_validate.py']),
+    'tokenmix_train/sampling.py': (['tokenmix_train/sampling.py'],
+                                   ['tests/test_sampling.py', 'tests/test_preemption.py']),
+    'tokenmix_train/preemption.py': (['tokenmix_train/preemption.py'], ['tests/test_preemption.py']),
     'mixup_ext': (['mixup_ext/masks.py', 'mixup_ext/targets.py', 'mixup_ext/tokenmix.py', 'mixup_ext/maps.py',
                    'mixup_ext/_rng.py'],
                   ['tests/test_mixup_ext.py', 'tests/test_fidelity.py', 'tests/test_teacher_maps.py']),
 }
 GOALS = {'mixup_ext': 90.0, 'tokenmix_train/mixing.py': 85.0, 'tokenmix_train/model.py': 85.0,
          'tokenmix_train/data.py': 85.0, 'tokenmix_train/engine.py': 85.0, 'tokenmix_train/teacher_maps.py': 85.0,
-         'tokenmix_train/results.py': 85.0}
+         'tokenmix_train/results.py': 85.0, 'tokenmix_train/sampling.py': 85.0, 'tokenmix_train/preemption.py': 85.0}
 DEFAULT_GOAL = 80.0
 # the packages mutmut copies (with tests/) into its mutants folder, and what the tests load besides them
 SOURCE_PATHS = ['mixup_ext', 'models', 'tokenmix_train']
