@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT
 from test_preemption import RECIPE, _assert_same_end
+from test_teacher_maps import _children
 
 pytestmark = pytest.mark.slow  # whole runs through bash
 
@@ -40,7 +41,7 @@ def test_usr1_before_the_time_limit_requeues_and_the_job_continues(train_script,
     while not (log.exists() and 'train epoch 0 [' in log.read_text()):
         assert job.poll() is None and time.monotonic() < end, job.communicate()
         time.sleep(0.05)
-    task = [int(e) for e in os.listdir('/proc') if e.isdigit() and _parent(int(e)) == job.pid]
+    task = _children(job.pid)
     os.kill(task[0], signal.SIGUSR1)  # SLURM signals the tasks (--signal=USR1@180), not the batch shell
     stdout, stderr = job.communicate(timeout=120)
     assert job.returncode == 0, stderr[-3000:]
@@ -59,10 +60,3 @@ def test_the_script_needs_an_experiment(tmp_path):
                           env=_fake_slurm(tmp_path), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and '--experiment NAME' in proc.stderr
 
-
-def _parent(pid):
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return int(f.read().rsplit(')', 1)[1].split()[1])
-    except (OSError, ValueError):
-        return None

@@ -144,10 +144,13 @@ def save_position(run: Training, epoch: int, batches: int, totals: torch.Tensor)
     return path
 
 
-def _stop_if_asked(run: Training, epoch: int, batches: int, totals: torch.Tensor) -> None:
-    """At a step boundary: when any rank got a stop signal, save the position and raise `Preempted`."""
+def _stop_if_asked(run: Training, epoch: int, batches: int, totals: torch.Tensor,
+                   check_finite: Callable[[], None] = lambda: None) -> None:
+    """At a step boundary: when any rank got a stop signal, save the position and raise `Preempted`
+    (`check_finite` first: a non-finite loss is never saved; it syncs, so only once a stop is agreed)."""
     if run.stop is None or not run.stop.requested():
         return
+    check_finite()
     path = save_position(run, epoch, batches, totals)
     raise Preempted(f'stopped by {run.stop.name} at epoch {epoch} after batch {batches}' +
                     (f"; position saved in '{path}'" if path else ''))
@@ -202,9 +205,7 @@ def train_one_epoch(run: Training, epoch: int, loader, start: Optional[Dict[str,
         if run.recovery_interval and (idx // accum + 1) % run.recovery_interval == 0:
             _check_finite(first_bad, epoch, num_batches)
             save_position(run, epoch, idx + 1, totals)
-        if run.stop is not None:
-            _check_finite(first_bad, epoch, num_batches)
-            _stop_if_asked(run, epoch, idx + 1, totals)
+        _stop_if_asked(run, epoch, idx + 1, totals, lambda: _check_finite(first_bad, epoch, num_batches))
     loss_sum, count = _all_reduce(totals).tolist()
     return dict(loss=loss_sum / max(count, 1.0), img_per_sec=count / max(meter.elapsed, 1e-9))
 
