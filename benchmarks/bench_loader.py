@@ -5,7 +5,10 @@
     it: `dataset[i]` for a batch of indices, then the loader's collate. Printed: the worker's img/s on one core,
     each stage's time (read bytes, decode, each step of the train transform, collate; with timm's prefetcher the
     normalisation and random erasing run on the device, shown apart), and the worker cores that feed `--feed`
-    img/s. With `--teacher-maps STORE` the same worker job runs again on the dataset train.py wraps for stored maps.
+    img/s. With `--teacher-maps STORE` the same worker job runs again on the dataset train.py wraps for stored maps
+    (which only records each sample's geometry and reads its stored scores), and the cut of the batch's maps from
+    those records (`record_maps`, on the device in training) is timed apart; their ratios to the plain job are
+    taken within each round.
 (b) Candidate decode/augment paths, each from the file's bytes to the uint8 image tensor timm's prefetcher takes,
     with the recipe's steps in the recipe's order (timm's: crop, flip, RandAugment; the authors': flip, RandAugment,
     crop), against timm's PIL path on the same images. Each path runs on an image after the random streams are
@@ -59,7 +62,7 @@ from tokenmix_train.data import build_dataset, build_train_loader, resolve_num_c
 from tokenmix_train.distributed import init_device, run_cli  # noqa: E402
 from tokenmix_train.errors import ConfigError  # noqa: E402
 from tokenmix_train.model import build_student, token_size_of  # noqa: E402
-from tokenmix_train.teacher_maps import wrap_train_dataset  # noqa: E402
+from tokenmix_train.teacher_maps import record_maps, wrap_train_dataset  # noqa: E402
 
 DEFAULT_RECIPE = 'configs/imagenet/deit_small_tokenmix_stored_maps_300ep.yaml'
 H200_DEIT_S = 3527  # img/s of one H200 training DeiT-S with timm's CutMix (docs/benchmarks.md, gpu_check.sh)
@@ -415,7 +418,9 @@ def run_round(pipeline: Pipeline, stored: Optional[Pipeline], paths: Dict[str, C
             job(index, data)
     for name, worker in workers.items():
         if worker is not None:
-            timer(name, worker.collate, samples[name])
+            _, targets = timer(name, worker.collate, samples[name])
+    if stored is not None:  # the batch's maps cut from the records: on the device in training, here one CPU thread
+        timer('maps cut (batch)', record_maps, targets, stored.dataset.grid)
     pipeline.collate_stages(samples['stages'], stages)
     out: Dict[str, Any] = {name: seconds / len(indices) for name, seconds in timer.spent.items()}
     out['stages'] = {name: seconds / len(indices) for name, seconds in stages.spent.items()}
@@ -456,6 +461,13 @@ def worker_table(rounds: List[Dict[str, Any]], feed: float) -> List[str]:
         seconds = statistics.median(r[name] for r in rounds)
         lines.append(f'| {label} | {spread([r[name] * 1e3 for r in rounds])} | {1 / seconds:.0f} | '
                      f'{cores_needed(feed, 1 / seconds)} |')
+    if 'maps cut (batch)' in rounds[0]:
+        lines += ['', '| stored maps against the plain loader, same round | median (range) |', '|---|---|',
+                  f"| worker img/s, stored / plain | {spread([r['worker'] / r['worker, stored maps'] for r in rounds])} |",
+                  f"| the batch's maps cut (`record_maps`; on the device in training), ms an image on this core | "
+                  f"{spread([r['maps cut (batch)'] * 1e3 for r in rounds])} |",
+                  '| worker + that cut on this core, stored / plain | '
+                  f"{spread([r['worker'] / (r['worker, stored maps'] + r['maps cut (batch)']) for r in rounds])} |"]
     return lines
 
 

@@ -13,13 +13,12 @@ A whole map meets the token grid through ``area_resample``: each token is the me
 square, a map cell counting by the area it shares with it, for any pair of sizes.
 """
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
-__all__ = ['truncate_to_topk', 'own_map_from_topk', 'crop_map', 'overlap_matrix', 'area_resample']
+__all__ = ['truncate_to_topk', 'own_map_from_topk', 'sample_maps', 'crop_map', 'overlap_matrix', 'area_resample']
 
 
 def truncate_to_topk(own: torch.Tensor, maps: torch.Tensor, k: int) -> torch.Tensor:
@@ -33,40 +32,78 @@ def truncate_to_topk(own: torch.Tensor, maps: torch.Tensor, k: int) -> torch.Ten
     return torch.where(own >= kth, own, torch.zeros_like(own))
 
 
-def own_map_from_topk(values: torch.Tensor, indices: torch.Tensor, label: int, k: int = 0) -> torch.Tensor:
-    """One image's own-class map (h x w, float32) from its stored top-K scores and class indices (K x h x w each).
+def own_map_from_topk(values: torch.Tensor, indices: torch.Tensor, label: Union[int, torch.Tensor],
+                      k: int = 0) -> torch.Tensor:
+    """Own-class maps (... x h x w, float32) from stored top-K scores and class indices (... x K x h x w each).
 
-    Entries are ordered best first (as ``torch.topk`` writes them); ``0 < k < K`` uses only the first k.
-    Positions where `label` is not among them are zero.
+    Entries are ordered best first (as ``torch.topk`` writes them); ``0 < k < K`` uses only the first k. `label` is
+    one class for all, or one per map (a tensor of the leading shape, a batch's labels). Positions where the label
+    is not among them are zero.
     """
-    if values.ndim != 3 or values.shape != indices.shape:
-        raise ValueError(f'values and indices must both be K x h x w, got {tuple(values.shape)} and '
+    if values.ndim < 3 or values.shape != indices.shape:
+        raise ValueError(f'values and indices must both be ... x K x h x w, got {tuple(values.shape)} and '
                          f'{tuple(indices.shape)}')
-    if 0 < k < values.shape[0]:
-        values, indices = values[:k], indices[:k]
-    hit = indices.to(torch.int64) == label
-    return (values.float() * hit).sum(0)
+    if 0 < k < values.shape[-3]:
+        values, indices = values[..., :k, :, :], indices[..., :k, :, :]
+    label = torch.as_tensor(label, device=indices.device)
+    hit = indices.to(torch.int64) == label.to(torch.int64)[..., None, None, None]
+    return (values.float() * hit).sum(-3)
+
+
+def sample_maps(maps: torch.Tensor, to_map: torch.Tensor, out_size: Tuple[int, int], grid: Tuple[int, int],
+                points: int, checks: Optional[torch.Tensor] = None, bounds: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+    """Maps (N x h x w) read through one affine transform each onto a token grid (N x rows x cols, float32).
+
+    An output image of `out_size` (H, W) px is split into the `grid` (rows, cols) of tokens; each token is the mean
+    of `points` x `points` samples spread evenly over its cell. A sample at output point p = (x, y) (pixel k covers
+    [k, k + 1)) reads the map at ``to_map[n] @ (x, y, 1)`` (N x 2 x 3, map cells, same convention), bilinearly as
+    ``roi_align`` reads: clamped to the edge within a cell outside the map, zero beyond. `checks` (N x S x 2 x 3)
+    with `bounds` (N x S x 2, width and height): a sample whose point ``checks[n, s] @ (x, y, 1)`` falls outside
+    [0, width) x [0, height) reads zero (the empty area an augmentation op brought into the image it acted on).
+    So a crop, flips and affine augment ops, composed into these matrices, cut a whole batch's maps in one pass.
+    """
+    n, (h, w), (rows, cols), (out_h, out_w) = maps.shape[0], maps.shape[-2:], grid, out_size
+    device = maps.device
+    steps_y = (torch.arange(rows * points, device=device, dtype=torch.float32) + 0.5) * (out_h / (rows * points))
+    steps_x = (torch.arange(cols * points, device=device, dtype=torch.float32) + 0.5) * (out_w / (cols * points))
+    ys, xs = torch.meshgrid(steps_y, steps_x, indexing='ij')
+    where = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(-1, 3)  # M x 3
+    at = torch.einsum('nij,mj->nmi', to_map.float(), where)  # N x M x 2, map cells
+    # roi_align reads a point at cell coordinate u - 0.5, zero when below -1 or above the size, else clamped
+    shifted = at - 0.5
+    size = torch.tensor([w, h], device=device, dtype=torch.float32)
+    keep = ((shifted >= -1) & (shifted <= size)).all(-1)
+    if checks is not None:
+        inner = torch.einsum('nsij,mj->nsmi', checks.float(), where)
+        keep &= ((inner >= 0) & (inner < bounds.float()[:, :, None])).all(-1).all(1)
+    normalised = (2 * at / size - 1).reshape(n, rows * points, cols * points, 2)
+    read = F.grid_sample(maps.float()[:, None], normalised, mode='bilinear', padding_mode='border',
+                         align_corners=False)[:, 0]
+    read = read * keep.reshape(n, rows * points, cols * points)
+    return F.avg_pool2d(read[:, None], points)[:, 0]
 
 
 def crop_map(own_map: torch.Tensor, box: Tuple[float, float, float, float], size: Tuple[int, int],
              hflip: bool = False, vflip: bool = False) -> torch.Tensor:
     """The part of `own_map` (h x w) under `box` = (x0, y0, x1, y1), resampled to `size` (rows, cols), then flipped.
 
-    Each output cell is the mean of bilinear samples of the map over the cell (``roi_align``, at least 2 x 2
+    Each output cell is the mean of bilinear samples of the map over the cell (as ``roi_align``, at least 2 x 2
     samples a cell), which is what area-resampling a teacher's map of the crop itself gives when the teacher is
     translation- and scale-equivariant (the crop is resized to the input size, so the teacher sees its content at
-    another scale than the stored map's). Samples more than a pixel outside the map read zero (roi_align's rule).
+    another scale than the stored map's). Samples more than a cell outside the map read zero (roi_align's rule).
     """
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (x1 > x0 and y1 > y0):
         raise ValueError(f'crop box must have x1 > x0 and y1 > y0, got {box}')
     rows, cols = size
-    ratio = max(2, math.ceil(max((y1 - y0) / rows, (x1 - x0) / cols)))
-    boxes = torch.tensor([[0., x0, y0, x1, y1]], dtype=torch.float32)
-    out = roi_align(own_map.float()[None, None], boxes, output_size=(rows, cols), spatial_scale=1.0,
-                    sampling_ratio=ratio, aligned=True)[0, 0]
-    dims = [d for d, on in ((-1, hflip), (-2, vflip)) if on]
-    return out.flip(dims) if dims else out
+    points = max(2, math.ceil(max((y1 - y0) / rows, (x1 - x0) / cols)))
+    # the output is a `cols` x `rows` px image of the box; a flip mirrors where each output point reads
+    sx, sy = (x1 - x0) / cols, (y1 - y0) / rows
+    ax, bx = (-sx, x1) if hflip else (sx, x0)
+    ay, by = (-sy, y1) if vflip else (sy, y0)
+    to_map = torch.tensor([[[ax, 0., bx], [0., ay, by]]])
+    return sample_maps(own_map[None], to_map, (rows, cols), (rows, cols), points)[0]
 
 
 def overlap_matrix(size_in: int, size_out: int, device: Optional[torch.device] = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torchvision.transforms import functional as TF
 from tokenmix_train.args import parse_train_args
 from tokenmix_train.data import build_train_loader
 from tokenmix_train.errors import ConfigError
-from tokenmix_train.teacher_maps import StoredMapDataset, open_map_store
+from tokenmix_train.teacher_maps import StoredMapDataset, open_map_store, record_maps
 from tokenmix_train.transforms import authors_order
 
 SIZE = 32
@@ -122,7 +122,9 @@ def test_stored_maps_follow_the_authors_order_through_the_loader(tmp_path):
         assert stored.log.crop_last is crop_last
         assert _names(stored.transform)[0] == ('_RecordedFlip' if crop_last else 'RandomResizedCropAndInterpolation')
         images, targets = next(iter(loader))
-        assert images.shape == (2, 3, SIZE, SIZE) and targets.shape == (2, 1 + 16)
+        labels, own_maps = record_maps(targets, (4, 4))  # top-1 8 x 8 maps, RandAugment's 2 op slots: 158 values
+        assert images.shape == (2, 3, SIZE, SIZE) and targets.shape == (2, 158) and own_maps.shape == (2, 4, 4)
+        assert sorted(labels.tolist()) == [0, 1]
         assert stored.log.hflip  # the flip (probability 1) was recorded by the reordered pipeline
 
 

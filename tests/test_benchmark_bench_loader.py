@@ -284,6 +284,11 @@ def test_whole_benchmark_on_a_few_images(tmp_path, capsys, teacher_checkpoint):
     for _, ms, img_s, cores in workers:  # --feed 1000: the cores needed are ms an image, rounded up
         per_image = float(ms.split()[0])
         assert abs(int(img_s) - 1000 / per_image) <= 1 and int(cores) == math.ceil(per_image)
+    ratios = _rows(out, '| stored maps against the plain loader')
+    assert [r[0].split(',')[0] for r in ratios] == ['worker img/s', "the batch's maps cut (`record_maps`; on the "
+                                                    'device in training)', 'worker + that cut on this core']
+    worker_ratio, cut_ms, both_ratio = (float(r[1].split()[0]) for r in ratios)
+    assert 0 < both_ratio < worker_ratio and cut_ms > 0  # the cut's time comes off the ratio
     candidates = _rows(out, '| path (bytes')
     assert sorted(r[0] for r in candidates) == sorted(c.name for c in bench.available_candidates())
     assert candidates[0][2] == '1.000 (1.000-1.000)' and candidates[0][5] == '0.00'

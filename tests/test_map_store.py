@@ -19,7 +19,8 @@ from torchvision import transforms
 from conftest import load_script
 from tokenmix_train.data import CheckedImageDataset
 from tokenmix_train.errors import ConfigError
-from tokenmix_train.teacher_maps import FORMAT, MANIFEST, MapStore, StoredMapDataset, write_json_atomic, write_shard
+from tokenmix_train.teacher_maps import (FORMAT, MANIFEST, MapStore, StoredMapDataset, record_maps, write_json_atomic,
+                                         write_shard)
 
 KEYS = ['a/0.png', 'a/1.png', 'a/2.png', 'b/0.png', 'b/1.png', 'b/2.png', 'b/10.png']  # 3 shards: 3, 3 and 1 rows
 
@@ -185,4 +186,5 @@ def test_skipped_image_is_served_with_its_own_map(tmp_path):
     assert checked.num_skipped == 1
     next_image, next_target = dataset[broken + 1]  # a/2.png, class a, the map of the store's row broken + 1
     assert torch.equal(image, next_image) and torch.equal(target, next_target)
-    assert target.tolist() == [0.] + [broken + 2.] * 4
+    label, own_map = record_maps(target[None], (2, 2))
+    assert label.item() == 0 and own_map.flatten().tolist() == [broken + 2.] * 4

@@ -1,5 +1,6 @@
 """mixup_ext: masks, targets and TokenMix as a drop-in for timm.data.Mixup."""
 import inspect
+import math
 import random
 
 import numpy as np
@@ -691,3 +692,19 @@ def test_area_resample_refuses_a_map_without_two_dims():
     from mixup_ext import area_resample
     with pytest.raises(ValueError, match=r'maps must be \.\.\. x h x w'):
         area_resample(torch.ones(4), (2, 2))
+
+
+def test_sample_maps_reads_each_map_through_its_own_affine_map_and_checks():
+    """A batch with one map read as it is and one mirrored: each equals the crop_map of its own box (roi_align's
+    reading); a check whose bound stops at x = 2 px zeroes the tokens beyond it, and only in its own sample."""
+    from mixup_ext import crop_map, sample_maps
+    maps = torch.stack([torch.arange(16.).view(4, 4), torch.arange(16.).view(4, 4) * 10])
+    to_map = torch.tensor([[[1., 0., 0.], [0., 1., 0.]], [[-0.5, 0., 3.], [0., 0.5, 1.]]])  # 4 px image -> cells
+    out = sample_maps(maps, to_map, (4, 4), (2, 2), 2)
+    assert torch.allclose(out[0], crop_map(maps[0], (0, 0, 4, 4), (2, 2)))
+    assert torch.allclose(out[1], crop_map(maps[1], (1, 1, 3, 3), (2, 2), hflip=True))
+    checks = torch.tensor([[[[1., 0., 0.], [0., 1., 0.]]], [[[0., 0., 0.], [0., 0., 0.]]]])
+    bounds = torch.tensor([[[2., math.inf]], [[math.inf, math.inf]]])
+    checked = sample_maps(maps, to_map, (4, 4), (2, 2), 2, checks, bounds)
+    assert torch.equal(checked[0, :, 0], out[0, :, 0]) and torch.equal(checked[0, :, 1], torch.zeros(2))
+    assert torch.equal(checked[1], out[1])

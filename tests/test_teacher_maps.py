@@ -31,7 +31,8 @@ from models import Teacher, build_teacher
 from tokenmix_train.args import parse_train_args
 from tokenmix_train.errors import ConfigError
 from tokenmix_train.teacher_maps import (FORMAT, MANIFEST, AuthorsMapStore, MapStore, StoredMapDataset, StoredMapsMixer,
-                                   map_box, open_map_store, wrap_train_dataset, write_json_atomic, write_shard)
+                                   map_box, open_map_store, pack_record, record_maps, wrap_train_dataset,
+                                   write_json_atomic, write_shard)
 
 GEOMETRIC = ['Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel']
 IMAGE_W, IMAGE_H = 48, 40
@@ -161,9 +162,11 @@ def test_stored_map_orientation_both_layouts(tmp_path):
     index = [dataset.reader.filename(i) for i in range(len(dataset))].index('b/img.png')
     ours = StoredMapDataset(dataset, open_map_store(str(tmp_path / 'store')), (2, 2))
     assert isinstance(ours.store, MapStore)
-    # a crop of the image's top-right 40 x 32 px reads the top-right quadrant of the map
-    ours.log.crop, ours.log.image_size = (0, 40, 32, 40), (80, 64)
-    expected = torch.tensor([[8.5, 10.5], [24.5, 26.5]])
+    # a crop of the image's top-right 40 x 32 px reads the top-right quadrant of the map, 8 * (y - 0.5) + (x - 0.5)
+    # at cell coordinates (x, y): token means of 4 x 4 samples (one a map cell of the whole image), where the map is
+    # flat within half a cell of its top and right edges (roi_align's clamp), so 8.5 + 0.5 and 10.5 + 0.5 - 0.0625
+    ours.log.crop, ours.log.image_size, ours.log.output_size = (0, 40, 32, 40), (80, 64), (16, 16)
+    expected = torch.tensor([[9.0, 10.9375], [24.5, 26.4375]])
     assert torch.allclose(ours.own_map(index, 1), expected)
     ours.log.hflip = True
     assert torch.allclose(ours.own_map(index, 1), expected.flip(-1))  # mirrored
@@ -177,7 +180,7 @@ def test_stored_map_orientation_both_layouts(tmp_path):
     authors = StoredMapDataset(dataset_b, open_map_store(str(tmp_path / 'authors')), (2, 2))
     assert isinstance(authors.store, AuthorsMapStore)
     # their map covers the centre 64 x 64 px square, x in [8, 72) px: its top-right 32 x 32 px is x in [40, 72)
-    authors.log.crop, authors.log.image_size = (0, 40, 32, 32), (80, 64)
+    authors.log.crop, authors.log.image_size, authors.log.output_size = (0, 40, 32, 32), (80, 64), (16, 16)
     assert torch.allclose(authors.own_map(index, 1), expected)
 
 
@@ -214,12 +217,12 @@ def test_stored_maps_match_online_teacher(tool, smooth_data, pointwise_checkpoin
     full = teacher(images)  # B x 4 x 32 x 32: the teacher on the augmented crops themselves
     online = truncate_to_topk(own_class_maps(full, labels, 4), full, 2)
     online = F.adaptive_avg_pool2d(online[:, None], (4, 4))[:, 0].clamp(min=0)
-    stored = packed[:, 1:].view(-1, 4, 4).clamp(min=0)
+    stored = record_maps(packed, (4, 4))[1].clamp(min=0)
     dist = [m / m.flatten(1).sum(1).clamp(min=1e-9).view(-1, 1, 1) for m in (online, stored)]
     has_mass = online.flatten(1).sum(1) > 0.05
     assert has_mass.sum() >= 30
     map_error = (dist[0] - dist[1]).abs().flatten(1).sum(1)[has_mass]  # L1 distance of the two distributions
-    # measured: median 0.004 / 0.014, max 0.11 / 0.14 (without / with geometric RandAugment ops)
+    # measured: median 0.004 / 0.010, max 0.11 / 0.10 (without / with geometric RandAugment ops)
     assert map_error.median() < 0.03 and map_error.max() < 0.25, map_error
 
     kwargs = dict(mixup_alpha=0., cutmix_alpha=1., label_smoothing=0., num_classes=4, patch_size=patch, mode='elem',
@@ -232,7 +235,7 @@ def test_stored_maps_match_online_teacher(tool, smooth_data, pointwise_checkpoin
     area(images.clone(), labels)
     usable = has_mass & has_mass.flip(0)
     gap = (with_teacher.last_weights - with_store.last_weights).abs()[usable]
-    # measured: mean 0.0004 / 0.0011, max 0.009 / 0.023; area weights differ by 0.047 / 0.075 on average
+    # measured: mean 0.0004 / 0.0007, max 0.008 / 0.015; area weights differ by 0.047 / 0.075 on average
     assert gap.mean() < 0.005 and gap.max() < 0.05, gap
     # the weights are far from area weights: the agreement is not that of two maps that say nothing
     assert (with_teacher.last_weights - area.last_weights).abs()[usable].mean() > 10 * gap.mean()
@@ -476,7 +479,12 @@ def test_stored_maps_mixer_equals_tokenmix_with_those_maps(mode):
     """Every mask mode: the maps a batch carries give the weights a teacher returning those maps would give."""
     torch.manual_seed(0)
     x, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
-    own = torch.rand(8, 4, 4) * (torch.rand(8, 4, 4) > 0.5)
+    scores = torch.rand(8, 1, 4, 4) * (torch.rand(8, 1, 4, 4) > 0.5)  # top-1 maps of each image's own class
+    whole = np.array([[0.25, 0., 0.], [0., 0.25, 0.]])  # the 16 x 16 px image onto its 4 x 4 map
+    records = torch.stack([pack_record(int(label), int(label), score, torch.full_like(score, float(label)), whole, [],
+                                       0, (16, 16)) for label, score in zip(labels, scores)])
+    read_labels, own = record_maps(records, (4, 4))
+    assert torch.equal(read_labels, labels) and own.shape == (8, 4, 4) and own.sum() > 0
     full = torch.zeros(8, 5, 4, 4)
     full[torch.arange(8), labels] = own
     kwargs = dict(mixup_alpha=0.8, cutmix_alpha=1., num_classes=5, patch_size=4, mode=mode, target_norm='sum',
@@ -486,14 +494,16 @@ def test_stored_maps_mixer_equals_tokenmix_with_those_maps(mode):
     token_batches = 0
     for _ in range(6):  # Mixup and token batches
         mixed_t, target_t = teacher(x.clone(), labels)
-        mixed_s, target_s = stored(x.clone(), torch.cat([labels.float()[:, None], own.flatten(1)], dim=1))
+        mixed_s, target_s = stored(x.clone(), records)
         assert torch.equal(mixed_t, mixed_s) and torch.allclose(target_t, target_s)
         token_batches += stored.last_mask is not None
     assert token_batches >= 2
     stored.mixup_enabled = False  # --mixup-off-epoch reaches the wrapped TokenMix
     assert not stored.tokenmix.mixup_enabled
-    with pytest.raises(ValueError, match=r'stored-map targets must be B x \(1 \+ 4 \* 4\)'):
+    with pytest.raises(ValueError, match='stored-map targets must be B x L records of StoredMapDataset'):
         stored(x.clone(), labels)
+    with pytest.raises(ValueError, match=r'must be B x 46 records of StoredMapDataset .*top-1 4 x 4 maps.*\(8, 45\)'):
+        stored(x.clone(), records[:, :-1])
 
 
 @pytest.mark.parametrize('extra, message', [
@@ -573,9 +583,10 @@ def test_labels_are_matched_to_the_teacher_classes_by_name(tmp_path, data_classe
     for index in range(len(wrapped)):
         name = wrapped.key(index).split('/')[0]
         _, target = wrapped[index]
-        assert target[0].item() == expected_labels[name]
+        label, own_map = record_maps(target[None], wrapped.grid)
+        assert target[0].item() == label.item() == expected_labels[name]
         score = 10. * (AUTHORS_CLASSES.index(name) + 1)  # the channel of the teacher's class of that name
-        assert torch.equal(target[1:], torch.full((4,), score)), (name, target)
+        assert torch.allclose(own_map, torch.full((1, 2, 2), score)), (name, own_map)
 
 
 @pytest.mark.parametrize('data_classes, class_map, store_classes, layout, message', [
@@ -632,15 +643,17 @@ def test_authors_order_flips_and_turns_the_whole_map_before_the_crop(tmp_path):
     ours = StoredMapDataset(dataset, open_map_store(str(tmp_path / 'store')), (2, 2))
     log = ours.log
     log.crop, log.image_size, log.output_size, log.hflip = (0, 40, 32, 40), (80, 64), (32, 32), True
-    flipped_then_cut = torch.tensor([[6.5, 4.5], [22.5, 20.5]])  # the map's top-left quadrant, mirrored
-    assert torch.allclose(ours.own_map(index, 1), torch.tensor([[10.5, 8.5], [26.5, 24.5]]))  # timm: cut, then flip
+    # the map is 8 * (y - 0.5) + (x - 0.5) but flat within half a cell of its edges (roi_align's clamp): a token along
+    # an edge reads up to 0.5 off that ramp (4 x 4 samples a token, see test_stored_map_orientation_both_layouts)
+    flipped_then_cut = torch.tensor([[7.0, 5.0625], [22.5, 20.5625]])  # the map's top-left quadrant, mirrored
+    assert torch.allclose(ours.own_map(index, 1), torch.tensor([[10.9375, 9.0], [26.4375, 24.5]]))  # timm: cut, flip
     log.crop_last = True
     assert torch.allclose(ours.own_map(index, 1), flipped_then_cut)
     log.hflip, log.vflip = False, True  # the bottom-right quadrant, upside down
-    assert torch.allclose(ours.own_map(index, 1), torch.tensor([[56.5, 58.5], [40.5, 42.5]]))
+    assert torch.allclose(ours.own_map(index, 1), torch.tensor([[56.0, 57.9375], [40.5, 42.4375]]))
     # the whole image turned, then a crop away from its edges: the crop's place turned, x in [32, 72) px, y in
     # [24, 56) px, i.e. map x in [3.2, 7.2), y in [3, 7), where the map is 8 * (y - 0.5) + (x - 0.5); then turned
-    log.crop, log.vflip, log.ops = (8, 8, 32, 40), False, [(rotate, (180.,))]
+    log.crop, log.vflip, log.ops, log.slots = (8, 8, 32, 40), False, [(rotate, (180.,))], 1
     assert torch.allclose(ours.own_map(index, 1), torch.tensor([[49.7, 47.7], [33.7, 31.7]]), atol=1e-3)
     log.ops = [(translate_x_abs, (16.,))]  # the image moved 16 px left: the crop reads x in [24, 64) px
     assert torch.allclose(ours.own_map(index, 1), torch.tensor([[14.9, 16.9], [30.9, 32.9]]), atol=1e-3)
@@ -656,7 +669,7 @@ def test_authors_order_flips_and_turns_the_whole_map_before_the_crop(tmp_path):
     authors = StoredMapDataset(dataset_b, open_map_store(str(tmp_path / 'authors')), (2, 2))
     # their map covers x in [8, 72) px; the crop x in [40, 72) of the flipped image is x in [8, 40) of the image
     authors.log.crop, authors.log.image_size, authors.log.hflip = (0, 40, 32, 32), (80, 64), True
-    authors.log.crop_last = True
+    authors.log.crop_last, authors.log.output_size = True, (16, 16)
     assert torch.allclose(authors.own_map(index, 1), flipped_then_cut)
 
 
@@ -677,16 +690,16 @@ def _stored_against_online(store: str, smooth_data: str, checkpoint: str, transf
     `drop` ('hflip', 'ops', 'order') leaves that part out of the replay."""
     dataset = StoredMapDataset(ImageDataset(os.path.join(smooth_data, 'train')), open_map_store(store), (4, 4))
     dataset.transform = transform
-    replayed, own_map = [], dataset.own_map
+    replayed, record = [], dataset.record
 
     def replay(index, label):
         log = dataset.log
         replayed.append((log.crop_last, log.hflip, len(log.ops)))
         log.hflip, log.ops = (False, log.ops) if drop == 'hflip' else (log.hflip, [] if drop == 'ops' else log.ops)
         log.crop_last = log.crop_last and drop != 'order'
-        return own_map(index, label)
+        return record(index, label)
 
-    dataset.own_map = replay
+    dataset.record = replay
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
@@ -698,7 +711,7 @@ def _stored_against_online(store: str, smooth_data: str, checkpoint: str, transf
     teacher = Teacher(model)
     full = teacher(images)
     online = F.adaptive_avg_pool2d(truncate_to_topk(own_class_maps(full, labels, 4), full, 2)[:, None], (4, 4))[:, 0]
-    stored = packed[:, 1:].view(-1, 4, 4)
+    stored = record_maps(packed, (4, 4))[1]
     dist = [m.clamp(min=0) / m.clamp(min=0).flatten(1).sum(1).clamp(min=1e-9).view(-1, 1, 1) for m in (online, stored)]
     has_mass = online.clamp(min=0).flatten(1).sum(1) > 0.05
     assert has_mass.sum() >= 30
@@ -732,8 +745,8 @@ def test_stored_maps_match_online_teacher_in_the_authors_order(pointwise_store, 
                                                                 transform)
     assert all(crop_last for crop_last, _, _ in replayed)
     assert sum(flip for _, flip, _ in replayed) >= 15 and sum(ops > 0 for _, _, ops in replayed) >= 30
-    # measured: maps median 0.012, max 0.11; weights mean 0.0003, max 0.003; area weights differ by 0.059 (timm's
-    # order on the same images: 0.014, 0.14; 0.0011, 0.023; 0.075)
+    # measured: maps median 0.013, max 0.11; weights mean 0.0004, max 0.005 (timm's order on the same images: 0.010,
+    # 0.10; 0.0007, 0.015)
     assert _aligned(map_error, gap), (map_error, gap)
     assert area_gap > 10 * gap.mean()
 
@@ -747,3 +760,26 @@ def test_authors_order_alignment_fails_without_the_flip_the_ops_or_the_order(poi
                                                   authors_order(_geometric_transform(32)), drop)
     assert not _aligned(map_error, gap)
     assert map_error.median() > 0.3, map_error  # measured: 1.0 (no flip), 0.81 (no ops), 0.65 (timm's order)
+
+
+@pytest.mark.parametrize('op, arg', [('rotate', 17.), ('rotate', -150.), ('shear_x', 0.3), ('shear_y', -0.25),
+                                     ('translate_x_rel', 0.12), ('translate_y_rel', -0.2), ('translate_x_abs', 5.5),
+                                     ('translate_y_abs', -3.)])
+def test_op_matrices_are_what_timm_ops_do_to_an_image(op, arg):
+    """Each geometric op's affine map (output -> input, pixel centres at k + 0.5) reads, on a linear ramp, what timm's
+    op writes at every pixel it fills from inside the image, and says "outside" where the op wrote its fill."""
+    from timm.data import auto_augment
+    from tokenmix_train.teacher_maps import _op_matrix
+    width, height = 40, 30
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    ramp = Image.fromarray((xs + 100 * ys).astype(np.float32), mode='F')
+    fn = getattr(auto_augment, op)
+    out = np.asarray(fn(ramp, arg, resample=Image.BILINEAR, fillcolor=-1.0))
+    at = np.stack([xs + 0.5, ys + 0.5, np.ones_like(xs)], -1) @ _op_matrix(fn, (arg,), (width, height)).T
+    inner = (at[..., 0] > 1) & (at[..., 0] < width - 1) & (at[..., 1] > 1) & (at[..., 1] < height - 1)
+    assert inner.sum() > 300
+    np.testing.assert_allclose(out[inner], (at[..., 0] - 0.5 + 100 * (at[..., 1] - 0.5))[inner], atol=2e-3)
+    outside = (at[..., 0] < -0.5) | (at[..., 0] > width + 0.5) | (at[..., 1] < -0.5) | (at[..., 1] > height + 0.5)
+    assert (out[outside] == -1.0).all()
+    with pytest.raises(ValueError, match='no affine map for the augment op solarize'):
+        _op_matrix(auto_augment.solarize, (128,), (width, height))

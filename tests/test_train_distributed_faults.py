@@ -22,6 +22,7 @@ from record_train import record_run
 from test_teacher_maps import _children
 from tokenmix_train.args import parse_train_args
 from tokenmix_train.mixing import build_mixer
+from tokenmix_train.teacher_maps import record_maps
 
 pytestmark = [pytest.mark.slow,  # torchrun with two processes, kills and resumes
               pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir('/proc'),
@@ -83,7 +84,8 @@ def test_stored_map_targets_on_two_ranks_equal_a_single_process_run(train_argv, 
         reference.update(zip(call['indices'], call['targets']))
     assert sorted(reference) == list(range(TRAIN_IMAGES))
     # maps that weigh the labels (measured: 35; the random teacher's top 3 misses the own class of the others)
-    assert sum(bool(target[1:].gt(0).any()) for target in reference.values()) >= TRAIN_IMAGES // 2
+    own_maps = record_maps(torch.stack(list(reference.values())), (4, 4))[1]
+    assert sum(bool(own.gt(0).any()) for own in own_maps) >= TRAIN_IMAGES // 2
     args = parse_train_args(argv)[0]
     seen = []
     for rank in (0, 1):
@@ -91,7 +93,7 @@ def test_stored_map_targets_on_two_ranks_equal_a_single_process_run(train_argv, 
         assert len(calls) == 5
         for call in calls:
             expected = torch.stack([reference[index] for index in call['indices']])
-            assert torch.equal(call['targets'], expected), (rank, call['indices'])  # label, own map: 1 + 4 x 4
+            assert torch.equal(call['targets'], expected), (rank, call['indices'])  # records: label, maps, geometry
             generator = torch.Generator().set_state(call['generator'])
             mixer = build_mixer(args, 10, 8, None, generator)  # 10 classes, 8 px tokens, no teacher (stored maps)
             _, soft = mixer(torch.zeros(6, 3, 32, 32), expected)

@@ -2,11 +2,13 @@
 
 A teacher run once over a split (tools/precompute_teacher_maps.py) stores, per image and map position, its top-K
 class scores and their class indices. At train time each sample's augmentation geometry is recorded as it is
-drawn (the RandomResizedCrop box, the flips, the geometric ops of RandAugment / AutoAugment) and replayed on the
-image's own-class map in the order the image got them: timm's order cuts the map to the crop, then flips it and puts
-it through the same geometric ops; the authors' order (`--aug-order authors`) flips and transforms a map of the
-whole image, then cuts the crop. The result is averaged onto the token grid; the batch carries it beside the label
-and :class:`StoredMapsMixer` hands it to TokenMix.
+drawn (the RandomResizedCrop box, the flips, the geometric ops of RandAugment / AutoAugment), in the order the image
+got them (timm's: the crop, then flips and ops on it; the authors', `--aug-order authors`: flips and ops on the whole
+image, then the crop), and composed into affine maps from the augmented image to the stored map. The loader worker
+only writes those and the image's stored top-K scores into the sample's record (its target); on the batch's device
+:class:`StoredMapsMixer` reads the whole batch's own-class maps through them onto the token grid in one pass
+(:func:`record_maps`, :func:`mixup_ext.sample_maps`) and hands them to TokenMix. So the workers do no tensor work
+for the maps (docs/benchmarks.md).
 
 Two layouts are read:
 
@@ -26,20 +28,20 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.data.auto_augment import AugmentOp
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from timm.utils.misc import natural_key
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from mixup_ext import TokenMix, crop_map, own_map_from_topk, token_grid
+from mixup_ext import TokenMix, own_map_from_topk, sample_maps, token_grid
 from models import CheckpointError, read_checkpoint
 
 from .data import CheckedImageDataset, DatasetView
@@ -47,6 +49,7 @@ from .errors import ConfigError
 
 __all__ = ['MANIFEST', 'FORMAT', 'MapStore', 'AuthorsMapStore', 'open_map_store', 'class_names', 'shard_name',
            'shard_done', 'shard_record', 'write_shard', 'write_json_atomic', 'StoredMapDataset', 'StoredMapsMixer',
+           'RecordLayout', 'geometry_matrices', 'pack_record', 'record_maps',
            'wrap_train_dataset']
 
 _logger = logging.getLogger(__name__)
@@ -56,7 +59,6 @@ FORMAT = 'tokenmix-teacher-maps/1'
 GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'TranslateXRel', 'TranslateYRel')
 _PHOTOMETRIC = ('ColorJitter', 'RandomApply', 'RandomGrayscale', 'GaussianBlur', 'MaybePILToTensor', 'MaybeToTensor',
                 'ToTensor', 'Normalize', 'RandomErasing', 'ToNumpy', 'PILToTensor', 'ConvertImageDtype')
-_REPLAY_CELLS = 4  # geometric ops replayed on 4 x 4 points a token, then averaged (alignment test: 0.015 L1)
 
 
 def shard_name(shard: int) -> str:
@@ -403,6 +405,8 @@ class GeometryLog:
 
     `crop_last` is the pipeline's order, set when it is instrumented and kept across samples: the flips and ops act
     on the whole image before the crop (the authors' order, --aug-order authors), else on the crop after it (timm's).
+    `slots`, also set then: the most geometric ops a sample can get (RandAugment's layers, AutoAugment's longest
+    sub-policy), the op slots of every record.
     """
     image_size: Optional[Tuple[int, int]] = None
     crop: Optional[Tuple[int, int, int, int]] = None
@@ -411,6 +415,7 @@ class GeometryLog:
     vflip: bool = False
     ops: List[Tuple[Any, tuple]] = field(default_factory=list)
     crop_last: bool = False
+    slots: int = 0
 
     def reset(self) -> None:
         self.image_size, self.crop, self.hflip, self.vflip, self.ops = None, None, False, False, []
@@ -471,7 +476,7 @@ def instrument_transform(transform: transforms.Compose, log: GeometryLog) -> Non
     crops = [i for i, t in enumerate(steps) if isinstance(t, RandomResizedCropAndInterpolation)]
     if len(crops) != 1:
         raise ConfigError('--teacher-maps needs the RandomResizedCrop train pipeline (not --no-aug or other crops)')
-    moved = []  # positions of the steps that move pixels, besides the crop
+    moved, slots = [], 0  # positions of the steps that move pixels, besides the crop
     for i, t in enumerate(steps):
         name = type(t).__name__
         if isinstance(t, RandomResizedCropAndInterpolation):
@@ -484,6 +489,7 @@ def instrument_transform(transform: transforms.Compose, log: GeometryLog) -> Non
         elif name == 'AugMixAugment':  # blends several augmented copies: no single geometry to follow
             raise ConfigError('--teacher-maps cannot follow the geometry of AugMix (--aa augmix-*)')
         elif _augment_ops(t):
+            slots += getattr(t, 'num_layers', None) or max(len(sub) for sub in getattr(t, 'policy', [[]]))
             for op in _augment_ops(t):
                 if op.name in GEOMETRIC_OPS:
                     op.aug_fn = _RecordedOp(op.aug_fn.fn if isinstance(op.aug_fn, _RecordedOp) else op.aug_fn, log)
@@ -494,27 +500,131 @@ def instrument_transform(transform: transforms.Compose, log: GeometryLog) -> Non
     if len(sides) > 1:
         raise ConfigError("--teacher-maps follows flips and geometric ops all after the crop (timm's order) or all "
                           'before it (--aug-order authors), not on both sides')
-    log.crop_last = sides == {True}
+    log.crop_last, log.slots = sides == {True}, slots
 
 
-# the authors' order replays its ops on a map of the whole image, _CANVAS_CELLS points a stored map cell each way, its
-# longest side at most _CANVAS_MAX (18 x 18 maps, ImageNet-sized crops: L1 0.005 median from a map of 16 points a
-# token, 4 to 6 times faster)
-_CANVAS_CELLS, _CANVAS_MAX = 4, 1024
+def _op_matrix(fn: Any, args: tuple, size: Tuple[int, int]) -> np.ndarray:
+    """The 3 x 3 affine map that a geometric augment op of timm (`fn` with its recorded `args`) applied to an image of
+    `size` (width, height) px uses from its output's coordinates to its input's (PIL's convention: pixel k covers
+    [k, k + 1)); ValueError for an op that is not one of timm's affine ones."""
+    name, (width, height) = getattr(fn, '__name__', type(fn).__name__), size
+    matrix = np.eye(3)
+    if name == 'rotate':  # PIL's Image.rotate about the centre, without expansion
+        angle = -math.radians(args[0] % 360.0)
+        cos, sin, cx, cy = math.cos(angle), math.sin(angle), width / 2, height / 2
+        matrix[:2] = [[cos, sin, cx - cos * cx - sin * cy], [-sin, cos, cy + sin * cx - cos * cy]]
+    elif name in ('shear_x', 'shear_y'):
+        matrix[0 if name == 'shear_x' else 1, 1 if name == 'shear_x' else 0] = args[0]
+    elif name in ('translate_x_rel', 'translate_x_abs', 'translate_y_rel', 'translate_y_abs'):
+        axis = 0 if name.startswith('translate_x') else 1
+        matrix[axis, 2] = args[0] * (size[axis] if name.endswith('_rel') else 1)
+    else:
+        raise ValueError(f'no affine map for the augment op {name}')
+    return matrix
 
 
-def replay_geometry(image_map: torch.Tensor, ops: Sequence[Tuple[Any, tuple]], scale: float,
-                    box: Tuple[float, float, float, float], grid: Tuple[int, int]) -> torch.Tensor:
-    """Apply recorded geometric augment ops to a map laid over the image they acted on (the crop in timm's order, the
-    whole image in the authors'), `scale` map points a pixel each way, then cut `box` (x0, y0, x1, y1 in map points)
-    out of it onto the token grid. Absolute translations are scaled from image pixels to map points (relative ones,
-    angles and shears are the same at any scale); areas the ops bring in read 0."""
-    image = Image.fromarray(image_map.numpy(), mode='F')
-    for fn, args in ops:
-        if getattr(fn, '__name__', '').startswith('translate_') and fn.__name__.endswith('_abs'):
-            args = tuple(a * scale for a in args)
-        image = fn(image, *args, fillcolor=0.0, resample=Image.BILINEAR)
-    return crop_map(torch.from_numpy(np.asarray(image, dtype=np.float32).copy()), box, grid)
+def _flip_matrix(hflip: bool, vflip: bool, size: Tuple[int, int]) -> np.ndarray:
+    """The mirror of an image of `size` (width, height) px, horizontally and / or vertically."""
+    return np.array([[-1. if hflip else 1., 0., size[0] if hflip else 0.],
+                     [0., -1. if vflip else 1., size[1] if vflip else 0.], [0., 0., 1.]])
+
+
+def _scale_matrix(sx: float, sy: float, ox: float, oy: float) -> np.ndarray:
+    return np.array([[sx, 0., ox], [0., sy, oy], [0., 0., 1.]])
+
+
+def geometry_matrices(log: 'GeometryLog', map_size: Tuple[int, int], coverage: str
+                      ) -> Tuple[np.ndarray, List[Tuple[np.ndarray, Tuple[int, int]]]]:
+    """The recorded geometry as affine maps from the output image's coordinates: to the stored map's cells (2 x 3),
+    and, per geometric op, to that op's input image, with that image's size (width, height): a point outside it is
+    area the op brought in, which reads zero (:func:`mixup_ext.sample_maps`).
+
+    timm's order: ops, then the flips, on the crop, which is a box of the image; the authors' order: the crop is a box
+    of the image after the ops and the flips.
+    """
+    top, left, height, width = log.crop
+    img_w, img_h = log.image_size
+    out_h, out_w = log.output_size
+    crop = _scale_matrix(width / out_w, height / out_h, left, top)
+    x0, y0, x1, y1 = map_box((0, 0, img_h, img_w), log.image_size, map_size, coverage)
+    to_map = _scale_matrix((x1 - x0) / img_w, (y1 - y0) / img_h, x0, y0)
+    size, chain = ((img_w, img_h), crop) if log.crop_last else ((out_w, out_h), np.eye(3))
+    checks = []
+    for fn, args in reversed(log.ops):
+        chain = _op_matrix(fn, args, size) @ chain
+        checks.append((chain[:2], size))
+    chain = _flip_matrix(log.hflip, log.vflip, size) @ chain
+    return (to_map @ (chain if log.crop_last else crop @ chain))[:2], checks
+
+
+# a record: label, the label's class in the maps, K, map rows, map cols, op slots, output height and width, then the
+# 2 x 3 map to the stored map, per op slot a 2 x 3 map and its bounds, then K x h x w scores and K x h x w classes
+_HEAD = 8
+_POINTS = 2  # samples a token each way, at least (as many as the map cells a token of the whole image covers)
+
+
+class RecordLayout(NamedTuple):
+    """What a record holds besides its label: top-`k` maps of `h` x `w`, `slots` op slots, the output size."""
+    k: int
+    h: int
+    w: int
+    slots: int
+    out_h: int
+    out_w: int
+
+    @property
+    def length(self) -> int:
+        return _HEAD + 6 + self.slots * 8 + 2 * self.k * self.h * self.w
+
+    @classmethod
+    def of(cls, records: torch.Tensor) -> 'RecordLayout':
+        """The layout a batch of records states (read from the first; a device sync where they are on one)."""
+        if records.ndim != 2 or records.shape[1] < _HEAD:
+            raise ValueError(f'stored-map targets must be B x L records of StoredMapDataset, got '
+                             f'{tuple(records.shape)}')
+        layout = cls(*(int(v) for v in records[0, 2:_HEAD].tolist()))
+        if records.shape[1] != layout.length:
+            raise ValueError(f'stored-map targets must be B x {layout.length} records of StoredMapDataset (top-'
+                             f'{layout.k} {layout.h} x {layout.w} maps, {layout.slots} op slots), got '
+                             f'{tuple(records.shape)}')
+        return layout
+
+
+def pack_record(label: int, own_class: int, values: torch.Tensor, indices: torch.Tensor, to_map: np.ndarray,
+                checks: Sequence[Tuple[np.ndarray, Tuple[float, float]]], slots: int,
+                output_size: Tuple[int, int]) -> torch.Tensor:
+    """One sample's record (float32 vector): its label, the label's class in the maps, its top-K `values` and class
+    `indices` (K x h x w), the 2 x 3 map from the output image (`output_size`, height and width) to the map's cells,
+    and up to `slots` op checks (2 x 3 map, image width and height; the slots left empty check nothing)."""
+    if len(checks) > slots:
+        raise RuntimeError(f'{len(checks)} geometric ops recorded for {slots} op slots')
+    checks = list(checks) + [(np.zeros((2, 3)), (math.inf, math.inf))] * (slots - len(checks))
+    head = [label, own_class, *values.shape, slots, *output_size]
+    parts = [np.array(head, dtype=np.float64), np.asarray(to_map).ravel(), *(m.ravel() for m, _ in checks),
+             np.array([bound for _, size in checks for bound in size], dtype=np.float64)]
+    geometry = torch.from_numpy(np.concatenate(parts).astype(np.float32))
+    return torch.cat([geometry, values.float().flatten(), indices.float().flatten()])
+
+
+def record_maps(records: torch.Tensor, grid: Tuple[int, int], layout: Optional[RecordLayout] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The labels (B, int64) and own-class maps on the token `grid` (B x rows x cols) of a batch of
+    :class:`StoredMapDataset` records (B x L): each image's stored top-K scores read through its crop, flips and
+    geometric ops in one batched pass, on the records' device (the loader workers only record the geometry).
+    `layout`: the records' (:meth:`RecordLayout.of`, read from them when None)."""
+    k, h, w, slots, out_h, out_w = layout = layout or RecordLayout.of(records)
+    if records.ndim != 2 or records.shape[1] != layout.length:
+        raise ValueError(f'stored-map targets must be B x {layout.length} records of StoredMapDataset, got '
+                         f'{tuple(records.shape)}')
+    n, at = records.shape[0], _HEAD + 6 + slots * 6
+    to_map = records[:, _HEAD:_HEAD + 6].reshape(n, 2, 3)
+    checks = records[:, _HEAD + 6:at].reshape(n, slots, 2, 3)
+    bounds = records[:, at:at + slots * 2].reshape(n, slots, 2)
+    top = records[:, at + slots * 2:].reshape(n, 2, k, h, w)
+    own = own_map_from_topk(top[:, 0], top[:, 1].round(), records[:, 1].round().long())
+    points = max(_POINTS, math.ceil(max(h / grid[0], w / grid[1])))  # crop_map's count for the whole map
+    maps = sample_maps(own, to_map, (out_h, out_w), grid, points, checks, bounds)
+    return records[:, 0].round().long(), maps
 
 
 class StoredMapDataset(DatasetView):
@@ -568,39 +678,23 @@ class StoredMapDataset(DatasetView):
             instrument_transform(value, self.log)
         DatasetView.transform.fset(self, value)
 
-    def own_map(self, index: int, label: int) -> torch.Tensor:
-        """The sample's own-class map put through the geometry just recorded, in the order it touched the image, on
-        the token grid (rows x cols)."""
+    def record(self, index: int, label: int) -> torch.Tensor:
+        """The sample's record (float32): its label, its stored top-K scores and the geometry just recorded, as affine
+        maps (:func:`geometry_matrices`); :func:`record_maps` turns a batch of them into maps on the token grid."""
         log = self.log
         if log.crop is None:
             raise RuntimeError('no crop was recorded: the transform was not instrumented')
         values, indices = self.store.read(self.key(index))
+        if 0 < self.topk < values.shape[0]:
+            values, indices = values[:self.topk], indices[:self.topk]
         own_class = label if self.teacher_classes is None else self.teacher_classes[label]
-        full = own_map_from_topk(values, indices, own_class, self.topk)
-        (rows, cols), coverage = self.grid, self.store.coverage
-        top, left, height, width = log.crop
-        img_w, img_h = log.image_size
-        if not log.crop_last:  # timm's order: the crop, then the flips and ops on it
-            box = map_box(log.crop, log.image_size, tuple(full.shape), coverage)
-            if not log.ops:
-                return crop_map(full, box, self.grid, hflip=log.hflip, vflip=log.vflip)
-            fine = (rows * _REPLAY_CELLS, cols * _REPLAY_CELLS)
-            cut = crop_map(full, box, fine, hflip=log.hflip, vflip=log.vflip)
-            return replay_geometry(cut, log.ops, fine[1] / log.output_size[1], (0, 0, fine[1], fine[0]), self.grid)
-        if not log.ops:  # the authors' order, flips only: a crop of the flipped image is the flipped crop of its mirror
-            mirror = (img_h - top - height if log.vflip else top, img_w - left - width if log.hflip else left, height,
-                      width)
-            box = map_box(mirror, log.image_size, tuple(full.shape), coverage)
-            return crop_map(full, box, self.grid, hflip=log.hflip, vflip=log.vflip)
-        # the authors' order: flips and ops on a map of the whole image, then the crop
-        whole = map_box((0, 0, img_h, img_w), log.image_size, tuple(full.shape), coverage)
-        cells = max((whole[2] - whole[0]) / img_w, (whole[3] - whole[1]) / img_h)  # map cells a pixel
-        scale = min(_CANVAS_CELLS * cells, _CANVAS_MAX / max(img_w, img_h))
-        canvas = crop_map(full, whole, (max(1, round(img_h * scale)), max(1, round(img_w * scale))), hflip=log.hflip,
-                          vflip=log.vflip)
-        sy, sx = canvas.shape[0] / img_h, canvas.shape[1] / img_w
-        box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
-        return replay_geometry(canvas, log.ops, sx, box, self.grid)
+        to_map, checks = geometry_matrices(log, tuple(values.shape[1:]), self.store.coverage)
+        return pack_record(label, own_class, values, indices, to_map, checks, log.slots, log.output_size)
+
+    def own_map(self, index: int, label: int) -> torch.Tensor:
+        """The sample's own-class map through the geometry just recorded, on the token grid (rows x cols): what
+        :func:`record_maps` makes of its record."""
+        return record_maps(self.record(index, label)[None], self.grid)[1][0]
 
     def __getitem__(self, index: int):
         self.log.reset()
@@ -608,18 +702,18 @@ class StoredMapDataset(DatasetView):
             img, label, index = self.dataset.served_item(index)
         else:
             img, label = self.dataset[index]
-        grid_map = self.own_map(index, int(label))
-        return img, torch.cat([torch.tensor([float(label)]), grid_map.flatten()])
+        return img, self.record(index, int(label))
 
 
 class StoredMapsMixer:
-    """Feeds TokenMix the stored maps the batch carries: targets ``B x (1 + rows * cols)`` -> labels, maps."""
+    """Feeds TokenMix the stored maps the batch carries: :class:`StoredMapDataset` records -> labels, maps on the
+    token grid of the batch (:func:`record_maps`, on the batch's device)."""
 
     def __init__(self, tokenmix: TokenMix) -> None:
-        self.tokenmix = tokenmix
+        self.tokenmix, self.layout = tokenmix, None
 
     def __getattr__(self, name: str):
-        if name == 'tokenmix':
+        if name in ('tokenmix', 'layout'):
             raise AttributeError(name)
         return getattr(self.tokenmix, name)
 
@@ -632,12 +726,10 @@ class StoredMapsMixer:
         self.tokenmix.mixup_enabled = value
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        rows, cols = token_grid(x.shape[2], x.shape[3], self.tokenmix.patch_size)
-        if target.ndim != 2 or target.shape[1] != 1 + rows * cols:
-            raise ValueError(f'stored-map targets must be B x (1 + {rows} * {cols}) (label, map), got '
-                             f'{tuple(target.shape)}: is the train dataset a StoredMapDataset?')
-        labels = target[:, 0].round().long()
-        return self.tokenmix(x, labels, own_maps=target[:, 1:].reshape(-1, rows, cols))
+        if self.layout is None or target.ndim != 2 or target.shape[1] != self.layout.length:
+            self.layout = RecordLayout.of(target)  # read once: the layout is the dataset's, the same every batch
+        labels, maps = record_maps(target, token_grid(x.shape[2], x.shape[3], self.tokenmix.patch_size), self.layout)
+        return self.tokenmix(x, labels, own_maps=maps)
 
 
 def _teacher_classes(store: Union[MapStore, AuthorsMapStore], class_to_idx: Dict[str, int],
