@@ -480,9 +480,9 @@ def test_stored_maps_mixer_equals_tokenmix_with_those_maps(mode):
     torch.manual_seed(0)
     x, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
     scores = torch.rand(8, 1, 4, 4) * (torch.rand(8, 1, 4, 4) > 0.5)  # top-1 maps of each image's own class
-    whole = np.array([[0.25, 0., 0.], [0., 0.25, 0.]])  # the 16 x 16 px image onto its 4 x 4 map
-    records = torch.stack([pack_record(int(label), int(label), score, torch.full_like(score, float(label)), whole, [],
-                                       0, (16, 16)) for label, score in zip(labels, scores)])
+    whole = (0.25, 0., 0., 0., 0.25, 0.)  # the 16 x 16 px image onto its 4 x 4 map
+    records = torch.stack([pack_record(int(label), int(label), torch.stack([score, torch.full_like(score, label)]).numpy(),
+                                       whole, [], 0, (16, 16)) for label, score in zip(labels, scores)])
     read_labels, own = record_maps(records, (4, 4))
     assert torch.equal(read_labels, labels) and own.shape == (8, 4, 4) and own.sum() > 0
     full = torch.zeros(8, 5, 4, 4)
@@ -775,7 +775,8 @@ def test_op_matrices_are_what_timm_ops_do_to_an_image(op, arg):
     ramp = Image.fromarray((xs + 100 * ys).astype(np.float32), mode='F')
     fn = getattr(auto_augment, op)
     out = np.asarray(fn(ramp, arg, resample=Image.BILINEAR, fillcolor=-1.0))
-    at = np.stack([xs + 0.5, ys + 0.5, np.ones_like(xs)], -1) @ _op_matrix(fn, (arg,), (width, height)).T
+    matrix = np.array(_op_matrix(fn, (arg,), (width, height))).reshape(2, 3)  # (a, b, c, d, e, f) as 2 x 3
+    at = np.stack([xs + 0.5, ys + 0.5, np.ones_like(xs)], -1) @ matrix.T
     inner = (at[..., 0] > 1) & (at[..., 0] < width - 1) & (at[..., 1] > 1) & (at[..., 1] < height - 1)
     assert inner.sum() > 300
     np.testing.assert_allclose(out[inner], (at[..., 0] - 0.5 + 100 * (at[..., 1] - 0.5))[inner], atol=2e-3)

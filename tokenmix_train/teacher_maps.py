@@ -35,7 +35,6 @@ from typing import Any, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tu
 
 import numpy as np
 import torch
-from timm.data.auto_augment import AugmentOp
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from timm.utils.misc import natural_key
 from torchvision import transforms
@@ -46,6 +45,7 @@ from models import CheckpointError, read_checkpoint
 
 from .data import CheckedImageDataset, DatasetView
 from .errors import ConfigError
+from .transforms import augment_ops
 
 __all__ = ['MANIFEST', 'FORMAT', 'MapStore', 'AuthorsMapStore', 'open_map_store', 'class_names', 'shard_name',
            'shard_done', 'shard_record', 'write_shard', 'write_json_atomic', 'StoredMapDataset', 'StoredMapsMixer',
@@ -293,20 +293,32 @@ class MapStore:
             self._fault(file, f'has {size} bytes, its header needs {expected} '
                               f'({"truncated" if size < expected else "bytes after the data"})')
 
+    def positions(self, keys: Sequence[str]) -> np.ndarray:
+        """Each image key's row over the shards (int32; -1 where it has no map here)."""
+        return self.index.find(_key_bytes(keys))
+
     def has_maps(self, keys: Sequence[str]) -> np.ndarray:
         """Whether each image key (its path relative to the split folder) has a map here."""
-        return self.index.find(_key_bytes(keys)) >= 0
+        return self.positions(keys) >= 0
 
-    def read(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Top-K values (float32) and class indices (int64) of one image, each K x h x w."""
-        position = int(self.index.find(_key_bytes([key]))[0])
-        if position < 0:
-            raise KeyError(key)
-        shard, row = divmod(position, self.shard_size)
+    def entry_at(self, position: int) -> np.ndarray:
+        """The top-K values and their class indices at row `position` over the shards: float32 2 x K x h x w."""
+        shard, row = divmod(int(position), self.shard_size)
         array = self._arrays.get(shard)
         if array is None:
             array = self._arrays[shard] = np.load(os.path.join(self.root, shard_name(shard) + '.npy'), mmap_mode='r')
-        entry = torch.from_numpy(np.array(array[row], dtype=np.float32))
+        return np.array(array[row], dtype=np.float32)
+
+    def entry(self, key: str) -> np.ndarray:
+        """One image's top-K values and class indices, float32 2 x K x h x w."""
+        position = int(self.positions([key])[0])
+        if position < 0:
+            raise KeyError(key)
+        return self.entry_at(position)
+
+    def read(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-K values (float32) and class indices (int64) of one image, each K x h x w."""
+        entry = torch.from_numpy(self.entry(key))
         return entry[0], entry[1].round().long()
 
     def __getstate__(self) -> Dict[str, Any]:  # memory maps are reopened in each worker process
@@ -367,10 +379,14 @@ class AuthorsMapStore:
                               f'(got {tuple(getattr(entry, "shape", ())) or type(entry).__name__})')
         return entry
 
+    def entry(self, key: str) -> np.ndarray:
+        """One image's top-K values and class indices, float32 2 x K x h x w."""
+        return self._load(self._file(key)).float().numpy()
+
     def read(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-K values (float32) and class indices (int64) of one image, each K x h x w."""
-        entry = self._load(self._file(key))
-        return entry[0].float(), entry[1].float().round().long()
+        entry = torch.from_numpy(self.entry(key))
+        return entry[0], entry[1].round().long()
 
 
 def open_map_store(root: str) -> Union[MapStore, AuthorsMapStore]:
@@ -448,21 +464,16 @@ class _RecordedFlip(torch.nn.Module):
 
 
 class _RecordedOp:
-    """A geometric augment op's function, recording its arguments each time it is applied."""
+    """A geometric augment op's function, recording its arguments each time it is applied; a function that resolves
+    them on the image (`transforms.WholePixelTranslate`: the shift rounded) records the op it applies instead."""
 
     def __init__(self, fn, log: GeometryLog) -> None:
         self.fn, self.log = fn, log
 
     def __call__(self, img, *level_args, **kwargs):
-        self.log.ops.append((self.fn, level_args))
+        applied_op = getattr(self.fn, 'applied_op', None)
+        self.log.ops.append(applied_op(img, *level_args) if applied_op else (self.fn, level_args))
         return self.fn(img, *level_args, **kwargs)
-
-
-def _augment_ops(t) -> List[AugmentOp]:
-    ops = getattr(t, 'ops', None)  # RandAugment
-    if ops is None and hasattr(t, 'policy'):  # AutoAugment: sub-policies of ops
-        ops = [op for sub in t.policy for op in sub]
-    return list(ops or [])
 
 
 def instrument_transform(transform: transforms.Compose, log: GeometryLog) -> None:
@@ -488,9 +499,9 @@ def instrument_transform(transform: transforms.Compose, log: GeometryLog) -> Non
             moved.append(i)
         elif name == 'AugMixAugment':  # blends several augmented copies: no single geometry to follow
             raise ConfigError('--teacher-maps cannot follow the geometry of AugMix (--aa augmix-*)')
-        elif _augment_ops(t):
+        elif augment_ops(t):
             slots += getattr(t, 'num_layers', None) or max(len(sub) for sub in getattr(t, 'policy', [[]]))
-            for op in _augment_ops(t):
+            for op in augment_ops(t):
                 if op.name in GEOMETRIC_OPS:
                     op.aug_fn = _RecordedOp(op.aug_fn.fn if isinstance(op.aug_fn, _RecordedOp) else op.aug_fn, log)
                     moved.append(i)
@@ -590,20 +601,21 @@ class RecordLayout(NamedTuple):
         return layout
 
 
-def pack_record(label: int, own_class: int, values: torch.Tensor, indices: torch.Tensor, to_map: np.ndarray,
+def pack_record(label: int, own_class: int, top: np.ndarray, to_map: np.ndarray,
                 checks: Sequence[Tuple[np.ndarray, Tuple[float, float]]], slots: int,
                 output_size: Tuple[int, int]) -> torch.Tensor:
-    """One sample's record (float32 vector): its label, the label's class in the maps, its top-K `values` and class
-    `indices` (K x h x w), the 2 x 3 map from the output image (`output_size`, height and width) to the map's cells,
-    and up to `slots` op checks (2 x 3 map, image width and height; the slots left empty check nothing)."""
+    """One sample's record (float32 vector): its label, the label's class in the maps, its top-K values and class
+    indices (`top`, 2 x K x h x w), the 2 x 3 map from the output image (`output_size`, height and width) to the
+    map's cells, and up to `slots` op checks (2 x 3 map, image width and height; the slots left empty check nothing).
+    NumPy until the one tensor made at the end: this runs in the loader workers, once a sample."""
     if len(checks) > slots:
         raise RuntimeError(f'{len(checks)} geometric ops recorded for {slots} op slots')
-    checks = list(checks) + [(np.zeros((2, 3)), (math.inf, math.inf))] * (slots - len(checks))
-    head = [label, own_class, *values.shape, slots, *output_size]
-    parts = [np.array(head, dtype=np.float64), np.asarray(to_map).ravel(), *(m.ravel() for m, _ in checks),
-             np.array([bound for _, size in checks for bound in size], dtype=np.float64)]
-    geometry = torch.from_numpy(np.concatenate(parts).astype(np.float32))
-    return torch.cat([geometry, values.float().flatten(), indices.float().flatten()])
+    free = slots - len(checks)  # slots that check nothing: a zero map within infinite bounds
+    head = [label, own_class, *top.shape[1:], slots, *output_size, *to_map.ravel()]
+    bounds = [bound for _, size in checks for bound in size] + [math.inf] * 2 * free
+    parts = [np.array(head, dtype=np.float32), *(m.ravel() for m, _ in checks), np.zeros(6 * free),
+             np.array(bounds, dtype=np.float32), top.ravel()]
+    return torch.from_numpy(np.concatenate(parts, dtype=np.float32))
 
 
 def record_maps(records: torch.Tensor, grid: Tuple[int, int], layout: Optional[RecordLayout] = None
@@ -628,15 +640,17 @@ def record_maps(records: torch.Tensor, grid: Tuple[int, int], layout: Optional[R
 
 
 class StoredMapDataset(DatasetView):
-    """A train dataset whose targets carry each sample's own-class map on the token grid, cut to its crop.
+    """A train dataset whose targets carry what each sample's own-class map on the token grid is cut from.
 
-    Each item is ``(image, target)`` with target a float32 vector ``[label, map (grid rows x cols, row-major)]``;
-    :class:`StoredMapsMixer` unpacks it on the device. The wrapped dataset's transform (set by timm's loader
-    factory through this object's `transform`) is instrumented to record its geometry.
+    Each item is ``(image, target)`` with target the sample's record (:meth:`record`: label, stored top-K scores,
+    geometry); :class:`StoredMapsMixer` cuts the batch's maps from the records on the device. The wrapped dataset's
+    transform (set by timm's loader factory through this object's `transform`) is instrumented to record its
+    geometry.
 
-    Keys are not kept here (the store's index holds them): a sample's key is read from the dataset's reader when it
-    is loaded. A `CheckedImageDataset` that skips an unreadable image (--skip-bad-images) serves the next readable
-    one, and that image's map is served with it.
+    Keys are not kept here (the store's index holds them): each sample's row in this project's store is looked up
+    once, here; with the authors' layout a sample's key is read from the dataset's reader when it is loaded. A
+    `CheckedImageDataset` that skips an unreadable image (--skip-bad-images) serves the next readable one, and that
+    image's map is served with it.
 
     Args:
         dataset: a timm ImageDataset over an image folder (its reader gives each sample's relative path).
@@ -651,10 +665,18 @@ class StoredMapDataset(DatasetView):
         super().__init__(dataset)
         self.store, self.grid, self.topk, self.teacher_classes = store, grid, topk, teacher_classes
         self.log = GeometryLog()
+        # this project's store: each sample's row in it, found once (int32, 4 bytes an image; the authors' layout is
+        # read by key)
+        self.rows = np.empty(len(dataset), dtype=np.int32) if isinstance(store, MapStore) else None
         missing, count, block = [], len(dataset), 1 << 14  # in blocks: no list of 1.28 M keys at once
         for start in range(0, count, block):
             keys = [self.key(i) for i in range(start, min(start + block, count))]
-            missing.extend(keys[i] for i in np.flatnonzero(~store.has_maps(keys)))
+            if self.rows is not None:
+                self.rows[start:start + len(keys)] = found = store.positions(keys)
+                absent = found < 0
+            else:
+                absent = ~store.has_maps(keys)
+            missing.extend(keys[i] for i in np.flatnonzero(absent))
         if missing:
             split = ': a store of another split?' if len(missing) == count else ''
             raise ConfigError(f"--teacher-maps '{store.root}' has no maps for {len(missing)} of {count} "
@@ -684,12 +706,12 @@ class StoredMapDataset(DatasetView):
         log = self.log
         if log.crop is None:
             raise RuntimeError('no crop was recorded: the transform was not instrumented')
-        values, indices = self.store.read(self.key(index))
-        if 0 < self.topk < values.shape[0]:
-            values, indices = values[:self.topk], indices[:self.topk]
+        top = self.store.entry(self.key(index)) if self.rows is None else self.store.entry_at(self.rows[index])
+        if 0 < self.topk < top.shape[1]:
+            top = top[:, :self.topk]
         own_class = label if self.teacher_classes is None else self.teacher_classes[label]
-        to_map, checks = geometry_matrices(log, tuple(values.shape[1:]), self.store.coverage)
-        return pack_record(label, own_class, values, indices, to_map, checks, log.slots, log.output_size)
+        to_map, checks = geometry_matrices(log, top.shape[2:], self.store.coverage)
+        return pack_record(label, own_class, top, to_map, checks, log.slots, log.output_size)
 
     def own_map(self, index: int, label: int) -> torch.Tensor:
         """The sample's own-class map through the geometry just recorded, on the token grid (rows x cols): what
