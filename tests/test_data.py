@@ -182,8 +182,9 @@ def test_images_keep_or_take_the_input_mode_and_labels_pass_the_target_transform
         dataset('RGB')[1]
 
 
-def _train_loader(tmp_path, *argv, distributed=False):
-    """build_train_loader over four 8 x 8 images with train.py's flags `argv` (CPU, no workers)."""
+def _train_loader(tmp_path, *argv, distributed=False, interpolation='bilinear'):
+    """build_train_loader over four 8 x 8 images with train.py's flags `argv` (CPU, no workers); `interpolation` is
+    the data config's (the model's)."""
     from tokenmix_train.args import parse_train_args
     from tokenmix_train.data import build_train_loader
     os.makedirs(tmp_path / 'c', exist_ok=True)
@@ -191,7 +192,7 @@ def _train_loader(tmp_path, *argv, distributed=False):
         Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / 'c' / f'{i}.png')
     args = parse_train_args(['--data-dir', str(tmp_path), '-b', '2', '--workers', '0', '--device', 'cpu', *argv])[0]
     args.distributed = distributed
-    config = dict(input_size=(3, 8, 8), interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3)
+    config = dict(input_size=(3, 8, 8), interpolation=interpolation, mean=(0.5,) * 3, std=(0.5,) * 3)
     return build_train_loader(ImageDataset(str(tmp_path)), args, config, torch.device('cpu'))
 
 
@@ -245,3 +246,98 @@ def test_aug_repeats_on_one_process_use_timms_repeat_sampler_for_this_process_al
     sampler = _train_loader(tmp_path, '--aug-repeats', '2').sampler  # 3 is timm's default
     assert isinstance(sampler, RepeatAugSampler)
     assert (sampler.num_repeats, sampler.num_replicas, sampler.rank) == (2, 1, 0)
+
+
+def _spy_on_create_dataset(monkeypatch, size=3):
+    """Replace timm's create_dataset in tokenmix_train.data by a recorder of (name, keywords) returning `size`
+    samples: what build_dataset asks timm for, for the datasets (wds/, tfds/, hfids/) not installed here."""
+    import tokenmix_train.data as data_module
+    calls = []
+    monkeypatch.setattr(data_module, 'create_dataset', lambda name, **kwargs: calls.append((name, kwargs)) or
+                        list(range(size)))
+    return calls
+
+
+def test_each_split_asks_timm_for_its_own_sample_count_repeats_and_options(monkeypatch, tmp_path):
+    """The train split gets --train-num-samples and --epoch-repeats, the val split --val-num-samples and no repeats;
+    both get -b, --seed, the image mode of --input-size's channel count and the caller's extra keywords. A parser
+    without the optional flags (validate.py's has fewer) gets timm's defaults: no download, no remote code, 0
+    repeats, RGB."""
+    from tokenmix_train.args import parse_train_args
+    from tokenmix_train.data import build_dataset
+    from tokenmix_train.errors import ConfigError
+    calls = _spy_on_create_dataset(monkeypatch)
+    args = parse_train_args(['--data-dir', str(tmp_path), '--dataset', 'wds/shards', '-b', '16', '--seed', '7',
+                             '--train-num-samples', '60', '--val-num-samples', '30', '--epoch-repeats', '2',
+                             '--input-size', '1', '8', '8'])[0]
+    assert build_dataset(args, 'train', '--train-split', is_training=True) == [0, 1, 2]
+    build_dataset(args, 'validation', '--val-split', is_training=False, load_bytes=True)
+    both = dict(root=str(tmp_path), class_map='', batch_size=16, seed=7, download=False, input_img_mode='L',
+                trust_remote_code=False, input_key=None, target_key=None)
+    assert calls == [('wds/shards', dict(both, split='train', is_training=True, num_samples=60, repeats=2.0)),
+                     ('wds/shards', dict(both, split='validation', is_training=False, num_samples=30,
+                                         load_bytes=True))]
+    calls.clear()
+    bare = SimpleNamespace(data_dir=str(tmp_path), dataset='wds/shards', class_map='', batch_size=4, seed=0,
+                           skip_bad_images=False)
+    build_dataset(bare, 'train', '--train-split', is_training=True)
+    assert calls == [('wds/shards', dict(root=str(tmp_path), split='train', is_training=True, class_map='',
+                                         batch_size=4, seed=0, download=False, input_img_mode='RGB',
+                                         trust_remote_code=False, input_key=None, target_key=None, num_samples=None,
+                                         repeats=0))]
+    _spy_on_create_dataset(monkeypatch, size=0)
+    with pytest.raises(ConfigError, match=f"^no images found for split 'validation' in '{tmp_path}' "
+                                          r"\(--val-split\)$"):
+        build_dataset(args, 'validation', '--val-split', is_training=False)
+
+
+def test_a_folder_val_split_takes_the_train_class_index_and_the_channels_of_input_size(tmp_path):
+    """Val labels are the train split's indices (a one-image val split of the second class is label 1, not 0), images
+    are read in mode L when --input-size asks for one channel, and a missing split folder is named with its flag."""
+    from tokenmix_train.args import parse_train_args
+    from tokenmix_train.data import build_dataset
+    from tokenmix_train.errors import ConfigError
+    for split, classes in (('train', 'abc'), ('val', 'b')):
+        for name in classes:
+            os.makedirs(tmp_path / split / name)
+            Image.new('RGB', (4, 4), (200, 100, 0)).save(tmp_path / split / name / '0.png')
+    args = parse_train_args(['--data-dir', str(tmp_path), '--input-size', '1', '8', '8'])[0]
+    train = build_dataset(args, 'train', '--train-split', is_training=True)
+    val = build_dataset(args, 'validation', '--val-split', is_training=False, class_to_idx=train.reader.class_to_idx)
+    assert type(val) is CheckedImageDataset and len(val) == 1
+    image, label = val[0]
+    assert label == 1 and image.mode == 'L' and image.getpixel((0, 0)) == Image.new('RGB', (1, 1), (200, 100, 0)) \
+        .convert('L').getpixel((0, 0))
+    assert [label for _, label in train] == [0, 1, 2] and train[0][0].mode == 'L'
+    assert build_dataset(args, 'validation', '--val-split', is_training=False)[0][1] == 0  # no index given: its own
+    rgb = parse_train_args(['--data-dir', str(tmp_path)])[0]
+    assert build_dataset(rgb, 'train', '--train-split', is_training=True)[0][0].mode == 'RGB'
+    with pytest.raises(ConfigError, match=r"has no 'test' split folder \(--val-split\)$"):
+        build_dataset(args, 'test', '--val-split', is_training=False)
+
+
+def test_a_checked_dataset_keeps_the_wrapped_datasets_bytes_and_transforms(tmp_path):
+    """CheckedImageDataset serves what the timm dataset it wraps would: undecoded bytes with load_bytes, its transform
+    and its target transform."""
+    os.makedirs(tmp_path / 'c')
+    Image.new('RGB', (4, 4), (9, 9, 9)).save(tmp_path / 'c' / '0.png')
+    raw = (tmp_path / 'c' / '0.png').read_bytes()
+    checked = CheckedImageDataset(ImageDataset(str(tmp_path), load_bytes=True, transform=lambda data: ('seen', data),
+                                               target_transform=lambda label: label + 5))
+    assert checked[0] == (('seen', raw), 5)
+
+
+def test_no_aug_resizes_with_the_models_interpolation_and_the_schedule_takes_the_seed(tmp_path):
+    """--train-interpolation picks the augmented crop's interpolation, unless it is empty or --no-aug is given: then
+    the data config's (the model's) resizes, as in timm's train.py. Scheduled resolutions draw their batch schedule
+    from --seed."""
+    from torchvision.transforms import InterpolationMode
+
+    def first_step(*argv):
+        loader = _train_loader(tmp_path, *argv, interpolation='bicubic')
+        return loader.dataset.transform.transforms[0].interpolation
+    assert first_step('--train-interpolation', 'nearest') == InterpolationMode.NEAREST
+    assert first_step('--train-interpolation', 'nearest', '--no-aug') == InterpolationMode.BICUBIC
+    assert first_step('--train-interpolation', '') == InterpolationMode.BICUBIC
+    sampler = _train_loader(tmp_path, '--train-img-sizes', '8', '16', '--seed', '7').loader.batch_sampler
+    assert type(sampler).__name__ == 'ScheduledBatchSampler' and sampler.seed == 7
