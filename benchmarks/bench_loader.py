@@ -27,7 +27,6 @@ Usage: python benchmarks/bench_loader.py [-c RECIPE] [--data-dir DIR | --images 
            [--round-images N] [--feed IMG_S] [--teacher-maps STORE] [-- extra train.py flags]
 """
 import argparse
-import copy
 import io
 import math
 import os
@@ -63,6 +62,7 @@ from tokenmix_train.distributed import init_device, run_cli  # noqa: E402
 from tokenmix_train.errors import ConfigError  # noqa: E402
 from tokenmix_train.model import build_student, token_size_of  # noqa: E402
 from tokenmix_train.teacher_maps import record_maps, wrap_train_dataset  # noqa: E402
+from tokenmix_train.transforms import augment_ops, faster_augment  # noqa: E402
 
 DEFAULT_RECIPE = 'configs/imagenet/deit_small_tokenmix_stored_maps_300ep.yaml'
 H200_DEIT_S = 3527  # img/s of one H200 training DeiT-S with timm's CutMix (docs/benchmarks.md, gpu_check.sh)
@@ -70,9 +70,6 @@ STAGE_NAMES = {'RandomResizedCropAndInterpolation': 'crop-resize', 'RandomHorizo
                'RandomVerticalFlip': 'vertical flip', 'RandAugment': 'RandAugment', 'AutoAugment': 'AutoAugment',
                'MaybePILToTensor': 'to-tensor', 'MaybeToTensor': 'to-tensor', 'ToTensor': 'to-tensor',
                'Normalize': 'normalize', 'RandomErasing': 'random erasing'}
-TRANSLATE_OPS = {'TranslateX': (0, False), 'TranslateY': (1, False), 'TranslateXRel': (0, True),
-                 'TranslateYRel': (1, True)}  # op name -> (axis, magnitude relative to the image size)
-ROTATE_SHEAR_OPS = ('Rotate', 'ShearX', 'ShearY')
 
 
 class Timer:
@@ -192,32 +189,6 @@ def draft_decode(data: bytes, mode: str, crop: RandomResizedCropAndInterpolation
     return img, (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
 
 
-def integer_translate(axis: int, relative: bool) -> Callable:
-    """A translate op with timm's arguments and name that shifts by a whole number of pixels (the shift rounded): a
-    copy, where timm's op resamples the whole image with its filter (the same pixels for a whole-pixel shift). The
-    name is timm's op's, which `teacher_maps.replay_geometry` reads to scale absolute shifts onto a map."""
-    def translate(img: Image.Image, amount: float, **kwargs: Any) -> Image.Image:
-        pixels = round(amount * img.size[axis] if relative else amount)
-        matrix = (1, 0, pixels, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, pixels)
-        return img.transform(img.size, Image.AFFINE, matrix, resample=Image.NEAREST,
-                             fillcolor=kwargs.get('fillcolor'))
-    translate.__name__ = f'translate_{"xy"[axis]}_{"rel" if relative else "abs"}'
-    return translate
-
-
-def faster_augment(augment: Any, translate: bool, resample: Optional[int] = None) -> Any:
-    """A copy of a timm RandAugment / AutoAugment whose translate ops shift by whole pixels (`translate`) and whose
-    rotate and shear ops use `resample` (None: as configured); the same draws as the original."""
-    augment = copy.deepcopy(augment)
-    ops = getattr(augment, 'ops', None) or [op for sub in getattr(augment, 'policy', []) for op in sub]
-    for op in ops:
-        if translate and op.name in TRANSLATE_OPS:
-            op.aug_fn = integer_translate(*TRANSLATE_OPS[op.name])
-        elif resample is not None and op.name in ROTATE_SHEAR_OPS:
-            op.kwargs['resample'] = resample
-    return augment
-
-
 @dataclass(frozen=True)
 class Candidate:
     """One way from a file's bytes to the uint8 image tensor: a decoder, a crop-resize, the recipe's other steps.
@@ -321,8 +292,8 @@ def make_path(candidate: Candidate, steps: Sequence[Any], mode: str) -> Optional
     end = next((i for i, step in enumerate(steps) if STAGE_NAMES.get(type(step).__name__) in
                 ('to-tensor', 'normalize', 'random erasing')), len(steps))
     swap = candidate.translate or candidate.resample is not None
-    pil_steps = [faster_augment(step, candidate.translate, candidate.resample)
-                 if swap and (hasattr(step, 'ops') or hasattr(step, 'policy')) else step for step in steps[:end]]
+    pil_steps = [faster_augment(step, candidate.translate, candidate.resample) if swap and augment_ops(step) else step
+                 for step in steps[:end]]
     crop = steps[crop_at]
     before, after = pil_steps[:crop_at], pil_steps[crop_at + 1:]
 

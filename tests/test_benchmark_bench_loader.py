@@ -1,5 +1,6 @@
 """benchmarks/bench_loader.py and tools/make_jpeg_data.py: the data, the candidate paths' draws and pixels, the
-DCT scale rule, whole-pixel translates, RandAugment op timing rows, and the whole benchmark on a few images."""
+DCT scale rule, RandAugment op timing rows, and the whole benchmark on a few images (the whole-pixel translate and
+`faster_augment` the candidates use: tests/test_fast_augment.py)."""
 import functools
 import io
 import math
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from timm.data import create_transform
-from timm.data.auto_augment import AugmentOp, translate_x_rel, translate_y_rel
+from timm.data.auto_augment import AugmentOp
 
 from conftest import TINY_TEACHER, load_script
 
@@ -179,32 +180,6 @@ def test_the_baseline_is_timms_transform(order):
     for step in steps:
         img = step(img)
     assert torch.equal(out, img)
-
-
-def test_whole_pixel_translate_is_timms_op_on_whole_pixels():
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
-    fill = dict(fillcolor=(1, 2, 3), resample=Image.BICUBIC)
-    for axis, timm_op, pct in ((0, translate_x_rel, 0.2), (0, translate_x_rel, -0.34), (1, translate_y_rel, 0.3)):
-        fast = bench.integer_translate(axis, relative=True)
-        assert np.array_equal(np.asarray(fast(img, pct, **fill)), np.asarray(timm_op(img, pct, **fill)))
-        # a fractional shift is rounded to whole pixels: 0.23 * 50 = 11.5 -> 12 px
-    shifted = np.asarray(bench.integer_translate(0, relative=True)(img, 0.23, **fill))
-    assert np.array_equal(shifted[:, :38], np.asarray(img)[:, 12:]) and (shifted[:, 38:] == (1, 2, 3)).all()
-    assert np.array_equal(np.asarray(bench.integer_translate(1, relative=False)(img, -4.2, **fill))[4:],
-                          np.asarray(img)[:-4])
-
-
-def test_faster_augment_is_a_copy_with_the_same_draws():
-    augment = _recipe_steps()[2]
-    fast = bench.faster_augment(augment, translate=True, resample=Image.BILINEAR)
-    by_name = {op.name: op for op in fast.ops}
-    assert by_name['TranslateXRel'].aug_fn is not translate_x_rel
-    assert by_name['TranslateXRel'].aug_fn.__name__ == 'translate_x_rel'  # timm's name: map replay reads it
-    assert bench.integer_translate(1, relative=False).__name__ == 'translate_y_abs'
-    assert by_name['Rotate'].kwargs['resample'] == Image.BILINEAR
-    assert by_name['ContrastIncreasing'].kwargs['resample'] == Image.BICUBIC  # only rotate and shear change
-    assert {op.name: op.aug_fn for op in augment.ops}['TranslateXRel'] is translate_x_rel  # original untouched
-    assert {op.name: op.kwargs['resample'] for op in augment.ops}['Rotate'] == Image.BICUBIC
 
 
 def test_augment_op_rows_cover_every_op_with_a_tensor_counterpart():

@@ -20,6 +20,7 @@ import timm
 import torch
 import torch.distributed as dist
 import yaml
+from PIL import Image
 from timm.optim import create_optimizer_v2
 from torchvision.transforms import InterpolationMode
 
@@ -234,6 +235,12 @@ def _erasing(b: TrainBuild, name: str) -> Any:
     return getattr(b.train_loader.random_erasing, name, None)
 
 
+def _affine_ops(b: TrainBuild) -> Dict[str, Any]:
+    """The type of the function and the filter of RandAugment's Rotate and TranslateXRel ops."""
+    return {op.name: (type(op.aug_fn).__name__, op.kwargs['resample']) for op in _op(b.train_loader, 'RandAugment').ops
+            if op.name in ('Rotate', 'TranslateXRel')}
+
+
 def _initial_lr(b: TrainBuild) -> float:
     return b.run.optimizer.param_groups[0]['initial_lr']
 
@@ -368,6 +375,9 @@ TRAIN_FLAGS = [
     Row(['--aa', 'rand-m9-mstd0.5'], lambda b: _names(b.train_loader)[2], 'RandAugment'),  # in place of ColorJitter
     Row(['--aug-order', 'authors'], lambda b: _names(b.train_loader)[:3],  # timm's: crop, flip, colour
         ['RandomHorizontalFlip', 'ColorJitter', 'RandomResizedCropAndInterpolation']),
+    Row(['--fast-augment'], _affine_ops,  # timm's: its functions, each drawing bilinear or bicubic
+        dict(Rotate=('function', (Image.BILINEAR,) * 2), TranslateXRel=('WholePixelTranslate', (Image.NEAREST,) * 2)),
+        ['--aa', 'rand-m9-mstd0.5']),
     Row(['--aug-repeats', '3'], lambda b: (type(_sampler(b).sampler).__name__,
                                            getattr(_sampler(b).sampler, 'num_repeats', None)),
         ('RepeatAugSampler', 3)),

@@ -21,7 +21,7 @@ from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.misc import natural_key
 
 from .errors import ConfigError
-from .transforms import authors_order
+from .transforms import authors_order, fast_augment
 
 __all__ = ['CheckedImageDataset', 'DatasetView', 'ImageReadError', 'build_dataset', 'check_image_folder',
            'num_dataset_classes', 'resolve_num_classes', 'build_train_loader', 'loader_batches', 'set_loader_epoch']
@@ -218,7 +218,9 @@ def _with_sampler(loader, sampler):
 def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: torch.device):
     """timm's training loader (augmentation per timm flags); mixing is left to the caller, on the device.
 
-    --aug-order authors moves timm's crop after the flip and RandAugment (`transforms.authors_order`).
+    --aug-order authors moves timm's crop after the flip and RandAugment (`transforms.authors_order`);
+    --fast-augment swaps RandAugment / AutoAugment for its faster copy (`transforms.fast_augment`; with
+    --aug-splits, that of the augmented splits).
     --aug-repeats uses timm's `RepeatAugSampler` on one process too (timm's loader has it only when
     distributed); --aug-splits wraps the dataset in timm's `AugMixDataset` (clean + augmented views).
     Workers are started afresh each epoch (not persistent, as timm's default would keep them): their random
@@ -274,6 +276,11 @@ def build_train_loader(dataset, args: Any, data_config: Dict[str, Any], device: 
     )
     if args.aug_order == 'authors' and not args.no_aug:
         dataset.transform = authors_order(dataset.transform)
+    if args.fast_augment and not args.no_aug:
+        if isinstance(dataset, AugMixDataset):
+            dataset.augmentation = fast_augment(dataset.augmentation)
+        else:
+            dataset.transform = fast_augment(dataset.transform)
     if repeats_here:
         loader = _with_sampler(loader, RepeatAugSampler(dataset, num_replicas=1, rank=0,
                                                         num_repeats=args.aug_repeats))

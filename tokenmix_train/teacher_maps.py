@@ -49,7 +49,7 @@ from .transforms import augment_ops
 
 __all__ = ['MANIFEST', 'FORMAT', 'MapStore', 'AuthorsMapStore', 'open_map_store', 'class_names', 'shard_name',
            'shard_done', 'shard_record', 'write_shard', 'write_json_atomic', 'StoredMapDataset', 'StoredMapsMixer',
-           'RecordLayout', 'geometry_matrices', 'pack_record', 'record_maps',
+           'Affine', 'RecordLayout', 'geometry_matrices', 'pack_record', 'record_maps',
            'wrap_train_dataset']
 
 _logger = logging.getLogger(__name__)
@@ -514,41 +514,42 @@ def instrument_transform(transform: transforms.Compose, log: GeometryLog) -> Non
     log.crop_last, log.slots = sides == {True}, slots
 
 
-def _op_matrix(fn: Any, args: tuple, size: Tuple[int, int]) -> np.ndarray:
-    """The 3 x 3 affine map that a geometric augment op of timm (`fn` with its recorded `args`) applied to an image of
+Affine = Tuple[float, float, float, float, float, float]  # (a, b, c, d, e, f): x' = a x + b y + c, y' = d x + e y + f
+_IDENTITY: Affine = (1., 0., 0., 0., 1., 0.)
+
+
+def _then(first: Affine, second: Affine) -> Affine:
+    """`first`, then `second` (plain floats: the loader workers compose these once a sample)."""
+    a, b, c, d, e, f = second
+    p, q, r, s, t, u = first
+    return (a * p + b * s, a * q + b * t, a * r + b * u + c, d * p + e * s, d * q + e * t, d * r + e * u + f)
+
+
+def _op_matrix(fn: Any, args: tuple, size: Tuple[int, int]) -> Affine:
+    """The affine map that a geometric augment op of timm (`fn` with its recorded `args`) applied to an image of
     `size` (width, height) px uses from its output's coordinates to its input's (PIL's convention: pixel k covers
     [k, k + 1)); ValueError for an op that is not one of timm's affine ones."""
     name, (width, height) = getattr(fn, '__name__', type(fn).__name__), size
-    matrix = np.eye(3)
     if name == 'rotate':  # PIL's Image.rotate about the centre, without expansion
         angle = -math.radians(args[0] % 360.0)
         cos, sin, cx, cy = math.cos(angle), math.sin(angle), width / 2, height / 2
-        matrix[:2] = [[cos, sin, cx - cos * cx - sin * cy], [-sin, cos, cy + sin * cx - cos * cy]]
-    elif name in ('shear_x', 'shear_y'):
-        matrix[0 if name == 'shear_x' else 1, 1 if name == 'shear_x' else 0] = args[0]
-    elif name in ('translate_x_rel', 'translate_x_abs', 'translate_y_rel', 'translate_y_abs'):
-        axis = 0 if name.startswith('translate_x') else 1
-        matrix[axis, 2] = args[0] * (size[axis] if name.endswith('_rel') else 1)
-    else:
-        raise ValueError(f'no affine map for the augment op {name}')
-    return matrix
-
-
-def _flip_matrix(hflip: bool, vflip: bool, size: Tuple[int, int]) -> np.ndarray:
-    """The mirror of an image of `size` (width, height) px, horizontally and / or vertically."""
-    return np.array([[-1. if hflip else 1., 0., size[0] if hflip else 0.],
-                     [0., -1. if vflip else 1., size[1] if vflip else 0.], [0., 0., 1.]])
-
-
-def _scale_matrix(sx: float, sy: float, ox: float, oy: float) -> np.ndarray:
-    return np.array([[sx, 0., ox], [0., sy, oy], [0., 0., 1.]])
+        return cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy
+    if name == 'shear_x':
+        return 1., args[0], 0., 0., 1., 0.
+    if name == 'shear_y':
+        return 1., 0., 0., args[0], 1., 0.
+    if name in ('translate_x_rel', 'translate_x_abs'):
+        return 1., 0., args[0] * (width if name.endswith('_rel') else 1), 0., 1., 0.
+    if name in ('translate_y_rel', 'translate_y_abs'):
+        return 1., 0., 0., 0., 1., args[0] * (height if name.endswith('_rel') else 1)
+    raise ValueError(f'no affine map for the augment op {name}')
 
 
 def geometry_matrices(log: 'GeometryLog', map_size: Tuple[int, int], coverage: str
-                      ) -> Tuple[np.ndarray, List[Tuple[np.ndarray, Tuple[int, int]]]]:
-    """The recorded geometry as affine maps from the output image's coordinates: to the stored map's cells (2 x 3),
-    and, per geometric op, to that op's input image, with that image's size (width, height): a point outside it is
-    area the op brought in, which reads zero (:func:`mixup_ext.sample_maps`).
+                      ) -> Tuple[Affine, List[Tuple[Affine, Tuple[int, int]]]]:
+    """The recorded geometry as affine maps from the output image's coordinates: to the stored map's cells, and, per
+    geometric op, to that op's input image, with that image's size (width, height): a point outside it is area the
+    op brought in, which reads zero (:func:`mixup_ext.sample_maps`).
 
     timm's order: ops, then the flips, on the crop, which is a box of the image; the authors' order: the crop is a box
     of the image after the ops and the flips.
@@ -556,16 +557,18 @@ def geometry_matrices(log: 'GeometryLog', map_size: Tuple[int, int], coverage: s
     top, left, height, width = log.crop
     img_w, img_h = log.image_size
     out_h, out_w = log.output_size
-    crop = _scale_matrix(width / out_w, height / out_h, left, top)
+    crop = (width / out_w, 0., left, 0., height / out_h, top)
     x0, y0, x1, y1 = map_box((0, 0, img_h, img_w), log.image_size, map_size, coverage)
-    to_map = _scale_matrix((x1 - x0) / img_w, (y1 - y0) / img_h, x0, y0)
-    size, chain = ((img_w, img_h), crop) if log.crop_last else ((out_w, out_h), np.eye(3))
+    to_map = ((x1 - x0) / img_w, 0., x0, 0., (y1 - y0) / img_h, y0)
+    size, chain = ((img_w, img_h), crop) if log.crop_last else ((out_w, out_h), _IDENTITY)
     checks = []
     for fn, args in reversed(log.ops):
-        chain = _op_matrix(fn, args, size) @ chain
-        checks.append((chain[:2], size))
-    chain = _flip_matrix(log.hflip, log.vflip, size) @ chain
-    return (to_map @ (chain if log.crop_last else crop @ chain))[:2], checks
+        chain = _then(chain, _op_matrix(fn, args, size))
+        checks.append((chain, size))
+    flip = (-1. if log.hflip else 1., 0., size[0] if log.hflip else 0., 0., -1. if log.vflip else 1.,
+            size[1] if log.vflip else 0.)
+    chain = _then(chain, flip)
+    return _then(chain if log.crop_last else _then(chain, crop), to_map), checks
 
 
 # a record: label, the label's class in the maps, K, map rows, map cols, op slots, output height and width, then the
@@ -601,21 +604,20 @@ class RecordLayout(NamedTuple):
         return layout
 
 
-def pack_record(label: int, own_class: int, top: np.ndarray, to_map: np.ndarray,
-                checks: Sequence[Tuple[np.ndarray, Tuple[float, float]]], slots: int,
+def pack_record(label: int, own_class: int, top: np.ndarray, to_map: Affine,
+                checks: Sequence[Tuple[Affine, Tuple[float, float]]], slots: int,
                 output_size: Tuple[int, int]) -> torch.Tensor:
     """One sample's record (float32 vector): its label, the label's class in the maps, its top-K values and class
-    indices (`top`, 2 x K x h x w), the 2 x 3 map from the output image (`output_size`, height and width) to the
-    map's cells, and up to `slots` op checks (2 x 3 map, image width and height; the slots left empty check nothing).
-    NumPy until the one tensor made at the end: this runs in the loader workers, once a sample."""
+    indices (`top`, 2 x K x h x w), the affine map from the output image (`output_size`, height and width) to the
+    map's cells, and up to `slots` op checks (affine map, image width and height; the slots left empty check
+    nothing). Plain floats and one NumPy copy: this runs in the loader workers, once a sample."""
     if len(checks) > slots:
         raise RuntimeError(f'{len(checks)} geometric ops recorded for {slots} op slots')
     free = slots - len(checks)  # slots that check nothing: a zero map within infinite bounds
-    head = [label, own_class, *top.shape[1:], slots, *output_size, *to_map.ravel()]
-    bounds = [bound for _, size in checks for bound in size] + [math.inf] * 2 * free
-    parts = [np.array(head, dtype=np.float32), *(m.ravel() for m, _ in checks), np.zeros(6 * free),
-             np.array(bounds, dtype=np.float32), top.ravel()]
-    return torch.from_numpy(np.concatenate(parts, dtype=np.float32))
+    head = [label, own_class, *top.shape[1:], slots, *output_size, *to_map]
+    head += [v for matrix, _ in checks for v in matrix] + [0.] * 6 * free
+    head += [bound for _, size in checks for bound in size] + [math.inf] * 2 * free
+    return torch.from_numpy(np.concatenate([np.array(head, dtype=np.float32), top.ravel()], dtype=np.float32))
 
 
 def record_maps(records: torch.Tensor, grid: Tuple[int, int], layout: Optional[RecordLayout] = None
