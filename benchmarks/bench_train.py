@@ -11,8 +11,9 @@ reported, with the ratio to the first configuration (timm's Mixup/CutMix unless 
   tokenmix-teacher    TokenMix with the frozen teacher at the student's resolution
   tokenmix-teacher-lo TokenMix with the teacher at --teacher-img-size (reduced resolution)
   tokenmix-teacher-top5  TokenMix with the teacher, own-class maps truncated to the top 5 (--teacher-topk 5)
-  tokenmix-stored     TokenMix with stored maps (--teacher-maps): the batch carries each image's map on the token
-                      grid (cut to its crop in the loader workers, timed apart below), no teacher runs
+  tokenmix-stored     TokenMix with stored maps (--teacher-maps): the batch carries each image's record (its stored
+                      18 x 18 top-5 entry and augmentation geometry, written in the loader workers, timed apart
+                      below); the maps are cut from them on the device inside the step, no teacher runs
 
 CPU defaults use the demo's tiny models; benchmarks/gpu_check.sh runs DeiT-S + ResNet-50 at 224 px.
 Figures on a shared machine are noisy: compare ratios from one run, not absolute numbers across runs.
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional
 import timm
 import torch
 from timm.data import Mixup
+from timm.data.auto_augment import rotate
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ParseKwargs
@@ -36,15 +38,17 @@ if ROOT not in sys.path:  # run as a file from a checkout that was not pip-insta
     sys.path.insert(0, ROOT)
 
 import models  # noqa: F401,E402  registers the tiny models
-from mixup_ext import TokenMix, crop_map, own_map_from_topk  # noqa: E402
+from mixup_ext import TokenMix  # noqa: E402
 from models import Teacher  # noqa: E402
 from tokenmix_train.engine import Training, train_one_epoch  # noqa: E402
-from tokenmix_train.teacher_maps import StoredMapsMixer  # noqa: E402
+from tokenmix_train.teacher_maps import GeometryLog, StoredMapsMixer, geometry_matrices, pack_record  # noqa: E402
 from tokenmix_train.model import token_size_of  # noqa: E402
 
 
 class SyntheticLoader:
     """`steps` batches cycling over a few random batches that live on the device."""
+
+    batch_sampler = None  # no sampler: the engine starts each pass at its first batch
 
     def __init__(self, batches: List[tuple], steps: int) -> None:
         self.batches, self.steps = batches, steps
@@ -134,13 +138,27 @@ def teacher_cost(teacher: Teacher, loader: SyntheticLoader, warmup: int) -> floa
     return (len(loader) - warmup) * loader.batches[0][0].shape[0] / (time.perf_counter() - start)
 
 
-def stored_batches(batches: List[tuple], grid: tuple) -> List[tuple]:
-    """The same batches with the targets a --teacher-maps loader gives: label, then the map on the token grid."""
-    out = []
-    for images, labels in batches:
-        maps = torch.rand(labels.shape[0], grid[0] * grid[1], device=labels.device)
-        out.append((images, torch.cat([labels.float()[:, None], maps], dim=1)))
-    return out
+def stored_record(label: int, img_size: int, turned: bool, generator: torch.Generator, map_size: int = 18,
+                  k: int = 5) -> torch.Tensor:
+    """A --teacher-maps loader's record of one sample (loader-worker work): a random top-`k` entry of `map_size` cells
+    with the label among them, a random crop of a 500 x 375 px image, flipped, `turned` by a RandAugment rotation."""
+    values = torch.rand(k, map_size, map_size, generator=generator)
+    indices = torch.randint(0, 1000, (k, map_size, map_size), generator=generator)
+    indices[0] = label
+    top, left = (int(v) for v in torch.randint(0, 150, (2,), generator=generator))
+    log = GeometryLog(image_size=(500, 375), crop=(top, left, 200, 300), output_size=(img_size, img_size),
+                      hflip=True, ops=[(rotate, (15.,))] if turned else [], slots=2)
+    to_map, checks = geometry_matrices(log, (map_size, map_size), 'whole')
+    return pack_record(label, label, torch.stack([values, indices.float()]).numpy(), to_map, checks, log.slots,
+                       log.output_size)
+
+
+def stored_batches(batches: List[tuple], img_size: int) -> List[tuple]:
+    """The same batches with the targets a --teacher-maps loader gives: each sample's record (one in three turned)."""
+    generator = torch.Generator().manual_seed(0)
+    return [(images, torch.stack([stored_record(label, img_size, i % 3 == 0, generator)
+                                  for i, label in enumerate(labels.tolist())]).to(labels.device))
+            for images, labels in batches]
 
 
 def mixer_cost(mixer, batches: List[tuple], repeats: int) -> float:
@@ -158,13 +176,12 @@ def mixer_cost(mixer, batches: List[tuple], repeats: int) -> float:
     return min(times[True] or times[False])
 
 
-def map_cut_cost(grid: tuple, map_size: int = 18, k: int = 5, repeats: int = 2000) -> float:
-    """Microseconds per sample to turn a stored top-k entry into its crop's map on the grid (loader-worker work)."""
-    values, indices = torch.randn(k, map_size, map_size), torch.randint(0, 1000, (k, map_size, map_size))
+def record_cost(img_size: int, repeats: int = 2000) -> float:
+    """Microseconds per sample to write a stored-map record (the loader workers' part of the stored-map path)."""
+    generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for i in range(repeats):
-        own = own_map_from_topk(values, indices, i % 1000)
-        crop_map(own, (1.5, 2.0, 15.0, 14.5), grid, hflip=bool(i % 2))
+        stored_record(i % 1000, img_size, i % 3 == 0, generator)
     return (time.perf_counter() - start) / repeats * 1e6
 
 
@@ -188,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     loader, warmup = SyntheticLoader(batches, args.steps), SyntheticLoader(batches, args.warmup_steps)
     patch = token_size_of(student)
     grid = (args.img_size // patch, args.img_size // patch)
-    stored = stored_batches(batches, grid)
+    stored = stored_batches(batches, args.img_size)
     stored_loaders = SyntheticLoader(stored, args.steps), SyntheticLoader(stored, args.warmup_steps)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     results: Dict[str, List[float]] = {name: [] for name in mixers}
@@ -228,8 +245,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         extra = mix_ms['tokenmix-stored'] - mix_ms['tokenmix-area']
         print(f'from the mixers alone (min over token batches): stored costs {extra:+.2f} ms a batch over area, '
               f'{extra / step_ms:+.4f} of a best-round area step, i.e. stored at {step_ms / (step_ms + extra):.3f}x')
-    print(f'stored maps: cutting one image\'s 18 x 18 top-5 entry to its crop on the {grid[0]} x {grid[1]} grid '
-          f'takes {map_cut_cost(grid):.0f} us on one CPU thread (in the loader workers, not in the rows above)')
+    print(f'stored maps: writing one image\'s record (its 18 x 18 top-5 entry and geometry) takes '
+          f'{record_cost(args.img_size):.0f} us on one CPU thread (in the loader workers, not in the rows above; the '
+          f'cut onto the {grid[0]} x {grid[1]} grid is in the tokenmix-stored step)')
     if 'tokenmix-teacher' in mixers:
         teacher = mixers['tokenmix-teacher'].teacher
         teacher_rate = teacher_cost(teacher, SyntheticLoader(batches, args.steps + args.warmup_steps),

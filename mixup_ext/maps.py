@@ -67,17 +67,21 @@ def sample_maps(maps: torch.Tensor, to_map: torch.Tensor, out_size: Tuple[int, i
     device = maps.device
     steps_y = (torch.arange(rows * points, device=device, dtype=torch.float32) + 0.5) * (out_h / (rows * points))
     steps_x = (torch.arange(cols * points, device=device, dtype=torch.float32) + 0.5) * (out_w / (cols * points))
-    ys, xs = torch.meshgrid(steps_y, steps_x, indexing='ij')
-    where = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(-1, 3)  # M x 3
-    at = torch.einsum('nij,mj->nmi', to_map.float(), where)  # N x M x 2, map cells
+    ys, xs = (v.reshape(-1) for v in torch.meshgrid(steps_y, steps_x, indexing='ij'))  # M output points
+
+    def through(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # ... x 2 x 3 -> x, y: ... x M
+        m = matrices.float()[..., None]
+        return m[..., 0, 0, :] * xs + m[..., 0, 1, :] * ys + m[..., 0, 2, :], \
+            m[..., 1, 0, :] * xs + m[..., 1, 1, :] * ys + m[..., 1, 2, :]
+
+    x, y = through(to_map)  # N x M, map cells
     # roi_align reads a point at cell coordinate u - 0.5, zero when below -1 or above the size, else clamped
-    shifted = at - 0.5
-    size = torch.tensor([w, h], device=device, dtype=torch.float32)
-    keep = ((shifted >= -1) & (shifted <= size)).all(-1)
+    keep = (x >= -0.5) & (x <= w + 0.5) & (y >= -0.5) & (y <= h + 0.5)
     if checks is not None:
-        inner = torch.einsum('nsij,mj->nsmi', checks.float(), where)
-        keep &= ((inner >= 0) & (inner < bounds.float()[:, :, None])).all(-1).all(1)
-    normalised = (2 * at / size - 1).reshape(n, rows * points, cols * points, 2)
+        cx, cy = through(checks)  # N x S x M
+        limits = bounds.float()[..., None]
+        keep &= ((cx >= 0) & (cx < limits[:, :, 0]) & (cy >= 0) & (cy < limits[:, :, 1])).all(1)
+    normalised = torch.stack([2 * x / w - 1, 2 * y / h - 1], dim=-1).reshape(n, rows * points, cols * points, 2)
     read = F.grid_sample(maps.float()[:, None], normalised, mode='bilinear', padding_mode='border',
                          align_corners=False)[:, 0]
     read = read * keep.reshape(n, rows * points, cols * points)
