@@ -61,6 +61,14 @@ bench: setup
 bench-loader: setup
 	$(PYTHON) benchmarks/bench_loader.py
 
+# Train steps fed by the loader from JPEG files, beside the same steps on batches kept on the device and the loader
+# alone (benchmarks/bench_fed.py): a CPU smoke run with the tiny models, about a minute and a half (data, random
+# teacher and map store made in output/bench_fed/). The GPU run is part of benchmarks/gpu_check.sh.
+.PHONY: bench-fed
+bench-fed: setup
+	$(PYTHON) benchmarks/bench_fed.py --teacher-model tokenmix_cnn_teacher_64 --images 64 --rounds 3 --steps 8 \
+		--threads 1 -- --model tokenmix_vit_tiny_p8_64 --img-size 64 --device cpu --no-amp --no-pin-mem -b 8 --workers 1
+
 # Mutation testing (mutmut, requirements-dev.txt) of the core modules, each with the tests that cover it: prints the
 # score per module and writes the surviving mutants to output/mutation/survivors.txt. Not part of `make test`.
 mutation: setup
