@@ -2,6 +2,7 @@
 stored-map rows carry the records a --teacher-maps loader serves."""
 import re
 
+import pytest
 import torch
 
 from conftest import load_script
@@ -23,6 +24,7 @@ def test_stored_batches_carry_records_of_their_labels_whose_turned_maps_lose_cor
         assert (maps[i] < free[i]).any() if i % 3 == 0 else torch.equal(maps[i], free[i])
 
 
+@pytest.mark.slow  # a whole benchmark run, about 8 s
 def test_whole_run_prints_each_configuration_and_the_stored_ratio(capsys):
     assert bench.main(['--device', 'cpu', '--steps', '2', '--warmup-steps', '1', '--rounds', '2', '-b', '4',
                        '--configs', 'tokenmix-area', 'tokenmix-stored']) == 0
