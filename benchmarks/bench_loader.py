@@ -395,7 +395,7 @@ def run_round(pipeline: Pipeline, stored: Optional[Pipeline], paths: Dict[str, C
     pipeline.collate_stages(samples['stages'], stages)
     out: Dict[str, Any] = {name: seconds / len(indices) for name, seconds in timer.spent.items()}
     out['stages'] = {name: seconds / len(indices) for name, seconds in stages.spent.items()}
-    baseline = outputs[CANDIDATES[0].name]
+    baseline = outputs.get(CANDIDATES[0].name, [])
     out['diff'] = {name: float(np.mean([(a.float() - b.float()).abs().mean() for a, b in zip(images, baseline)]))
                    for name, images in outputs.items()}
     return out
@@ -485,6 +485,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
                         help=f'img/s to feed for the cores projection (default: {H200_DEIT_S}, one H200, DeiT-S)')
     parser.add_argument('--teacher-maps', default='', metavar='STORE', help='also measure with this map store')
     parser.add_argument('--ra-images', type=int, default=32, help='crops to time RandAugment ops on')
+    parser.add_argument('--workers-only', action='store_true',
+                        help='(a) only: the worker job and its stages, without the candidates and the ops')
     args, extra = parser.parse_known_args(argv)
     if min(args.rounds, args.round_images, args.images, args.ra_images) < 1 or args.feed <= 0:
         parser.error('--rounds, --round-images, --images, --ra-images and --feed must be positive')
@@ -511,7 +513,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipeline = build_pipeline(args.config, data_dir, extra)
     stored = build_pipeline(args.config, data_dir, [*extra, '--teacher-maps', args.teacher_maps]) \
         if args.teacher_maps else None
-    made = {c.name: make_path(c, pipeline.steps, pipeline.mode) for c in available_candidates()}
+    made = {} if args.workers_only else {c.name: make_path(c, pipeline.steps, pipeline.mode)
+                                         for c in available_candidates()}
     paths = {name: path for name, path in made.items() if path is not None}
     load = os.getloadavg()[0]
     rng = random.Random(args.seed)
@@ -530,6 +533,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f'{len(indices)} images, one torch thread; transform: {order}')
     print('\n(a) the recipe\'s train pipeline, one worker core\n')
     print('\n'.join(worker_table(rounds, args.feed)))
+    if args.workers_only:
+        return 0
     print('\n(b) decode/augment candidates, same images and draws as timm\'s path, one core\n')
     print('\n'.join(candidate_table(rounds, list(paths), args.feed, [n for n in made if n not in paths])))
     crop = next(s for s in pipeline.steps if isinstance(s, RandomResizedCropAndInterpolation))

@@ -275,3 +275,7 @@ def test_whole_benchmark_on_a_few_images(tmp_path, capsys, teacher_checkpoint):
     assert len(ops) == 16 and ops[-1][0] == 'all ops, expected' and ops[-1][3] == '1.00'
     assert re.search(r'2 rounds of 3 images', out)
     assert re.search(r'allow a DCT scale-down \(20 draws an image\): 1/2: 0.0%, 1/4: 0.0%, 1/8: 0.0%', out)
+    assert bench.main(['--data-dir', data, '--rounds', '1', '--round-images', '2', '--workers-only', '--teacher-maps',
+                       store, '--', '--teacher-model', TINY_TEACHER]) == 0
+    out = capsys.readouterr().out  # (a) alone: the worker job and the stored-maps ratios, no candidates or ops
+    assert _rows(out, '| worker job') and _rows(out, '| stored maps against') and '(b)' not in out and '(c)' not in out
