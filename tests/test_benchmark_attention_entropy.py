@@ -66,6 +66,7 @@ def test_logits_give_timms_own_attention_weights(tool, qk_norm):
     assert not any(block.attn.qkv._forward_hooks for block in model.blocks)  # hooks removed
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_report_reads_the_run_and_rejects_a_cnn(tool, tiny_data, tmp_path):
     run = tmp_path / 'run'
     run.mkdir()

@@ -35,6 +35,7 @@ def _rows(text: str) -> list:
 
 
 @pytest.mark.parametrize('workers', [0, 1])
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_every_configuration_runs_its_own_mixer_fed_by_the_loader(workers, small_jpegs, teacher_checkpoint, tmp_path,
                                                                    capsys, monkeypatch):
     seen = {}  # mixer of each train_one_epoch call -> the dimensions of the targets its loader served

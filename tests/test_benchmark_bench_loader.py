@@ -43,6 +43,7 @@ def _jpeg_bytes(size, seed=0) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_jpeg_folder_is_deterministic_textured_and_imagenet_sized(tmp_path):
     paths = jpeg.write_image_folder(str(tmp_path / 'a'), images=6, classes=3, val_images=2, seed=1)
     jpeg.write_image_folder(str(tmp_path / 'b'), images=6, classes=3, val_images=2, seed=1)
@@ -143,6 +144,7 @@ def test_candidates_draw_as_timm_and_make_nearly_its_pixels(name, order):
     assert max(diffs) < tolerance, diffs
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_augment_candidates_change_the_geometric_ops_they_name():
     steps = _recipe_steps()
     augment = steps[2]
@@ -235,6 +237,7 @@ def _rows(text: str, table_start: str) -> list:
     return rows
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_whole_benchmark_on_a_few_images(tmp_path, capsys, teacher_checkpoint):
     data = str(tmp_path / 'jpeg')
     jpeg.write_image_folder(data, images=6, classes=2, seed=0)

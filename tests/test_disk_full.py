@@ -86,6 +86,7 @@ def _temporary_files(folder) -> list:
     return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.endswith('.tmp')]
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_a_disk_that_fills_mid_training_stops_with_one_line_and_loses_nothing(train_script, train_argv, small_disk,
                                                                                monkeypatch, capsys):
     """As epoch 1 starts the disk is filled up to half a checkpoint: the epoch trains and logs its metrics, its
@@ -128,6 +129,7 @@ def _hashes(folder) -> dict:
             for d, _, files in os.walk(folder) for f in files if f != 'run.lock'}
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_a_relaunch_removes_a_killed_saves_leftover_before_it_writes_anything(train_script, train_argv, small_disk,
                                                                              capsys, caplog):
     """A save killed while writing left `.last.pth.tar.tmp`, which fills the disk: the relaunch removes it first,

@@ -284,6 +284,7 @@ def _on_disk_epochs(folder) -> list:
     return [(os.path.basename(p), torch.load(p)['epoch']) for p in glob.glob(os.path.join(folder, '*.pth.tar'))]
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_a_nan_eval_loss_is_divergence_and_nothing_of_that_epoch_is_saved(train_script, train_argv, tmp_path,
                                                                           monkeypatch, caplog):
     real = engine.evaluate

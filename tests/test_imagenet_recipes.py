@@ -113,6 +113,7 @@ def test_swin_config_is_the_swin_recipe(cfg, tmp_path):
         assert not args.tokenmix and not args.teacher_model and args.bce_loss == ('bce' in _name(cfg))
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_swin_student_trains_with_tokenmix_on_coarser_cells(train_argv, easy_data, easy_teacher_checkpoint,
                                                            train_script, tmp_path):
     """The Swin row's wiring at toy size: TokenMix cells of 2 x 2 Swin patches, a teacher, BCE, clipped grads."""

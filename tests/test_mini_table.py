@@ -135,6 +135,7 @@ def four_class_run(tiny_data, easy_teacher_checkpoint, tmp_path):
     return tmp_path / 'table', data
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_fidelity_of_a_four_class_run_uses_the_class_count(four_class_run, capsys):
     """--num-classes reaches the student, the teacher (a 4-class checkpoint does not load into 10 classes) and the
     mixer: the 12 val images of digits 0-3 in 3 batches of 4."""

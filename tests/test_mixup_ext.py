@@ -433,6 +433,7 @@ def test_beta_lam_and_minmax_change_the_token_count():
 
 @pytest.mark.parametrize('loss_fn,target_norm', [(SoftTargetCrossEntropy(), 'sum'),
                                                  (BinaryCrossEntropy(target_threshold=None), 'none')])
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_one_training_step_in_place_of_timm_mixup(loss_fn, target_norm):
     torch.manual_seed(0)
     model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=5)

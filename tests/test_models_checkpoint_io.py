@@ -137,6 +137,7 @@ def test_classifier_size_mismatch_names_both_numbers(tmp_path, weights):
         load_checkpoint_weights(model, path)
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_distilled_classifier_mismatch_is_found(tmp_path):
     source = timm.create_model('deit_tiny_distilled_patch16_224', img_size=32, num_classes=4)
     path = tmp_path / 'deit.pth'

@@ -27,6 +27,7 @@ def _png_size(path) -> tuple:
 
 
 @pytest.mark.parametrize('with_teacher', [False, True])
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_show_mix_titles_legend_and_weights(show_mix, tiny_data, teacher_checkpoint, tmp_path, with_teacher):
     argv = ['--data-dir', tiny_data, '--pairs', '3', '--out', str(tmp_path / 'mix.png')]
     if with_teacher:
@@ -59,6 +60,7 @@ def test_show_mix_bad_input(show_mix, tiny_data, tmp_path, capsys):
     assert not (tmp_path / 'x.png').exists()
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_show_cam_names_each_model(show_cam, tiny_data, tmp_path):
     paths = []
     for seed in (0, 1):

@@ -30,6 +30,7 @@ def _images(batch: int = 2, size: int = 64, seed: int = 1) -> torch.Tensor:
     'dm_nfnet_f0',       # NFNet
     'convnext_atto',     # ConvNeXt with head_norm_first: plain pool + linear head
 ])
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_maps_average_exactly_to_logits(name):
     kwargs = dict(head_norm_first=True) if name.startswith('convnext') else {}
     model = _model(name, **kwargs)
@@ -132,6 +133,7 @@ def test_vit_average_pool_with_fc_norm_applies_it_per_token():
     torch.testing.assert_close(maps, expected.transpose(1, 2).reshape(2, 7, 2, 2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_own_class_maps_equal_slices_of_full_maps():
     labels = torch.tensor([3, 0, 6])
     for model, size in ((_model('resnet10t'), 64), (_model('deit_tiny_distilled_patch16_224', img_size=32), 32)):
@@ -198,6 +200,7 @@ def test_lower_resolution_teacher_resizes_the_batch():
     torch.testing.assert_close(low.own_class_maps(x, torch.tensor([1, 2])), maps[[0, 1], [1, 2]])
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_vit_teacher_at_other_size_needs_img_size():
     model = _model('deit_tiny_patch16_224', img_size=32)
     with pytest.raises(ValueError, match=r'takes 32x32 inputs, got 64x64.*img_size=32'):
@@ -261,6 +264,7 @@ def test_classifier_without_bias_or_as_a_1x1_convolution():
                 models.teacher._classifiers(model)
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_bfloat16_autocast_and_channels_last_keep_the_maps():
     model = _model('resnet10t')
     x = _images()

@@ -383,6 +383,7 @@ def test_precompute_bad_values_are_one_line(tool, tiny_data, teacher_checkpoint,
     assert not os.path.exists(tmp_path / 'out')
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_precompute_records_the_teacher_classes_and_training_matches_them(tool, tiny_data, teacher_checkpoint,
                                                                           tmp_path):
     """--class-map names the teacher's class indices (here the split's folders in reverse): the manifest records
@@ -427,6 +428,7 @@ def test_precompute_resizes_as_the_teacher_was_trained(tool, smooth_data, pointw
         assert torch.equal(stores[interpolation]['c0/0.png'][1], indices)
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_train_from_stored_maps_with_workers_and_resume(train_script, train_argv, tiny_store, tmp_path):
     argv = train_argv('--tokenmix', '--mixup', '0.8', '--cutmix', '1.0', '--teacher-maps', tiny_store,
                       '--teacher-topk', '3', '--teacher-model', TINY_TEACHER, '--aa', 'rand-m9-mstd0.5-inc1',

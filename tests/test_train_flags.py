@@ -169,6 +169,7 @@ def test_torchvision_dataset_without_download_is_one_line(train_script, train_ar
     assert len(err.splitlines()) == 1 and '--dataset torch/cifar10' in err and 'download=True' in err
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_run_with_ema_val_interval_recovery_images_and_opt_kwargs(train_script, train_argv, tmp_path):
     argv = train_argv('--mixup', '0.8', '--cutmix', '1.0', '--tokenmix', '--aug-repeats', '3', '--epochs', '3',
                       '--opt-kwargs', 'amsgrad=True', '--model-ema', '--model-ema-decay', '0.5', '--val-interval', '2',
@@ -232,6 +233,7 @@ def test_bad_device_module_is_one_line(train_script, train_argv, capsys):
 
 
 @pytest.mark.parametrize('config', ['timm_train_defaults_args.yaml', 'third_party_args.yaml'])
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_timm_args_yaml_trains_an_epoch(train_script, tiny_data, tmp_path, config):
     """timm's own defaults and a third-party timm args.yaml, with only data, model, size, device and run length
     (--epochs 1, --cooldown-epochs 0: the third-party file asks for 300 + 10) given."""
@@ -279,6 +281,7 @@ def test_bad_values_found_at_run_time_are_one_line(train_script, train_argv, cap
     assert len(err.splitlines()) == 1 and message in err and not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_jsd_run_with_augmentation_splits(train_script, train_argv, tmp_path):
     """timm's AugMix recipe end to end: 3 views per image through the loop, JSD + CE loss (--split-bn is checked
     on a BN model above; the tiny ViT has none)."""

@@ -1,10 +1,12 @@
 """--initial-checkpoint in a real train.py run: the student starts from the file's weights, not its own init."""
+import pytest
 import timm
 import torch
 
 from tests.train_spies import is_vit, spy_forwards
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_initial_checkpoint_gives_the_starting_weights(train_script, train_argv, tmp_path):
     torch.manual_seed(123)  # another init than the run's (--seed 0)
     weights = timm.create_model('tokenmix_vit_tiny_p8_64', img_size=32, num_classes=10, embed_dim=32, depth=1,

@@ -10,6 +10,7 @@ BATCHES = 7  # 60 train images, -b 8, the last partial batch dropped
 
 
 @pytest.mark.parametrize('mixer', ['TokenMix', 'Mixup'])
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_mixup_off_epoch_stops_mixing_from_that_epoch(train_script, train_argv, monkeypatch, mixer):
     mixes = spy_mixers(monkeypatch)
     argv = train_argv('--mixup', '0.8', '--cutmix', '1.0', '--mixup-off-epoch', '1', '--epochs', '2',

@@ -106,6 +106,7 @@ def test_resume_auto_starts_afresh_in_a_folder_without_checkpoints_and_a_stale_l
 
 
 @pytest.mark.parametrize('finished', [True, False])
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_a_relaunch_without_resume_is_refused_and_changes_nothing(train_script, train_argv, tmp_path, monkeypatch,
                                                                   capsys, finished):
     run = tmp_path / 'out' / 'run'

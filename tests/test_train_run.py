@@ -2,6 +2,7 @@
 import csv
 import os
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -9,6 +10,7 @@ from tokenmix_train.args import parse_train_args
 from tokenmix_train.logger import mixed_image_grid
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_tokenmix_teacher_run_writes_timm_outputs(train_script, train_argv, easy_data, easy_teacher_checkpoint,
                                                   tmp_path):
     # the DeiT recipe's augmentation and loss flags (RandAugment, random erasing, BCE) on the tiny model

@@ -134,6 +134,7 @@ def test_crop_mode_border_pixels_and_normalisation_reach_the_transform(validate,
     assert norm.mean.tolist() == [0.5] * 3 and norm.std.tolist() == pytest.approx([0.2] * 3)
 
 
+@pytest.mark.slow  # a whole run or model: out of make test-fast
 def test_use_train_size_and_input_size(validate, two_classes, tmp_path, loaders, capsys):
     """The CNN teacher's config says 64 px; a test size of 48 px is used unless --use-train-size."""
     import timm
