@@ -72,16 +72,21 @@ STAGE_NAMES = {'RandomResizedCropAndInterpolation': 'crop-resize', 'RandomHorizo
                'Normalize': 'normalize', 'RandomErasing': 'random erasing'}
 
 
-class Timer:
-    """Seconds spent by name, summed over calls."""
+CLOCKS = {'wall': time.perf_counter, 'cpu': time.thread_time}  # --clock: wall time, or this thread's CPU time
 
-    def __init__(self) -> None:
+
+class Timer:
+    """Seconds spent by name, summed over calls, on `clock` (wall time; CPU time keeps a paired ratio readable on a
+    machine shared with other work, and a worker core's budget is CPU time)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.spent: Dict[str, float] = {}
+        self.clock = clock
 
     def __call__(self, name: str, fn: Callable, *args: Any) -> Any:
-        start = time.perf_counter()
+        start = self.clock()
         out = fn(*args)
-        self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - start
+        self.spent[name] = self.spent.get(name, 0.0) + self.clock() - start
         return out
 
 
@@ -367,14 +372,14 @@ def augment_op_seconds(augment: Any, images: Sequence[Image.Image]) -> List[Tupl
 # ---- rounds --------------------------------------------------------------------------------------------------
 
 def run_round(pipeline: Pipeline, stored: Optional[Pipeline], paths: Dict[str, Callable], indices: List[int],
-              datas: Sequence[bytes], seed: int) -> Dict[str, Any]:
+              datas: Sequence[bytes], seed: int, clock: Callable[[], float] = time.perf_counter) -> Dict[str, Any]:
     """One round over the images `indices` (`datas`: their bytes), image by image: the worker's `dataset[i]` (and
     with stored maps), the stage split and every candidate path take turns on each image, in an order reversed
     every other image, each after reseeding the streams (so all draw the same crop, flip and augment ops); then
     the collates. Returns seconds an image by name, 'stages' (seconds an image by stage) and 'diff' (mean absolute
     difference of each candidate's output from the first candidate's, in 8-bit levels)."""
     workers = {'worker': pipeline, 'worker, stored maps': stored}
-    timer, stages = Timer(), Timer()
+    timer, stages = Timer(clock), Timer(clock)
     samples: Dict[str, List[Any]] = {name: [] for name in [*workers, 'stages']}
     outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in paths}
     jobs: List[Tuple[str, Callable[[int, bytes], Any]]] = [
@@ -434,7 +439,8 @@ def worker_table(rounds: List[Dict[str, Any]], feed: float) -> List[str]:
                      f'{cores_needed(feed, 1 / seconds)} |')
     if 'maps cut (batch)' in rounds[0]:
         lines += ['', '| stored maps against the plain loader, same round | median (range) |', '|---|---|',
-                  f"| worker img/s, stored / plain | {spread([r['worker'] / r['worker, stored maps'] for r in rounds])} |",
+                  '| worker img/s, stored / plain | '
+                  f"{spread([r['worker'] / r['worker, stored maps'] for r in rounds])} |",
                   f"| the batch's maps cut (`record_maps`; on the device in training), ms an image on this core | "
                   f"{spread([r['maps cut (batch)'] * 1e3 for r in rounds])} |",
                   '| worker + that cut on this core, stored / plain | '
@@ -485,6 +491,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
                         help=f'img/s to feed for the cores projection (default: {H200_DEIT_S}, one H200, DeiT-S)')
     parser.add_argument('--teacher-maps', default='', metavar='STORE', help='also measure with this map store')
     parser.add_argument('--ra-images', type=int, default=32, help='crops to time RandAugment ops on')
+    parser.add_argument('--clock', choices=list(CLOCKS), default='wall',
+                        help="wall time (default) or the thread's CPU time (for a machine busy with other work)")
     parser.add_argument('--workers-only', action='store_true',
                         help='(a) only: the worker job and its stages, without the candidates and the ops')
     args, extra = parser.parse_known_args(argv)
@@ -525,12 +533,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for index in indices:
             with open(pipeline.paths[index], 'rb') as f:
                 datas.append(f.read())
-        rounds.append(run_round(pipeline, stored, paths, indices, datas, args.seed + r))
+        rounds.append(run_round(pipeline, stored, paths, indices, datas, args.seed + r, CLOCKS[args.clock]))
     order = ', '.join(STAGE_NAMES.get(type(s).__name__, type(s).__name__) for s in pipeline.steps)
     print(f'{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load '
           f'{load:.1f} -> {os.getloadavg()[0]:.1f}; torch {torch.__version__}, Pillow {Image.__version__}; '
           f'{args.config} {" ".join(extra)}; {len(pipeline.paths)} images in {data_dir}; {args.rounds} rounds of '
-          f'{len(indices)} images, one torch thread; transform: {order}')
+          f'{len(indices)} images, one torch thread, {args.clock} clock; transform: {order}')
     print('\n(a) the recipe\'s train pipeline, one worker core\n')
     print('\n'.join(worker_table(rounds, args.feed)))
     if args.workers_only:

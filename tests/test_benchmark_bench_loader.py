@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import time
 from collections import Counter
 
 import numpy as np
@@ -238,7 +239,7 @@ def _rows(text: str, table_start: str) -> list:
 
 
 @pytest.mark.slow  # a whole run or model: out of make test-fast
-def test_whole_benchmark_on_a_few_images(tmp_path, capsys, teacher_checkpoint):
+def test_whole_benchmark_on_a_few_images(tmp_path, capsys, teacher_checkpoint, monkeypatch):
     data = str(tmp_path / 'jpeg')
     jpeg.write_image_folder(data, images=6, classes=2, seed=0)
     store = str(tmp_path / 'store')
@@ -278,7 +279,20 @@ def test_whole_benchmark_on_a_few_images(tmp_path, capsys, teacher_checkpoint):
     assert len(ops) == 16 and ops[-1][0] == 'all ops, expected' and ops[-1][3] == '1.00'
     assert re.search(r'2 rounds of 3 images', out)
     assert re.search(r'allow a DCT scale-down \(20 draws an image\): 1/2: 0.0%, 1/4: 0.0%, 1/8: 0.0%', out)
-    assert bench.main(['--data-dir', data, '--rounds', '1', '--round-images', '2', '--workers-only', '--teacher-maps',
-                       store, '--', '--teacher-model', TINY_TEACHER]) == 0
+    reads = []
+    monkeypatch.setitem(bench.CLOCKS, 'cpu', lambda: reads.append(1) or float(len(reads)))  # each read: one second on
+    assert bench.main(['--data-dir', data, '--rounds', '1', '--round-images', '2', '--workers-only', '--clock', 'cpu',
+                       '--teacher-maps', store, '--', '--teacher-model', TINY_TEACHER]) == 0
     out = capsys.readouterr().out  # (a) alone: the worker job and the stored-maps ratios, no candidates or ops
+    assert re.search(r'1 rounds of 2 images, one torch thread, cpu clock', out)
+    # every timed call reads the clock twice, one second apart: 2 loads and a collate over 2 images, 1.5 s an image
+    assert reads and _rows(out, '| worker job')[0][1] == '1500.000 (1500.000-1500.000)'
     assert _rows(out, '| worker job') and _rows(out, '| stored maps against') and '(b)' not in out and '(c)' not in out
+
+
+def test_timer_sums_seconds_of_its_clock():
+    ticks = iter([1.0, 3.5, 10.0, 10.25])
+    timer = bench.Timer(lambda: next(ticks))
+    timer('decode', lambda: None)
+    timer('decode', lambda: None)
+    assert timer.spent == {'decode': 2.75} and bench.CLOCKS == {'wall': time.perf_counter, 'cpu': time.thread_time}
