@@ -786,3 +786,327 @@ def test_op_matrices_are_what_timm_ops_do_to_an_image(op, arg):
     assert (out[outside] == -1.0).all()
     with pytest.raises(ValueError, match='no affine map for the augment op solarize'):
         _op_matrix(auto_augment.solarize, (128,), (width, height))
+
+
+# Tests written against the survivors of the mutation run of this module (docs/mutation.md, 2026-12-05 afternoon).
+import hashlib  # noqa: E402
+import pickle  # noqa: E402
+
+from torchvision.transforms import functional as TF  # noqa: E402
+
+from tokenmix_train.teacher_maps import (GeometryLog, RecordLayout, _op_matrix, geometry_matrices,  # noqa: E402
+                                         instrument_transform)
+from tokenmix_train.transforms import WholePixelTranslate  # noqa: E402
+
+
+def test_a_pickled_store_leaves_its_open_shards_behind_and_reads_the_same_maps(tmp_path):
+    """A loader worker started by pickling (spawn, forkserver) gets the store without its memory maps, and maps
+    its shards anew on first use."""
+    _write_pattern_stores(tmp_path)
+    store = MapStore(str(tmp_path / 'store'))
+    entry = store.entry('b/img.png')
+    assert list(store._arrays) == [0]  # shard 0 is mapped in this process
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy._arrays == {} and (copy.root, copy.topk, copy.classes) == (store.root, 2, ['a', 'b'])
+    np.testing.assert_array_equal(copy.entry('b/img.png'), entry)
+    assert list(copy._arrays) == [0] and list(store._arrays) == [0]
+
+
+def _authors_files(root, files):
+    """An authors' store: each `files` key (class folder / name.pt) holding its value as given."""
+    for key, value in files.items():
+        os.makedirs(root / os.path.dirname(key), exist_ok=True)
+        torch.save(value, root / key)
+    return str(root)
+
+
+def _authors_entry(top_class: int, k: int = 1, size: int = 2) -> torch.Tensor:
+    """fp16 [2, K, h, w]: values 1, 2, ..., class indices all `top_class`."""
+    values = torch.arange(1., 1 + k * size * size).view(k, size, size)
+    return torch.stack([values, torch.full_like(values, top_class)]).half()
+
+
+def test_authors_class_folders_are_numbered_in_natural_order_and_cover_the_classes_named(tmp_path):
+    """Class i is the i-th folder in timm's natural order ('2' before '10', as timm numbers an image folder's
+    classes), and a first file naming class index = the folder count is refused (it needs one folder more)."""
+    store = AuthorsMapStore(_authors_files(tmp_path / 'ok', {'10/x.pt': _authors_entry(1), '2/y.pt': _authors_entry(1)}))
+    assert store.classes == ['2', '10']
+    root = _authors_files(tmp_path / 'short', {'10/x.pt': _authors_entry(2), '2/y.pt': _authors_entry(0)})
+    with pytest.raises(ConfigError, match=r"^--teacher-maps '.*short': '10/x.pt' names class 2 but the store has 2 "
+                                          'class folders'):
+        AuthorsMapStore(root)
+
+
+@pytest.mark.parametrize('value, found', [
+    (dict(maps=torch.zeros(2, 1, 2, 2)), 'dict'),
+    (torch.zeros(2, 2, 2), '(2, 2, 2)'),  # no K axis
+    (torch.zeros(3, 1, 2, 2), '(3, 1, 2, 2)'),  # not values and indices
+])
+def test_an_authors_file_that_is_not_values_and_indices_is_one_line(tmp_path, value, found):
+    root = _authors_files(tmp_path / 'maps', {'a/0.pt': value})
+    with pytest.raises(ConfigError) as error:
+        AuthorsMapStore(root)
+    assert str(error.value) == f"--teacher-maps '{root}': 'a/0.pt' is not a [2, K, h, w] tensor (got {found})"
+
+
+def test_authors_store_reads_values_and_class_indices_of_an_image_key(tmp_path):
+    entry = _authors_entry(1, k=2)
+    store = AuthorsMapStore(_authors_files(tmp_path, {'a/0.pt': _authors_entry(0), 'b/img.pt': entry}))
+    values, indices = store.read('train/b/img.JPEG')  # the image's key: its folder and stem name the file
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+    assert torch.equal(values, entry[0].float()) and torch.equal(indices, torch.ones(2, 2, 2, dtype=torch.int64))
+
+
+def test_centre_coverage_of_a_portrait_image_is_its_centre_square():
+    """The authors' maps of an image taller than wide cover its centre square: the rows above and below it are
+    outside the map, and a crop of exactly that square reads the whole map."""
+    # 40 x 80 px (width x height), an 8 x 8 map over y in [20, 60) px: 5 px a cell
+    assert map_box((24, 0, 32, 40), (40, 80), (8, 8), 'centre') == pytest.approx((0., 0.8, 8., 7.2))
+    assert map_box((0, 10, 80, 20), (40, 80), (8, 8), 'centre') == pytest.approx((2., -4., 6., 12.))
+    log = GeometryLog(image_size=(40, 80), crop=(20, 0, 40, 40), output_size=(20, 20))
+    to_map, checks = geometry_matrices(log, (8, 8), 'centre')
+    assert to_map == pytest.approx((0.4, 0., 0., 0., 0.4, 0.)) and checks == []  # output px -> map cells
+
+
+def test_a_vertical_flip_is_recorded_and_read_upside_down(tmp_path):
+    """RandomVerticalFlip is followed as torchvision draws it: the image and the map turned upside down."""
+    log = GeometryLog()
+    steps = [RandomResizedCropAndInterpolation(4, scale=(1., 1.), ratio=(1., 1.)), transforms.RandomVerticalFlip(1.),
+             transforms.PILToTensor()]
+    transform = transforms.Compose(steps)
+    instrument_transform(transform, log)
+    picture = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5)
+    assert torch.equal(transform(picture), TF.pil_to_tensor(picture).flip(-2))
+    assert log.vflip and not log.hflip
+    again = GeometryLog()
+    instrument_transform(transform, again)  # as build_train_loader does before --aug-order authors reorders it
+    assert torch.equal(transform(picture), TF.pil_to_tensor(picture).flip(-2)) and again.vflip and not again.hflip
+    again.reset()
+    transform.transforms[1].p = 0.  # never drawn
+    assert torch.equal(transform(picture), TF.pil_to_tensor(picture)) and not again.vflip and not again.hflip
+
+
+def test_an_op_without_an_affine_map_is_named_by_its_type():
+    """A geometric op recorded as a callable object (not one of timm's functions) is refused by its class name."""
+    with pytest.raises(ValueError, match='^no affine map for the augment op WholePixelTranslate$'):
+        _op_matrix(WholePixelTranslate(0, True), (0.1,), (8, 8))
+
+
+def test_a_record_is_float32_whatever_the_precision_of_the_maps_given():
+    top = np.stack([np.full((1, 2, 2), 0.1), np.zeros((1, 2, 2))])  # float64
+    record = pack_record(3, 1, top, (0.5, 0., 0., 0., 0.5, 0.), [], 0, (4, 4))
+    assert record.dtype == torch.float32 and RecordLayout.of(record[None]) == RecordLayout(1, 2, 2, 0, 4, 4)
+    assert record[0].item() == 3 and record[-8:-4].tolist() == [np.float32(0.1).item()] * 4
+
+
+def _small_store(root, k: int = 3, size: int = 2) -> ImageDataset:
+    """A train split of one 8 x 8 image of class 'a' and this project's store of its top-`k` maps of `size` x `size`,
+    class i scoring k - i everywhere."""
+    os.makedirs(root / 'train' / 'a')
+    Image.new('RGB', (8, 8)).save(root / 'train' / 'a' / '0.png')
+    values = np.arange(k, 0, -1, dtype=np.float16)[:, None, None] * np.ones((k, size, size), np.float16)
+    indices = np.arange(k, dtype=np.float16)[:, None, None] * np.ones((k, size, size), np.float16)
+    os.makedirs(root / 'maps')
+    write_shard(str(root / 'maps'), 0, np.stack([values, indices])[None], ['a/0.png'])
+    write_json_atomic(str(root / 'maps' / MANIFEST), dict(
+        format=FORMAT, teacher='t', topk=k, map_size=[size, size], classes=['a', 'b', 'c'][:k], split='train',
+        split_folder='train', num_images=1, shard_size=1, num_shards=1))
+    return ImageDataset(str(root / 'train'))
+
+
+def test_teacher_topk_keeps_that_many_stored_classes_even_on_maps_smaller_than_it(tmp_path):
+    """--teacher-topk 2 of a top-3 store of 2 x 2 maps: two classes a position, whatever the map's size."""
+    dataset = StoredMapDataset(_small_store(tmp_path), open_map_store(str(tmp_path / 'maps')), (2, 2), topk=2)
+    dataset.log.crop, dataset.log.image_size, dataset.log.output_size = (0, 0, 8, 8), (8, 8), (8, 8)
+    layout = RecordLayout.of(dataset.record(0, 2)[None])  # label 2 = class 'c': third everywhere
+    assert (layout.k, layout.h, layout.w) == (2, 2, 2)
+    assert torch.equal(dataset.own_map(0, 2), torch.zeros(2, 2))
+    dataset.topk = 3  # the store's K: all of it
+    assert torch.equal(dataset.own_map(0, 2), torch.ones(2, 2))
+
+
+def test_a_stored_map_dataset_answers_for_the_dataset_it_wraps_and_pickles(tmp_path):
+    """Attributes it lacks are the wrapped dataset's (timm's loader factory and train.py read them through it), and
+    it survives the pickling of a loader worker started by spawn (no recursion before its state is set)."""
+    dataset = _write_pattern_stores(tmp_path)
+    stored = StoredMapDataset(dataset, open_map_store(str(tmp_path / 'store')), (2, 2))
+    assert stored.reader is dataset.reader and stored.load_bytes is False
+    with pytest.raises(AttributeError, match='no_such_attribute'):
+        stored.no_such_attribute
+    copy = pickle.loads(pickle.dumps(stored))
+    assert copy.key(1) == stored.key(1) and copy.rows.tolist() == stored.rows.tolist()
+
+
+def test_teacher_topk_equal_to_the_stores_and_mismatches_named_with_the_store(tmp_path):
+    """--teacher-topk may be the store's K; a store of another teacher or split is named with --teacher-maps."""
+    dataset, args = _authors_store_and_data(tmp_path, AUTHORS_CLASSES, layout='ours')  # a store of K = 4
+    args.teacher_topk = 4
+    assert wrap_train_dataset(args, dataset, (3, 16, 16), 8).topk == 4
+    root = tmp_path / 'ours'
+    args.teacher_model = 'other'
+    with pytest.raises(ConfigError) as error:
+        wrap_train_dataset(args, dataset, (3, 16, 16), 8)
+    assert str(error.value) == f"--teacher-maps '{root}' was made by teacher 't', not --teacher-model 'other'"
+    args.teacher_model = ''
+    os.rename(tmp_path / 'train', tmp_path / 'other')
+    with pytest.raises(ConfigError) as error:
+        wrap_train_dataset(args, ImageDataset(str(tmp_path / 'other')), (3, 16, 16), 8)
+    assert str(error.value) == f"--teacher-maps '{root}' holds split 'train', the train split is 'other'"
+
+
+class _Reader:
+    class_to_idx = {'a': 0}
+
+
+@pytest.mark.parametrize('dataset', [torch.utils.data.TensorDataset(torch.zeros(1)), type('D', (), {'reader': _Reader()})()],
+                         ids=['no-reader', 'reader-without-root'])
+def test_stored_maps_need_an_image_folder_split(dataset):
+    args = argparse.Namespace(teacher_maps='m', teacher_model='', teacher_topk=0, class_map='')
+    with pytest.raises(ConfigError, match=r'^--teacher-maps needs an image-folder train split \(--dataset left empty\)$'):
+        wrap_train_dataset(args, dataset, (3, 16, 16), 8)
+
+
+def test_a_faulty_shard_says_how_to_remake_it(tmp_path):
+    _write_pattern_stores(tmp_path)
+    os.remove(tmp_path / 'store' / 'shard-00000.npy')
+    with pytest.raises(ConfigError) as error:
+        MapStore(str(tmp_path / 'store'))
+    assert str(error.value).endswith("shard-00000.npy is not a .npy array ([Errno 2] No such file or directory: '"
+                                     f"{tmp_path / 'store' / 'shard-00000.npy'}'); delete the shard's .npy and .json "
+                                     "and rerun tools/precompute_teacher_maps.py with the store's flags to remake it")
+
+
+def test_a_shard_is_its_data_and_a_record_of_its_keys_and_checksums_and_bad_arrays_are_refused(tmp_path):
+    maps = np.arange(2 * 2 * 1 * 2 * 2, dtype=np.float16).reshape(2, 2, 1, 2, 2)
+    write_shard(str(tmp_path), 0, maps, ['a/0.png', 'b/1.png'])
+    record = json.loads((tmp_path / 'shard-00000.json').read_text())
+    assert record == dict(count=2, keys=['a/0.png', 'b/1.png'],
+                          keys_sha256=hashlib.sha256(b'["a/0.png", "b/1.png"]').hexdigest(),
+                          rows_sha256=hashlib.sha256(maps.tobytes()).hexdigest())  # both rows, in order
+    for bad, keys in ((maps[:1], ['a/0.png', 'b/1.png']), (np.concatenate([maps] * 2, axis=1), ['a/0.png', 'b/1.png']),
+                      (maps.astype(np.float32), ['a/0.png', 'b/1.png']), (maps[:, :, 0], ['a/0.png', 'b/1.png'])):
+        with pytest.raises(ValueError, match=r'a shard is fp16 \[n, 2, K, h, w\] with n keys'):
+            write_shard(str(tmp_path), 1, bad, keys)
+    assert sorted(os.listdir(tmp_path)) == ['shard-00000.json', 'shard-00000.npy']
+
+
+def test_each_shard_is_memory_mapped_once_per_process(tmp_path, monkeypatch):
+    """Not read whole (129 shards of 65 MB in every loader worker), and not mapped anew for every sample."""
+    _write_pattern_stores(tmp_path)
+    store = MapStore(str(tmp_path / 'store'))
+    loads, load = [], np.load
+    monkeypatch.setattr(np, 'load', lambda *args, **kwargs: loads.append(kwargs) or load(*args, **kwargs))
+    for _ in range(3):
+        values, _ = store.read('b/img.png')
+        assert torch.equal(values[1], torch.arange(64.).view(8, 8))
+    assert loads == [dict(mmap_mode='r')] and isinstance(store._arrays[0].base, np.memmap)  # a view of the map
+
+
+@pytest.mark.parametrize('augment, slots', [
+    ('rand-m9-n3', 3),  # RandAugment: its layers
+    ('rand-m9-n0', 0),
+    ('v0', 2),  # AutoAugment: its longest sub-policy
+    ('rand-m9-n1 rand-m9-n2', 3),  # two augment steps: the ops of both
+])
+def test_op_slots_are_the_most_geometric_ops_a_sample_can_get(augment, slots):
+    from timm.data.auto_augment import auto_augment_transform
+    steps = [RandomResizedCropAndInterpolation(8)]
+    for spec in augment.split():
+        steps.append(rand_augment_transform(spec, {}) if spec.startswith('rand') else auto_augment_transform(spec, {}))
+    log = GeometryLog()
+    instrument_transform(transforms.Compose(steps + [MaybeToTensor()]), log)
+    assert log.slots == slots and log.crop_last is False
+
+
+@pytest.mark.parametrize('step, message', [
+    ('augmix', r'--teacher-maps cannot follow the geometry of AugMix \(--aa augmix-\*\)'),
+    ('flip-both-sides', '--teacher-maps follows flips and geometric ops all after the crop'),
+])
+def test_pipelines_whose_geometry_cannot_be_followed_are_refused(step, message):
+    from timm.data.auto_augment import augment_and_mix_transform
+    crop = RandomResizedCropAndInterpolation(8)
+    steps = ([crop, augment_and_mix_transform('augmix-m5-w3', {})] if step == 'augmix' else
+             [transforms.RandomHorizontalFlip(), crop, transforms.RandomVerticalFlip()])
+    with pytest.raises(ConfigError, match='^' + message):
+        instrument_transform(transforms.Compose(steps), GeometryLog())
+
+
+def test_records_of_another_layout_are_refused_when_the_layout_is_given():
+    record = pack_record(1, 1, np.zeros((2, 1, 2, 2), np.float32), (0.5, 0., 0., 0., 0.5, 0.), [], 0, (4, 4))
+    layout = RecordLayout.of(record[None])
+    for records in (torch.stack([record] * 2)[:, :-1], torch.stack([record] * 2)[None]):
+        with pytest.raises(ValueError, match=r'stored-map targets must be B x 22 records of StoredMapDataset, got'):
+            record_maps(records, (2, 2), layout)
+
+
+def test_record_maps_reads_the_whole_map_as_crop_map_does_on_a_grid_of_another_shape():
+    """A record of the whole image reads its map onto the token grid with crop_map's samples a token (a 12 x 4 map
+    on a 2 x 4 grid: 6 x 6 a token), on rows and columns of different counts."""
+    own = torch.rand(12, 4, generator=torch.Generator().manual_seed(0))
+    top = torch.stack([own[None], torch.zeros(1, 12, 4)]).numpy()
+    record = pack_record(0, 0, top, (4 / 16, 0., 0., 0., 12 / 48, 0.), [], 0, (48, 16))
+    expected = crop_map(own, (0, 0, 4, 12), (2, 4))
+    assert torch.allclose(record_maps(record[None], (2, 4))[1][0], expected, atol=1e-6)
+
+
+class _ManyImages(torch.utils.data.Dataset):
+    """`count` image keys without images: what StoredMapDataset reads of a split when it is built."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.reader = self
+
+    def filename(self, index: int) -> str:
+        return f'a/{index:05d}.png'
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def test_a_split_larger_than_a_lookup_block_finds_every_row_and_names_what_is_missing(tmp_path):
+    """Keys are looked up in blocks of 16384: each block its own images (ImageNet has 78 blocks); the rows are
+    int32, 4 bytes an image; a store lacking some of the split's images is refused naming the count and the first."""
+    count = (1 << 14) + 5
+    keys = [f'a/{index:05d}.png' for index in range(count)]
+    write_shard(str(tmp_path), 0, np.zeros((count, 2, 1, 1, 1), np.float16), keys[::-1])  # stored in reverse
+    write_json_atomic(str(tmp_path / MANIFEST), dict(format=FORMAT, teacher='t', topk=1, map_size=[1, 1],
+                                                    classes=['a'], split='train', split_folder='train',
+                                                    num_images=count, shard_size=count, num_shards=1))
+    store = open_map_store(str(tmp_path))
+    dataset = StoredMapDataset(_ManyImages(count), store, (1, 1))
+    assert dataset.rows.dtype == np.int32 and dataset.rows.tolist() == list(range(count - 1, -1, -1))
+    with pytest.raises(ConfigError) as error:
+        StoredMapDataset(_ManyImages(count + 2), store, (1, 1))
+    assert str(error.value) == (f"--teacher-maps '{tmp_path}' has no maps for 2 of {count + 2} train images (first: "
+                                f"'a/{count:05d}.png')")
+
+
+def test_the_stored_maps_mixer_reads_the_layout_once_copies_and_takes_a_non_square_batch(monkeypatch):
+    """The records' layout is read from the first batch only (each read is a device sync); the mixer can be copied
+    (no recursion through __getattr__ before its state is set); the token grid is the batch's rows x columns."""
+    torch.manual_seed(0)
+    x, labels = torch.randn(4, 3, 8, 16), torch.tensor([0, 1, 2, 1])  # a 2 x 4 token grid of 4 px tokens
+    own = torch.rand(4, 1, 2, 4)
+    records = torch.stack([pack_record(int(label), int(label), torch.stack([score, torch.full_like(score, label)]).numpy(),
+                                       (0.25, 0., 0., 0., 0.25, 0.), [], 0, (8, 16)) for label, score in zip(labels, own)])
+    full = torch.zeros(4, 3, 2, 4)
+    full[torch.arange(4), labels] = record_maps(records, (2, 4))[1]  # what the records read on the batch's grid
+    kwargs = dict(mixup_alpha=0., cutmix_alpha=1., num_classes=3, patch_size=4, mode='elem', target_norm='sum',
+                  min_tokens=1)
+    teacher = TokenMix(**kwargs, teacher=lambda _: full, generator=torch.Generator().manual_seed(3))
+    stored = StoredMapsMixer(TokenMix(**kwargs, generator=torch.Generator().manual_seed(3)))
+    reads, of = [], RecordLayout.of
+    monkeypatch.setattr(RecordLayout, 'of', lambda records: reads.append(records.shape) or of(records))
+    for _ in range(3):
+        mixed_t, target_t = teacher(x.clone(), labels)
+        mixed_s, target_s = stored(x.clone(), records)
+        assert torch.equal(mixed_t, mixed_s) and torch.allclose(target_t, target_s)
+    assert reads == [records.shape] and stored.layout == RecordLayout(1, 2, 4, 0, 8, 16)
+    for copy in (pickle.loads(pickle.dumps(stored)), __import__('copy').deepcopy(stored)):
+        assert copy.layout == stored.layout and copy.num_classes == 3
+
+
+def test_the_token_grid_of_the_stored_maps_is_the_inputs_rows_by_columns(tmp_path):
+    dataset, args = _authors_store_and_data(tmp_path, AUTHORS_CLASSES)
+    assert wrap_train_dataset(args, dataset, (3, 16, 24), 8).grid == (2, 3)
+    assert wrap_train_dataset(args, dataset, (3, 24, 8), 8).grid == (3, 1)

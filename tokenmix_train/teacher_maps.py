@@ -302,15 +302,17 @@ class MapStore:
         return self.positions(keys) >= 0
 
     def entry_at(self, position: int) -> np.ndarray:
-        """The top-K values and their class indices at row `position` over the shards: float32 2 x K x h x w."""
+        """The top-K values and their class indices at row `position` over the shards: 2 x K x h x w, a read-only
+        fp16 view of the memory-mapped shard (no copy: the loader workers copy it once, into the sample's record)."""
         shard, row = divmod(int(position), self.shard_size)
         array = self._arrays.get(shard)
-        if array is None:
-            array = self._arrays[shard] = np.load(os.path.join(self.root, shard_name(shard) + '.npy'), mmap_mode='r')
-        return np.array(array[row], dtype=np.float32)
+        if array is None:  # a plain array over the map: indexing a np.memmap costs more than the copy
+            array = self._arrays[shard] = np.load(os.path.join(self.root, shard_name(shard) + '.npy'),
+                                                  mmap_mode='r').view(np.ndarray)
+        return array[row]
 
     def entry(self, key: str) -> np.ndarray:
-        """One image's top-K values and class indices, float32 2 x K x h x w."""
+        """One image's top-K values and class indices, 2 x K x h x w (as :meth:`entry_at`)."""
         position = int(self.positions([key])[0])
         if position < 0:
             raise KeyError(key)
@@ -318,7 +320,7 @@ class MapStore:
 
     def read(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-K values (float32) and class indices (int64) of one image, each K x h x w."""
-        entry = torch.from_numpy(self.entry(key))
+        entry = torch.from_numpy(np.array(self.entry(key), dtype=np.float32))
         return entry[0], entry[1].round().long()
 
     def __getstate__(self) -> Dict[str, Any]:  # memory maps are reopened in each worker process
@@ -380,12 +382,12 @@ class AuthorsMapStore:
         return entry
 
     def entry(self, key: str) -> np.ndarray:
-        """One image's top-K values and class indices, float32 2 x K x h x w."""
-        return self._load(self._file(key)).float().numpy()
+        """One image's top-K values and class indices, 2 x K x h x w (fp16, as stored)."""
+        return self._load(self._file(key)).numpy()
 
     def read(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-K values (float32) and class indices (int64) of one image, each K x h x w."""
-        entry = torch.from_numpy(self.entry(key))
+        entry = torch.from_numpy(np.array(self.entry(key), dtype=np.float32))
         return entry[0], entry[1].round().long()
 
 
@@ -610,14 +612,17 @@ def pack_record(label: int, own_class: int, top: np.ndarray, to_map: Affine,
     """One sample's record (float32 vector): its label, the label's class in the maps, its top-K values and class
     indices (`top`, 2 x K x h x w), the affine map from the output image (`output_size`, height and width) to the
     map's cells, and up to `slots` op checks (affine map, image width and height; the slots left empty check
-    nothing). Plain floats and one NumPy copy: this runs in the loader workers, once a sample."""
+    nothing). Plain floats and one NumPy array: this runs in the loader workers, once a sample."""
     if len(checks) > slots:
         raise RuntimeError(f'{len(checks)} geometric ops recorded for {slots} op slots')
     free = slots - len(checks)  # slots that check nothing: a zero map within infinite bounds
     head = [label, own_class, *top.shape[1:], slots, *output_size, *to_map]
     head += [v for matrix, _ in checks for v in matrix] + [0.] * 6 * free
     head += [bound for _, size in checks for bound in size] + [math.inf] * 2 * free
-    return torch.from_numpy(np.concatenate([np.array(head, dtype=np.float32), top.ravel()], dtype=np.float32))
+    record = np.empty(len(head) + top.size, dtype=np.float32)
+    record[:len(head)] = head
+    record[len(head):].reshape(top.shape)[...] = top  # the one copy of the stored scores, converted to float32
+    return torch.from_numpy(record)
 
 
 def record_maps(records: torch.Tensor, grid: Tuple[int, int], layout: Optional[RecordLayout] = None
