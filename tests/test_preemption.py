@@ -62,7 +62,7 @@ def _signal_after_update(monkeypatch, update: int, signum: int = signal.SIGTERM)
 # the trials: (workers, --grad-accum-steps, the update after which the signal comes), drawn once from a fixed seed
 _DRAW = random.Random(24)
 TRIALS = [(workers, accum, _DRAW.randint(1, 2 * -(-BATCHES // accum))) for workers, accum in
-          [(0, 1)] * 5 + [(2, 1)] * 4 + [(0, 2)] * 3]
+          [(0, 1)] * 3 + [(2, 1)] * 2 + [(0, 2)] * 2]
 
 
 def _position(update: int, accum: int):
