@@ -1075,8 +1075,12 @@ def test_a_split_larger_than_a_lookup_block_finds_every_row_and_names_what_is_mi
     store = open_map_store(str(tmp_path))
     dataset = StoredMapDataset(_ManyImages(count), store, (1, 1))
     assert dataset.rows.dtype == np.int32 and dataset.rows.tolist() == list(range(count - 1, -1, -1))
+    assert store.index is None  # the rows known, the key index is dropped before the loader forks its workers
+    with pytest.raises(RuntimeError, match='dropped its key index'):
+        store.read('a/00000.png')
+    np.testing.assert_array_equal(store.entry_at(dataset.rows[0]), np.zeros((2, 1, 1, 1)))  # rows still read
     with pytest.raises(ConfigError) as error:
-        StoredMapDataset(_ManyImages(count + 2), store, (1, 1))
+        StoredMapDataset(_ManyImages(count + 2), open_map_store(str(tmp_path)), (1, 1))
     assert str(error.value) == (f"--teacher-maps '{tmp_path}' has no maps for 2 of {count + 2} train images (first: "
                                 f"'a/{count:05d}.png')")
 
