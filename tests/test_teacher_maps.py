@@ -790,6 +790,7 @@ def test_op_matrices_are_what_timm_ops_do_to_an_image(op, arg):
 
 # Tests written against the survivors of the mutation run of this module (docs/mutation.md, 2026-12-05 afternoon).
 import hashlib  # noqa: E402
+import logging  # noqa: E402
 import pickle  # noqa: E402
 
 from torchvision.transforms import functional as TF  # noqa: E402
@@ -1089,12 +1090,12 @@ def test_the_stored_maps_mixer_reads_the_layout_once_copies_and_takes_a_non_squa
     """The records' layout is read from the first batch only (each read is a device sync); the mixer can be copied
     (no recursion through __getattr__ before its state is set); the token grid is the batch's rows x columns."""
     torch.manual_seed(0)
-    x, labels = torch.randn(4, 3, 8, 16), torch.tensor([0, 1, 2, 1])  # a 2 x 4 token grid of 4 px tokens
-    own = torch.rand(4, 1, 2, 4)
+    x, labels = torch.randn(4, 3, 16, 8), torch.tensor([0, 1, 2, 1])  # a 4 x 2 token grid of 4 px tokens
+    own = torch.rand(4, 1, 4, 2)
     records = torch.stack([pack_record(int(label), int(label), torch.stack([score, torch.full_like(score, label)]).numpy(),
-                                       (0.25, 0., 0., 0., 0.25, 0.), [], 0, (8, 16)) for label, score in zip(labels, own)])
-    full = torch.zeros(4, 3, 2, 4)
-    full[torch.arange(4), labels] = record_maps(records, (2, 4))[1]  # what the records read on the batch's grid
+                                       (0.25, 0., 0., 0., 0.25, 0.), [], 0, (16, 8)) for label, score in zip(labels, own)])
+    full = torch.zeros(4, 3, 4, 2)
+    full[torch.arange(4), labels] = record_maps(records, (4, 2))[1]  # what the records read on the batch's grid
     kwargs = dict(mixup_alpha=0., cutmix_alpha=1., num_classes=3, patch_size=4, mode='elem', target_norm='sum',
                   min_tokens=1)
     teacher = TokenMix(**kwargs, teacher=lambda _: full, generator=torch.Generator().manual_seed(3))
@@ -1105,7 +1106,7 @@ def test_the_stored_maps_mixer_reads_the_layout_once_copies_and_takes_a_non_squa
         mixed_t, target_t = teacher(x.clone(), labels)
         mixed_s, target_s = stored(x.clone(), records)
         assert torch.equal(mixed_t, mixed_s) and torch.allclose(target_t, target_s)
-    assert reads == [records.shape] and stored.layout == RecordLayout(1, 2, 4, 0, 8, 16)
+    assert reads == [records.shape] and stored.layout == RecordLayout(1, 4, 2, 0, 16, 8)
     for copy in (pickle.loads(pickle.dumps(stored)), __import__('copy').deepcopy(stored)):
         assert copy.layout == stored.layout and copy.num_classes == 3
 
@@ -1114,3 +1115,105 @@ def test_the_token_grid_of_the_stored_maps_is_the_inputs_rows_by_columns(tmp_pat
     dataset, args = _authors_store_and_data(tmp_path, AUTHORS_CLASSES)
     assert wrap_train_dataset(args, dataset, (3, 16, 24), 8).grid == (2, 3)
     assert wrap_train_dataset(args, dataset, (3, 24, 8), 8).grid == (3, 1)
+
+
+def _edit_json(path, edit) -> None:
+    """Rewrite the JSON file at `path` with `edit` (its value -> the new value)."""
+    write_json_atomic(str(path), edit(json.loads(Path(path).read_text())))
+
+
+@pytest.mark.parametrize('map_size, accepted', [
+    ([1, 1], True), ([0, 2], False), ([-2, 2], False), ([2, 2.5], False), ([True, 2], False),
+])
+def test_a_map_size_is_two_counts_of_at_least_one(tmp_path, map_size, accepted):
+    _small_store(tmp_path, k=1, size=1 if accepted else 2)
+    _edit_json(tmp_path / 'maps' / MANIFEST, lambda manifest: dict(manifest, map_size=map_size))
+    if accepted:
+        assert MapStore(str(tmp_path / 'maps')).manifest['map_size'] == [1, 1]
+        return
+    with pytest.raises(ConfigError, match=re.escape(f"manifest.json 'map_size' is {map_size}, not [rows, columns]")):
+        MapStore(str(tmp_path / 'maps'))
+
+
+def test_a_shard_record_that_is_not_an_object_is_one_line(tmp_path):
+    _small_store(tmp_path)
+    _edit_json(tmp_path / 'maps' / 'shard-00000.json', lambda record: record['keys'])  # a bare list
+    with pytest.raises(ConfigError, match=r"^--teacher-maps '.*': shard-00000.json holds no list of image keys; "):
+        MapStore(str(tmp_path / 'maps'))
+
+
+def test_absent_keys_are_minus_one_and_a_key_twice_is_named_even_when_it_is_not_utf8(tmp_path):
+    """File names that are not UTF-8 reach Python as surrogate escapes; a store listing one twice names it."""
+    _small_store(tmp_path)
+    store = MapStore(str(tmp_path / 'maps'))
+    assert store.positions(['a/0.png', 'a/1.png', 'z.png']).tolist() == [0, -1, -1]
+    name = 'a/\udcff.png'  # the byte 0xff in a file name
+    write_shard(str(tmp_path / 'maps'), 0, np.zeros((2, 2, 3, 2, 2), np.float16), [name, name])
+    _edit_json(tmp_path / 'maps' / MANIFEST, lambda manifest: dict(manifest, num_images=2, shard_size=2))
+    with pytest.raises(ConfigError) as error:
+        MapStore(str(tmp_path / 'maps'))
+    assert str(error.value).startswith(f"--teacher-maps '{tmp_path / 'maps'}': shard-00000.json lists '{name}' a "
+                                       'second time (first in shard-00000.json)')
+
+
+def test_the_warning_counts_the_shards_without_checksums(tmp_path, caplog):
+    root = tmp_path / 'maps'
+    os.makedirs(root)
+    for shard in range(3):
+        write_shard(str(root), shard, np.zeros((1, 2, 1, 1, 1), np.float16), [f'a/{shard}.png'])
+    write_json_atomic(str(root / MANIFEST), dict(format=FORMAT, teacher='t', topk=1, map_size=[1, 1], classes=['a'],
+                                                split='train', split_folder='train', num_images=3, shard_size=1,
+                                                num_shards=3))
+    _edit_json(root / 'shard-00001.json', lambda record: dict(count=1, keys=record['keys']))  # as written before
+    with caplog.at_level(logging.WARNING):
+        MapStore(str(root))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"--teacher-maps '{root}': 1 of 3 shards were written without checksums"), warnings
+
+
+def test_opening_a_store_maps_its_shards_and_reads_npy_files_of_format_2(tmp_path, monkeypatch):
+    """The checksum rows are read through a memory map (not 8.4 GB of ImageNet shards in every process), and a
+    shard saved as .npy format 2.0 (numpy's for long headers) passes the header check and reads as version 1.0."""
+    _small_store(tmp_path)
+    maps = np.load(tmp_path / 'maps' / 'shard-00000.npy')
+    with open(tmp_path / 'maps' / 'shard-00000.npy', 'wb') as f:
+        np.lib.format.write_array(f, maps, version=(2, 0))
+    loads, load = [], np.load
+    monkeypatch.setattr(np, 'load', lambda *args, **kwargs: loads.append(kwargs.get('mmap_mode')) or load(*args, **kwargs))
+    store = MapStore(str(tmp_path / 'maps'))
+    assert loads == ['r']
+    assert torch.equal(store.read('a/0.png')[0], torch.tensor([3., 2., 1.]).view(3, 1, 1).expand(3, 2, 2))
+
+
+def test_the_rows_checksum_samples_eight_rows_of_a_longer_shard(tmp_path):
+    """A store written by one version is opened by the next: which rows are hashed is part of the format."""
+    maps = np.arange(20 * 2 * 1 * 1 * 1, dtype=np.float16).reshape(20, 2, 1, 1, 1)
+    write_shard(str(tmp_path), 0, maps, [f'a/{row}.png' for row in range(20)])
+    sampled = maps[[0, 3, 5, 8, 11, 14, 16, 19]]  # 8 rows spread evenly, the first and the last among them
+    assert json.loads((tmp_path / 'shard-00000.json').read_text())['rows_sha256'] == hashlib.sha256(
+        sampled.tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize('manifest, message', [
+    (dict(format='other/1'), 'manifest.json is not a tokenmix-teacher-maps/1 manifest'),
+    ([dict(format=FORMAT)], 'manifest.json is not a tokenmix-teacher-maps/1 manifest'),
+])
+def test_a_manifest_of_another_format_is_one_line_naming_the_flag(tmp_path, manifest, message):
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError) as error:
+        open_map_store(str(tmp_path))
+    assert str(error.value) == f"--teacher-maps '{tmp_path}': {message}"
+
+
+@pytest.mark.parametrize('convert, found', [
+    (lambda maps: maps.astype(np.float32), 'float32 [1, 2, 3, 2, 2]'),
+    (np.asfortranarray, 'float16 [1, 2, 3, 2, 2]'),  # the same dtype and shape, in column-major order
+])
+def test_a_shard_of_another_dtype_or_order_is_refused_by_its_header(tmp_path, convert, found):
+    _small_store(tmp_path)
+    path = tmp_path / 'maps' / 'shard-00000.npy'
+    np.save(path, convert(np.load(path)))
+    with pytest.raises(ConfigError, match=re.escape(f'shard-00000.npy holds {found}, the manifest says float16 '
+                                                    '[1, 2, 3, 2, 2]')):
+        MapStore(str(tmp_path / 'maps'))
