@@ -108,3 +108,12 @@ def test_the_decorated_functions_of_the_mutated_files_are_rewritten():
         assert not any(line.strip() in {'@' + d for d in mutation.IN_BODY_DECORATORS} for line in new.splitlines())
         rewritten += new != source
     assert rewritten == 2  # tokenmix_train/evaluate.py and models/teacher.py
+
+
+def test_fast_only_modules_leave_the_slow_tests_out(tmp_path):
+    (tmp_path / 'tests').mkdir()
+    (tmp_path / 'tests' / 'test_engine.py').write_text('')
+    mutation.write_config(str(tmp_path), 'tokenmix_train/engine.py')
+    assert '\npytest_add_cli_args =\n    -m\n    not slow\n' in (tmp_path / 'setup.cfg').read_text()
+    mutation.write_config(str(tmp_path), 'tokenmix_train/checkpoint.py')  # its resume trials are whole runs
+    assert 'pytest_add_cli_args =' not in (tmp_path / 'setup.cfg').read_text()
