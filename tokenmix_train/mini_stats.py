@@ -9,8 +9,6 @@ import math
 import statistics
 from typing import Dict, Optional, Sequence, Tuple
 
-from scipy import stats
-
 __all__ = ['Interval', 'Difference', 't_interval', 'paired_difference', 'interval_cell', 'difference_cell',
            'take_off_epoch', 'take_off_cell']
 
@@ -24,6 +22,7 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
     if len(values) < 2:
         return mean, math.nan
     sem = statistics.stdev(values) / math.sqrt(len(values))
+    from scipy import stats  # here: a second of import for every run of the table's module, most of which need none
     return mean, float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * sem
 
 

@@ -2,6 +2,7 @@
 records from each batch's logits (ReaL accuracy, --metrics-avg precision / recall / F1), and the result rows it
 prints and writes (--results-file, CSV or JSON)."""
 import csv
+import importlib.util
 import json
 import os
 from typing import Any, Dict, List, Optional
@@ -10,11 +11,8 @@ import torch
 import torch.distributed as dist
 from timm.data import RealLabelsImagenet
 
-try:
-    from sklearn.metrics import f1_score, precision_score, recall_score
-    has_sklearn = True
-except ImportError:
-    has_sklearn = False
+# scikit-learn is needed by --metrics-avg only, and imported then: it costs every validate.py run a second
+has_sklearn = importlib.util.find_spec('sklearn') is not None
 
 from .distributed import process_group_active
 from .errors import ConfigError
@@ -84,6 +82,7 @@ class OutputRecorder:
             predictions = torch.cat([p for p, _ in pairs]).numpy()
             targets = torch.cat([t for _, t in pairs]).numpy()
             avg = self.metrics_avg
+            from sklearn.metrics import f1_score, precision_score, recall_score
             for name, score in (('precision', precision_score), ('recall', recall_score), ('f1_score', f1_score)):
                 out[f'{avg}_{name}'] = round(100 * score(targets, predictions, average=avg, zero_division=0), 4)
         return out
