@@ -159,7 +159,16 @@ _MANIFEST_FIELDS = dict(teacher=str, split=str, split_folder=str, classes=list, 
                         num_images=int, shard_size=int, num_shards=int)
 
 
-class MapStore:
+class _EntryReader:
+    """`read` for a store whose `entry(key)` gives one image's fp16 ``[2, K, h, w]``."""
+
+    def read(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-K values (float32) and class indices (int64) of one image, each K x h x w."""
+        entry = torch.from_numpy(np.array(self.entry(key), dtype=np.float32))
+        return entry[0], entry[1].round().long()
+
+
+class MapStore(_EntryReader):
     """This project's store: manifest, shards of fp16 ``[n, 2, K, h, w]``, memory-mapped on first use per process.
 
     Opening it checks all of it, so that a fault stops train.py before it writes anything, in one line naming
@@ -326,16 +335,11 @@ class MapStore:
             raise KeyError(key)
         return self.entry_at(position)
 
-    def read(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Top-K values (float32) and class indices (int64) of one image, each K x h x w."""
-        entry = torch.from_numpy(np.array(self.entry(key), dtype=np.float32))
-        return entry[0], entry[1].round().long()
-
     def __getstate__(self) -> Dict[str, Any]:  # memory maps are reopened in each worker process
         return dict(self.__dict__, _arrays={})
 
 
-class AuthorsMapStore:
+class AuthorsMapStore(_EntryReader):
     """The authors' layout, ``ROOT/<class folder>/<image stem>.pt`` with fp16 ``[2, K, h, w]`` (centre square).
 
     K (`topk`) is read from the first file, so a larger --teacher-topk is refused as for a manifest's store. The
@@ -392,11 +396,6 @@ class AuthorsMapStore:
     def entry(self, key: str) -> np.ndarray:
         """One image's top-K values and class indices, 2 x K x h x w (fp16, as stored)."""
         return self._load(self._file(key)).numpy()
-
-    def read(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Top-K values (float32) and class indices (int64) of one image, each K x h x w."""
-        entry = torch.from_numpy(np.array(self.entry(key), dtype=np.float32))
-        return entry[0], entry[1].round().long()
 
 
 def open_map_store(root: str) -> Union[MapStore, AuthorsMapStore]:
