@@ -520,3 +520,14 @@ def test_synchronize_step_waits_for_the_gpu_only_when_asked_and_on_cuda(monkeypa
         engine._after_update(run, StepMeter([], 'x', 50), torch.tensor(math.inf), torch.zeros(2), 0, 1)
         waits.append(len(synced))
     assert waits == [1, 1, 1]  # one wait, for --synchronize-step on a CUDA device
+
+
+def test_the_loader_is_told_its_epoch_and_batch_and_log_lines_name_the_epoch(monkeypatch, caplog):
+    """The epoch reaches the loader (its erasing is seeded by it) and the progress lines ('train epoch E [i/n]')."""
+    told, real = [], engine.start_epoch_at
+    monkeypatch.setattr(engine, 'start_epoch_at', lambda *args: told.append(args) or real(*args))
+    run, data = _run(log_interval=3), resumable_loader(_data(), seed=0, rank=0)
+    with caplog.at_level('INFO', logger='tokenmix_train'):
+        train_one_epoch(run, 4, data, dict(batch=2, totals=[0.0, 0.0]))
+    assert told == [(data, 4, 2)]
+    assert re.findall(r'train epoch \d+ \[\d+/\d+\]', caplog.text) == ['train epoch 4 [5/7]', 'train epoch 4 [7/7]']
