@@ -109,6 +109,19 @@ def test_a_missing_initial_checkpoint_names_the_flag_and_the_file(tmp_path):
                                         '--initial-checkpoint', path])[0], 10)
 
 
+def test_initial_checkpoint_gives_every_weight_head_included(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model('tokenmix_vit_tiny_p8_64', num_classes=10)
+    path = str(tmp_path / 'start.pth.tar')
+    torch.save({'state_dict': source.state_dict()}, path)
+    torch.manual_seed(1)
+    student = build_student(parse_train_args(['--data-dir', 'd', '--model', 'tokenmix_vit_tiny_p8_64',
+                                              '--initial-checkpoint', path])[0], 10)
+    loaded = student.state_dict()
+    assert loaded.keys() == source.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items())
+
+
 def test_split_bn_makes_one_batchnorm_per_augmentation_split():
     args = parse_train_args(['--data-dir', 'd', '--model', 'resnet10t', '--split-bn', '--aug-splits', '2'])[0]
     norms = [m for m in build_student(args, 10).modules() if type(m).__name__ == 'SplitBatchNorm2d']
