@@ -216,6 +216,17 @@ def test_aug_splits_wrap_the_dataset_and_aug_repeats_reach_timms_distributed_sam
     assert isinstance(sampler, RepeatAugSampler) and sampler.num_repeats == 3
 
 
+def test_fast_augment_reaches_the_augmented_splits_of_aug_splits(tmp_path):
+    """With --aug-splits the RandAugment to speed up is AugMixDataset's augmentation (the clean view has none)."""
+    def translate(loader):
+        [step] = [t for t in loader.dataset.augmentation.transforms if type(t).__name__ == 'RandAugment']
+        return next(type(op.aug_fn).__name__ for op in step.ops if op.name == 'TranslateXRel')
+
+    flags = ['--aug-splits', '2', '--aa', 'rand-m9-mstd0.5']
+    assert translate(_train_loader(tmp_path, *flags)) == 'function'  # timm's own op
+    assert translate(_train_loader(tmp_path, *flags, '--fast-augment')) == 'WholePixelTranslate'
+
+
 def test_class_folders_in_natural_order_images_behind_links_and_unknown_val_classes(tmp_path):
     """Class indices in timm's natural order ('2' before '10'); images reached through a linked folder count; each
     empty class folder is named although its siblings hold images; a val class the train split lacks is refused."""
