@@ -146,9 +146,11 @@ def test_own_class_maps_equal_slices_of_full_maps():
 
 
 def test_own_class_maps_rejects_soft_labels():
+    """Labels are one integer index per image: soft targets, float indices, a column or a wrong count are refused."""
     teacher = Teacher(_model('resnet10t'))
-    with pytest.raises(ValueError, match='integer class indices'):
-        teacher.own_class_maps(_images(), torch.rand(2, 7))
+    for labels in (torch.rand(2, 7), torch.tensor([1.0, 2.0]), torch.tensor([[1], [2]]), torch.tensor([1, 2, 3])):
+        with pytest.raises(ValueError, match='labels must be 2 integer class indices'):
+            teacher.own_class_maps(_images(), labels)
 
 
 def test_own_class_maps_rejects_labels_out_of_range():
