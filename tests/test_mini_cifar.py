@@ -43,8 +43,8 @@ def test_cifar10_quick_table(tmp_path):
     write_cifar10(data, train_per_batch=26, test=20)  # 130 train images: one batch of the config's 128
     site.mkdir()
     (site / 'sitecustomize.py').write_text(SITECUSTOMIZE)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), ROOT]), PYTHON=sys.executable,
-               ROWS='a_mixup_cutmix d_tokenmix_teacher f_tokenmix_stored_maps')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), ROOT]), PYTHON=sys.executable, JOBS='2',
+               ROWS='a_mixup_cutmix d_tokenmix_teacher f_tokenmix_stored_maps')  # the two rows at once
     proc = subprocess.run(['bash', SCRIPT, '--quick', '--dataset', 'cifar10', '--data-dir', str(data),
                            '--out', str(out)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

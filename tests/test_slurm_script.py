@@ -2,6 +2,7 @@
 reaches the task, which saves its position and exits 3; the script requeues the job; the requeued job (the same
 script again) continues with --resume latest and ends bit-identical to an uninterrupted run."""
 import os
+import re
 import signal
 import subprocess
 import time
@@ -47,7 +48,8 @@ def test_usr1_before_the_time_limit_requeues_and_the_job_continues(train_script,
     assert job.returncode == 0, stderr[-3000:]
     assert 'requeueing job 42' in stdout
     assert (tmp_path / 'scontrol.log').read_text() == 'requeue 42\n'
-    assert 'stopped by SIGUSR1 at epoch 0' in log.read_text()
+    # wherever the signal lands (a quiet machine may end epoch 0 first), the position is saved and the job requeued
+    assert re.search(r'stopped by SIGUSR1 at epoch [01] after batch \d+', log.read_text())
     again = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'slurm_train.sh'), *argv], env=env,
                            cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
