@@ -1,5 +1,5 @@
-"""tokenmix_train.evaluate: shards cover every image once, counts, accuracies and loss are exact, the input hook is
-used, and --retry steps the batch size down."""
+"""tokenmix_train.evaluate: shards cover every image once, counts, accuracies and loss are exact (float64 sums),
+the input hook and autocast are used, the eval loader gets every setting, and --retry steps the batch size down."""
 import math
 import time
 from functools import partial
@@ -100,6 +100,65 @@ def test_input_transform_hook_changes_what_the_model_sees():
                      input_transform=lambda images, targets: torch.zeros_like(images))
     # every image now reads as red 0 -> class 0: right only for label 0 (image 0)
     assert black['top1'] == pytest.approx(12.5) and black['count'] == 8
+
+
+class FixedLogits(torch.nn.Module):
+    """Returns logits[b] for the image whose every pixel is b; records autocast's state at each call."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.autocast = torch.tensor(logits), []
+
+    def forward(self, x):
+        self.autocast.append((torch.is_autocast_enabled('cpu'), torch.get_autocast_dtype('cpu')))
+        return self.logits[x[:, 0, 0, 0].long()]
+
+
+def _batches(*labels):
+    """One image a batch: image b is filled with b, its label labels[b]."""
+    return [(torch.full((1, 3, 2, 2), float(b)), torch.tensor([label])) for b, label in enumerate(labels)]
+
+
+def test_amp_dtype_autocasts_the_forward_pass_only_when_given():
+    model = FixedLogits([[0.0, 1.0]])
+    evaluate(model, _batches(1), torch.device('cpu'), amp_dtype=torch.float16)
+    evaluate(model, _batches(1), torch.device('cpu'))
+    assert model.autocast[0] == (True, torch.float16) and model.autocast[1][0] is False
+
+
+def test_the_input_transform_gets_each_batchs_targets():
+    seen = []
+    evaluate(FixedLogits([[0.0, 1.0], [1.0, 0.0]]), _batches(1, 0), torch.device('cpu'),
+             input_transform=lambda images, targets: seen.append(targets.tolist()) or images)
+    assert seen == [[1], [0]]
+
+
+def test_one_image_is_its_own_mean_and_sums_are_float64():
+    """The loss of one image is that image's; a 1e8 loss beside log 2 keeps the log 2 (float32 sums would not)."""
+    one = evaluate(FixedLogits([[0.0, 0.0]]), _batches(1), torch.device('cpu'))
+    assert one['loss'] == pytest.approx(math.log(2), rel=1e-6) and one['count'] == 1
+    two = evaluate(FixedLogits([[1e8, 0.0], [0.0, 0.0]]), _batches(1, 1), torch.device('cpu'))
+    assert two['loss'] == pytest.approx((1e8 + math.log(2)) / 2, abs=1e-3) and two['count'] == 2
+
+
+def test_eval_loader_passes_each_setting_to_timms_loader(monkeypatch):
+    """What build_eval_loader asks timm's create_loader for (validate.py's -j, --pin-mem, --crop-border-pixels,
+    --tf-preprocessing, --no-prefetcher, --device reach it only here); workers are never persistent, so every pass
+    draws its worker seed from the main RNG alike (a resumed run's evaluation draws as an uninterrupted one)."""
+    import tokenmix_train.evaluate as evaluate_module
+    asked = []
+    monkeypatch.setattr(evaluate_module, 'create_loader', lambda dataset, **kwargs: asked.append(kwargs))
+    config = dict(_config(), crop_pct=0.9)
+    build_eval_loader(Labelled(4), config, batch_size=3, workers=5, distributed=False)
+    build_eval_loader(Labelled(4), config, batch_size=3, workers=5, distributed=False, device=torch.device('meta'),
+                      use_prefetcher=False, pin_memory=True, crop_border_pixels=2, tf_preprocessing=True)
+    common = dict(input_size=(3, 8, 8), batch_size=3, is_training=False, interpolation='bilinear', mean=(0., 0., 0.),
+                  std=(1., 1., 1.), num_workers=5, crop_pct=0.9, crop_mode='center', persistent_workers=False)
+    assert asked[0] == dict(common, crop_border_pixels=None, tf_preprocessing=False, pin_memory=False,
+                            device=torch.device('cpu'), use_prefetcher=True)
+    assert asked[1] == dict(common, crop_border_pixels=2, tf_preprocessing=True, pin_memory=True,
+                            device=torch.device('meta'), use_prefetcher=False)
+    assert all(kwargs['persistent_workers'] is False for kwargs in asked)
 
 
 def test_shard_rank_must_lie_below_world_size():
