@@ -6,12 +6,13 @@ import hashlib
 import os
 import subprocess
 import sys
+from typing import Tuple
 
 import pytest
 import torch
 
 from conftest import ROOT, run_until_epoch
-from tokenmix_train.checkpoint import AtomicCheckpointSaver, latest_checkpoint
+from tokenmix_train.checkpoint import AtomicCheckpointSaver, latest_checkpoint, main as checkpoint_cli
 from tokenmix_train.run_folder import RunLock
 
 
@@ -168,15 +169,16 @@ def _saver(folder) -> AtomicCheckpointSaver:
                                  checkpoint_dir=str(folder), recovery_dir=str(folder))
 
 
-def _finished_epochs(folder) -> str:
-    """What scripts/lib.sh asks: `python -m tokenmix_train.checkpoint FOLDER`."""
-    return subprocess.run([sys.executable, '-m', 'tokenmix_train.checkpoint', str(folder)], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout
+def _finished_epochs(folder, capsys) -> Tuple[int, str, str]:
+    """What scripts/lib.sh asks (`python -m tokenmix_train.checkpoint FOLDER`), in-process: exit code, out, err."""
+    code = checkpoint_cli([str(folder)])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-@pytest.mark.slow
-def test_the_newest_checkpoint_is_the_one_that_got_furthest_not_the_newest_file(tmp_path):
+def test_the_newest_checkpoint_is_the_one_that_got_furthest_not_the_newest_file(tmp_path, capsys):
     assert latest_checkpoint(str(tmp_path / 'none')) is None
+    assert _finished_epochs(tmp_path / 'none', capsys) == (0, '0\n', '')
     saver = _saver(tmp_path)
     for epoch in range(3):
         saver.save(epoch, float(epoch), {})
@@ -185,9 +187,17 @@ def test_the_newest_checkpoint_is_the_one_that_got_furthest_not_the_newest_file(
     for age, name in enumerate(['last.pth.tar', 'checkpoint-2.pth.tar', 'recovery-3-4.pth.tar']):
         os.utime(tmp_path / name, (1e9 - age, 1e9 - age))  # the recovery file is the oldest by time
     assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / 'recovery-3-4.pth.tar'), (3, 5))
-    assert _finished_epochs(tmp_path) == '3\n'
+    assert _finished_epochs(tmp_path, capsys) == (0, '3\n', '')
     saver.save(3, 0.5, {})
     assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / 'last.pth.tar'), (4, 0))
+
+
+def test_the_finished_epochs_cli_refuses_a_folder_of_broken_files_and_extra_arguments(tmp_path, capsys):
+    (tmp_path / 'last.pth.tar').write_bytes(b'not a checkpoint')
+    code, out, err = _finished_epochs(tmp_path, capsys)
+    assert (code, out) == (2, '') and err.startswith('tokenmix_train.checkpoint: error: --resume latest: none of the 1 ')
+    assert checkpoint_cli([str(tmp_path), 'x']) == 2
+    assert capsys.readouterr().err == 'usage: python -m tokenmix_train.checkpoint RUN_FOLDER\n'
 
 
 def test_latest_needs_experiment_and_a_checkpoint_that_loads(train_script, train_argv, tmp_path, capsys):
