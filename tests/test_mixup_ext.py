@@ -709,3 +709,45 @@ def test_sample_maps_reads_each_map_through_its_own_affine_map_and_checks():
     checked = sample_maps(maps, to_map, (4, 4), (2, 2), 2, checks, bounds)
     assert torch.equal(checked[0, :, 0], out[0, :, 0]) and torch.equal(checked[0, :, 1], torch.zeros(2))
     assert torch.equal(checked[1], out[1])
+
+
+def test_crop_map_reads_as_roi_align_inside_across_and_beyond_the_edges():
+    """crop_map against torchvision's roi_align (aligned, `points` samples a cell) on 300 random boxes, many of them
+    reaching past the map's edges, and two whose samples lie on the edges of what is read: clamped within half a cell
+    outside (the edge itself included), zero beyond, the same means per token."""
+    from torchvision.ops import roi_align
+
+    from mixup_ext import crop_map
+    generator = torch.Generator().manual_seed(0)
+    own_map = torch.rand(5, 6, generator=generator)
+    # first two boxes whose 4 x 4 samples fall exactly on the edges of what is read: -0.5 and 6.5 / 5.5 cells
+    for trial in range(302):
+        if trial < 2:
+            (x0, y0, x1, y1), rows, cols, hflip = ((-1, -1, 3, 3), (3, 2, 7, 6))[trial], 1, 1, False
+        else:
+            x0, y0 = (torch.rand(2, generator=generator) * torch.tensor([10.0, 9.0]) - 3).tolist()
+            x1, y1 = (torch.tensor([x0, y0]) + 0.3 + 5 * torch.rand(2, generator=generator)).tolist()
+            rows, cols = torch.randint(1, 4, (2,), generator=generator).tolist()
+            hflip = bool(torch.randint(0, 2, (1,), generator=generator))
+        points = max(2, math.ceil(max((y1 - y0) / rows, (x1 - x0) / cols)))
+        expected = roi_align(own_map[None, None], torch.tensor([[0.0, x0, y0, x1, y1]]), (rows, cols),
+                             sampling_ratio=points, aligned=True)[0, 0]
+        got = crop_map(own_map, (x0, y0, x1, y1), (rows, cols), hflip=hflip)
+        assert torch.allclose(got, expected.flip(-1) if hflip else expected, atol=1e-5), (x0, y0, x1, y1)
+
+
+def test_sample_maps_checks_add_to_the_maps_own_bounds_and_exclude_their_far_edge():
+    """A check that passes every point keeps the zeros of reading beyond the map; a sample exactly on a check's
+    width or height is outside it ([0, width) x [0, height))."""
+    from mixup_ext import sample_maps
+    maps = torch.ones(1, 4, 4)
+    beyond = torch.tensor([[[1., 0., 3.], [0., 1., 0.]]])  # the right half of the 4 px image reads past the map
+    plain = sample_maps(maps, beyond, (4, 4), (1, 2), 2)
+    assert torch.equal(plain, torch.tensor([[[1.0, 0.0]]]))
+    everything = torch.tensor([[[[1., 0., 0.], [0., 1., 0.]]]]), torch.tensor([[[math.inf, math.inf]]])
+    assert torch.equal(sample_maps(maps, beyond, (4, 4), (1, 2), 2, *everything), plain)
+    identity = torch.tensor([[[1., 0., 0.], [0., 1., 0.]]])
+    for bounds in ([2.5, math.inf], [math.inf, 2.5]):  # samples at 0.5, 1.5, 2.5, 3.5 px: 2.5 and 3.5 are out
+        edge = torch.tensor([[[[1., 0., 0.], [0., 1., 0.]]]]), torch.tensor([[bounds]])
+        out = sample_maps(maps, identity, (4, 4), (1, 1), 4, *edge)
+        assert torch.equal(out, torch.tensor([[[0.5]]])), bounds
