@@ -120,6 +120,11 @@ def test_not_a_state_dict(tmp_path):
     torch.save([1, 2], path)
     with pytest.raises(ValueError, match='holds a list, not a state dict'):
         load_state_dict_file(path)
+    torch.save({}, path)  # an empty mapping holds no weights
+    with pytest.raises(ValueError, match=r"holds no state dict of tensors.*top-level keys: \)$"):
+        load_state_dict_file(path)
+    torch.save({'weight': torch.ones(2, 3)}, path)  # one tensor is a state dict (a bias-free linear layer)
+    assert torch.equal(load_state_dict_file(path)['weight'], torch.ones(2, 3))
 
 
 def test_pickled_objects_are_refused(tmp_path):
