@@ -192,6 +192,20 @@ def test_the_newest_checkpoint_is_the_one_that_got_furthest_not_the_newest_file(
     assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / 'last.pth.tar'), (4, 0))
 
 
+def test_a_position_file_says_where_it_stands_and_an_epoch_save_supersedes_it(tmp_path, capsys):
+    """A stop signal's position file (after 4 batches of epoch 3) is read by its 'position', not its name (timm's
+    recovery-3-4 would be batch 5), and is what `--resume latest` continues until the epoch is saved."""
+    saver = _saver(tmp_path)
+    for epoch in range(3):
+        saver.save(epoch, float(epoch), {})
+    path = saver.save_position(3, 4, dict(position=dict(epoch=3, batch=4)))
+    assert path == str(tmp_path / 'recovery-3-4.pth.tar')
+    assert latest_checkpoint(str(tmp_path)) == (path, (3, 4))
+    assert _finished_epochs(tmp_path, capsys) == (0, '3\n', '')
+    saver.save(3, 0.5, {})
+    assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / 'last.pth.tar'), (4, 0))
+
+
 def test_the_finished_epochs_cli_refuses_a_folder_of_broken_files_and_extra_arguments(tmp_path, capsys):
     (tmp_path / 'last.pth.tar').write_bytes(b'not a checkpoint')
     code, out, err = _finished_epochs(tmp_path, capsys)
