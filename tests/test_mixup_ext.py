@@ -640,6 +640,11 @@ def test_overlap_matrix_rows_are_area_shares():
     assert torch.equal(overlap_matrix(7, 14), torch.eye(7).repeat_interleave(2, 0))
     with pytest.raises(ValueError, match='sizes must be positive'):
         overlap_matrix(0, 14)
+    with pytest.raises(ValueError, match='sizes must be positive'):
+        overlap_matrix(14, 0)
+    # one cell on either side: every output cell is all of the one input cell, or the one output is their mean
+    assert torch.equal(overlap_matrix(1, 3), torch.ones(3, 1))
+    assert torch.allclose(overlap_matrix(4, 1), torch.full((1, 4), 0.25))
 
 
 @pytest.mark.parametrize('shape, size', [((8, 8), (14, 14)), ((10, 10), (14, 14)), ((18, 18), (14, 14)),
@@ -693,6 +698,14 @@ def test_area_resample_refuses_a_map_without_two_dims():
     from mixup_ext import area_resample
     with pytest.raises(ValueError, match=r'maps must be \.\.\. x h x w'):
         area_resample(torch.ones(4), (2, 2))
+    one = torch.arange(16.).view(4, 4)  # a single h x w map is one
+    assert torch.equal(area_resample(one, (2, 2)), torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
+
+
+def test_own_map_from_topk_refuses_values_and_indices_of_other_shapes():
+    from mixup_ext import own_map_from_topk
+    with pytest.raises(ValueError, match='values and indices must both be'):
+        own_map_from_topk(torch.ones(2, 3, 4, 4), torch.zeros(2, 2, 4, 4, dtype=torch.long), 0)
 
 
 def test_sample_maps_reads_each_map_through_its_own_affine_map_and_checks():
